@@ -1,0 +1,1 @@
+"""Stage 1: the KL autoencoder, its losses and discriminator, its training loop, export."""

@@ -1,0 +1,33 @@
+"""Command line of stage 1: ``python train_vae.py [--config FILE] [--resume latest|PATH] [--dry-run] [key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from autoencoder.config import VAERunConfig
+from ldm.cli_common import dry_run_report, parse_and_load, setup_logging
+
+DEFAULT_PRESET = "vae/shapes.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="train_vae.py", description="Train the KL autoencoder (stage 1).")
+    cfg, args = parse_and_load(parser, VAERunConfig, DEFAULT_PRESET, argv)
+    if args.dry_run:
+        from autoencoder.discriminator import NLayerDiscriminator
+        from autoencoder.model import build_autoencoder
+
+        models = {
+            "autoencoder": build_autoencoder(cfg.model, cfg.data.resolution),
+            "discriminator": NLayerDiscriminator(
+                cfg.model.in_channels, cfg.loss.disc_channels, cfg.loss.disc_layers
+            ),
+        }
+        sys.stdout.write(dry_run_report(cfg, models))
+        return 0
+    setup_logging()
+    from autoencoder.train import train_autoencoder
+
+    train_autoencoder(cfg, resume=args.resume)
+    return 0

@@ -1,0 +1,69 @@
+"""Stage-1 config: the KL autoencoder, its objective, and the run around them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ldm.config import ConfigError, DataConfig, TrainConfig, check_choice
+
+
+@dataclass
+class AutoencoderConfig:
+    """A diffusers ``AutoencoderKL``; downsampling factor f = 2 ** (len(block_out_channels) - 1)."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 32])
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 8
+    mid_block_attention: bool = False
+    in_channels: int = 3
+
+    def __post_init__(self) -> None:
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ConfigError(
+                f"config key 'model.block_out_channels' {self.block_out_channels}: every width must be a "
+                f"multiple of model.norm_num_groups={self.norm_num_groups}"
+            )
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass
+class VAELossConfig:
+    """rec + w_p * LPIPS + w_kl * KL + adaptive w_g * PatchGAN (Esser et al. 2021; Rombach et al. 2022)."""
+
+    rec_loss: str = "l1"  # l1 | l2
+    kl_weight: float = 1e-6
+    perceptual_weight: float = 0.0  # LPIPS weight; used only when its weights are present
+    lpips_weights: str | None = None  # local VGG16 backbone file (torchvision format) for LPIPS
+    disc_start: int = 1500  # step from which the adversarial term is on
+    disc_weight: float = 0.1  # scale of the adaptive adversarial weight
+    disc_loss: str = "hinge"  # hinge | vanilla
+    disc_layers: int = 2  # PatchGAN depth (3 for 256 px)
+    disc_channels: int = 32
+    disc_lr: float | None = None  # None: same as train.lr
+
+    def __post_init__(self) -> None:
+        check_choice("loss.rec_loss", self.rec_loss, ("l1", "l2"))
+        check_choice("loss.disc_loss", self.disc_loss, ("hinge", "vanilla"))
+
+
+@dataclass
+class VAEEvalConfig:
+    num_samples: int = 512  # validation images for PSNR / SSIM (and rFID)
+    scale_samples: int = 1024  # training images used to measure scaling_factor = 1 / std(z)
+    inception_weights: str | None = None  # local Inception weights for rFID; None: rFID is skipped
+
+
+@dataclass
+class VAERunConfig:
+    output_dir: str = "runs/vae-shapes"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    loss: VAELossConfig = field(default_factory=VAELossConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=3000, lr=2e-3, log_every=50))
+    eval: VAEEvalConfig = field(default_factory=VAEEvalConfig)

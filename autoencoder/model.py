@@ -1,0 +1,30 @@
+"""Building the KL autoencoder: a diffusers ``AutoencoderKL`` from our config."""
+
+from __future__ import annotations
+
+from diffusers import AutoencoderKL
+
+from autoencoder.config import AutoencoderConfig
+
+
+def build_autoencoder(cfg: AutoencoderConfig, sample_size: int) -> AutoencoderKL:
+    """An untrained ``AutoencoderKL``; ``scaling_factor`` is set later, measured on data."""
+    n = len(cfg.block_out_channels)
+    return AutoencoderKL(
+        in_channels=cfg.in_channels,
+        out_channels=cfg.in_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        sample_size=sample_size,
+        mid_block_add_attention=cfg.mid_block_attention,
+        scaling_factor=1.0,
+    )
+
+
+def decoder_last_layer(vae: AutoencoderKL):
+    """The parameter the adaptive GAN weight differentiates against (the decoder's output conv)."""
+    return vae.decoder.conv_out.weight

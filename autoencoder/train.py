@@ -1,0 +1,223 @@
+"""Stage-1 training loop: the KL autoencoder with its full objective, top to bottom.
+
+    loss_ae = rec + w_p * LPIPS + w_kl * KL + [step >= disc_start] * lambda * w_g * (-D(x_rec))
+    loss_d  = [step >= disc_start] * hinge(D(x), D(x_rec))
+
+lambda is the adaptive weight (Esser et al. 2021, eq. 7) at the decoder's last layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from autoencoder.config import VAERunConfig
+from autoencoder.discriminator import NLayerDiscriminator
+from autoencoder.evaluate import evaluate_autoencoder
+from autoencoder.export import export_autoencoder, measure_scaling_factor
+from autoencoder.model import build_autoencoder, decoder_last_layer
+from autoencoder.objective import autoencoder_objective, discriminator_objective
+from autoencoder.perceptual import load_lpips
+from ldm.config import to_yaml
+from ldm.data import build_dataset
+from ldm.images import save_grid
+from ldm.io import write_json
+from ldm.plots import plot_losses
+from ldm.training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from ldm.training.metrics import MetricsWriter
+from ldm.training.sampler import ResumableSampler
+from ldm.training.schedule import lr_multiplier
+
+logger = logging.getLogger("ldm")
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
+    """Train, export ``model/``, evaluate into ``eval.json``; returns the output folder."""
+    out = Path(cfg.output_dir)
+    tc = cfg.train
+    accelerator = Accelerator(
+        mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.gradient_accumulation_steps
+    )
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+
+    # --- data --------------------------------------------------------------------------------
+    train_set = build_dataset(cfg.data, "train", cfg.seed)
+    val_set = build_dataset(cfg.data, "val", cfg.seed)
+
+    # --- models and optimizers ---------------------------------------------------------------
+    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+    vae = build_autoencoder(cfg.model, cfg.data.resolution).to(memory_format=memory_format)
+    disc = NLayerDiscriminator(cfg.model.in_channels, cfg.loss.disc_channels, cfg.loss.disc_layers)
+    disc = disc.to(memory_format=memory_format)
+    lpips = None
+    if cfg.loss.lpips_weights and not Path(cfg.loss.lpips_weights).is_file():
+        raise FileNotFoundError(
+            f"loss.lpips_weights={cfg.loss.lpips_weights}: no such file (a VGG16 state dict)"
+        )
+    if cfg.loss.perceptual_weight > 0:
+        lpips, message = load_lpips(cfg.loss.lpips_weights)
+        logger.info(message)
+        if lpips is not None:
+            lpips = lpips.to(accelerator.device)
+    betas = (tc.adam_beta1, tc.adam_beta2)
+    opt_ae = torch.optim.Adam(vae.parameters(), lr=tc.lr, betas=betas, weight_decay=tc.weight_decay)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.loss.disc_lr or tc.lr, betas=(0.5, 0.9))
+    vae, disc, opt_ae, opt_d = accelerator.prepare(vae, disc, opt_ae, opt_d)
+    ema = None
+    if tc.ema_decay > 0:
+        ema = EMAModel(accelerator.unwrap_model(vae).parameters(), decay=tc.ema_decay)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    last_layer = decoder_last_layer(accelerator.unwrap_model(vae))
+
+    # --- resume ------------------------------------------------------------------------------
+    step, position = 0, 0
+    if resume:
+        path = resolve_checkpoint(out, resume)
+        state = load_checkpoint(accelerator, path)
+        step, position = state["step"], state["position"]
+        logger.info("resumed from %s at step %d", path, step)
+
+    global_batch = tc.batch_size * accelerator.num_processes
+    sampler = ResumableSampler(
+        len(train_set),
+        cfg.seed,
+        start=position,
+        rank=accelerator.process_index,
+        num_replicas=accelerator.num_processes,
+    )
+    loader = DataLoader(
+        train_set,
+        batch_size=tc.batch_size,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        persistent_workers=cfg.data.num_workers > 0,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(cfg.seed),  # keeps iter() off the global RNG: exact resume
+    )
+    batches = iter(loader)
+    metrics = MetricsWriter(out / "metrics.jsonl", enabled=main)
+    metrics.truncate_after(step)
+    fixed = torch.stack([val_set[i]["pixel_values"] for i in range(min(8, len(val_set)))])
+    logger.info(
+        "training %.2fM-parameter autoencoder (f=%d) for %d steps, batch %d x %d processes x %d accumulation",
+        sum(p.numel() for p in vae.parameters()) / 1e6,
+        cfg.model.downsample_factor,
+        tc.max_steps,
+        tc.batch_size,
+        accelerator.num_processes,
+        tc.gradient_accumulation_steps,
+    )
+
+    # --- loop --------------------------------------------------------------------------------
+    stop = min(tc.max_steps, tc.stop_at) if tc.stop_at else tc.max_steps
+    progress = tqdm(total=tc.max_steps, initial=step, disable=not main, desc="train_vae", dynamic_ncols=True)
+    sums: dict[str, torch.Tensor] = {}  # summed on the device; read back only when logging
+    counts: dict[str, int] = {}
+    count, t_log = 0, time.perf_counter()
+    vae.train()
+    disc.train()
+    while step < stop:
+        lr = tc.lr * lr_multiplier(step, tc.lr_warmup_steps, tc.max_steps, tc.lr_schedule, tc.min_lr_ratio)
+        _set_lr(opt_ae, lr)
+        _set_lr(opt_d, (cfg.loss.disc_lr or tc.lr) * lr / tc.lr)
+        gan_on = step >= cfg.loss.disc_start
+        for _ in range(tc.gradient_accumulation_steps):
+            batch = next(batches)
+            position += global_batch
+            x = batch["pixel_values"].to(accelerator.device, non_blocking=True)
+            x = x.contiguous(memory_format=memory_format)  # (B, 3, H, W)
+            with accelerator.accumulate(vae, disc):
+                # 1. autoencoder (generator) step; D is frozen so that no gradient leaks into it
+                disc.requires_grad_(False)
+                loss, x_rec, terms = autoencoder_objective(vae, disc, x, cfg.loss, last_layer, gan_on, lpips)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and tc.grad_clip > 0:
+                    terms["grad_norm"] = accelerator.clip_grad_norm_(vae.parameters(), tc.grad_clip).detach()
+                opt_ae.step()
+                opt_ae.zero_grad(set_to_none=True)
+                # 2. discriminator step
+                if gan_on:
+                    disc.requires_grad_(True)
+                    d_loss, d_terms = discriminator_objective(disc, x, x_rec, cfg.loss)
+                    accelerator.backward(d_loss)
+                    opt_d.step()
+                    opt_d.zero_grad(set_to_none=True)
+                    terms.update(d_terms)
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0) + value
+                counts[key] = counts.get(key, 0) + 1
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(vae).parameters())
+        step += 1
+        count += 1
+        progress.update(1)
+
+        if step % tc.log_every == 0 or step == stop:
+            values = {f"train/{k}": float(v) / counts[k] for k, v in sums.items()}
+            values.update({"train/lr": lr, "train/step_time": (time.perf_counter() - t_log) / count})
+            metrics.write(step, values)
+            progress.set_postfix(rec=f"{values['train/rec_loss']:.4f}")
+            sums, counts, count, t_log = {}, {}, 0, time.perf_counter()
+        if main and tc.sample_every and step % tc.sample_every == 0:
+            _save_reconstructions(
+                accelerator.unwrap_model(vae), fixed, out / "samples" / f"step-{step:06d}.png"
+            )
+        if tc.checkpoint_every and (step % tc.checkpoint_every == 0 or step == stop):
+            save_checkpoint(accelerator, out, step, {"position": position}, tc.keep_checkpoints)
+    progress.close()
+
+    if step < tc.max_steps:
+        logger.info(
+            "stopped at step %d of %d (train.stop_at); resume with --resume latest", step, tc.max_steps
+        )
+        return out
+
+    # --- export and evaluation ---------------------------------------------------------------
+    model = accelerator.unwrap_model(vae)
+    if ema is not None:
+        ema.copy_to(model.parameters())
+    if main:
+        model.eval()
+        scale_set = build_dataset(cfg.data, "train", cfg.seed)
+        factor = measure_scaling_factor(model, scale_set, cfg.eval.scale_samples, tc.batch_size * 4)
+        export_autoencoder(model, out / "model", factor)
+        _save_reconstructions(model, fixed, out / "samples" / "final.png")
+        results = evaluate_autoencoder(model, val_set, cfg.eval, batch_size=tc.batch_size * 4)
+        results["scaling_factor"] = factor
+        write_json(out / "eval.json", results)
+        plot_losses(out / "metrics.jsonl", out / "losses.png")
+        logger.info("exported %s; validation %s", out / "model", results)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out
+
+
+@torch.no_grad()
+def _save_reconstructions(vae, images: torch.Tensor, path: Path) -> None:
+    """Top row: originals; bottom row: reconstructions from the posterior mean."""
+    was_training = vae.training
+    vae.eval()
+    param = next(vae.parameters())
+    x = images.to(param.device)
+    rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    save_grid(torch.cat([x, rec]).cpu(), path, nrow=len(images))
+    vae.train(was_training)

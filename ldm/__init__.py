@@ -1,0 +1,3 @@
+"""ldm: latent diffusion, end to end."""
+
+__version__ = "0.1.0"

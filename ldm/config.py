@@ -1,0 +1,150 @@
+"""Typed configs: dataclasses loaded from YAML presets plus dotted ``key=value`` overrides.
+
+Each run is one dataclass tree (``VAERunConfig`` for stage 1, ...). ``load_config`` starts
+from its defaults, merges a YAML preset, then the command-line overrides, and checks
+every key and type on the way: an unknown key or a value of the wrong type raises
+``ConfigError`` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+T = TypeVar("T")
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the config's schema."""
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise ``ConfigError`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"config key '{name}' is {value!r}; allowed: {' | '.join(choices)}")
+
+
+@dataclass
+class DataConfig:
+    """Where images and captions come from, and how they become tensors."""
+
+    dataset: str = "shapes"  # shapes | folder | hf
+    path: str | None = None  # folder root (folder), or datasets name / load_from_disk path (hf)
+    resolution: int = 32  # square side in pixels after resize and crop
+    crop: str = "center"  # center | random
+    flip: bool = True  # random horizontal flip (p = 0.5)
+    val_size: int = 512  # validation items (folder/hf: at most a tenth of the data)
+    num_workers: int = 0  # DataLoader worker processes
+    # shapes only
+    train_size: int = 50_000  # items in the training split
+    holdout: list[str] = field(
+        default_factory=list
+    )  # "color shape" pairs kept out of training, e.g. "red circle"
+    # hf only
+    split: str = "train"  # split to train on
+    val_split: str | None = None  # split to validate on (None: hold items out of `split`)
+    image_column: str = "image"
+    caption_column: str = "text"
+    streaming: bool = False  # iterate the dataset without downloading it whole
+
+    def __post_init__(self) -> None:
+        check_choice("data.dataset", self.dataset, ("shapes", "folder", "hf"))
+        check_choice("data.crop", self.crop, ("center", "random"))
+        if self.dataset in ("folder", "hf") and not self.path:
+            raise ConfigError(f"data.dataset={self.dataset} needs data.path=PATH (the images to train on)")
+        if self.resolution < 8:
+            raise ConfigError(f"config key 'data.resolution' is {self.resolution}; it must be at least 8")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping shared by both training programs."""
+
+    batch_size: int = 32  # per process, per accumulation step
+    max_steps: int = 1000  # optimizer steps
+    lr: float = 1e-3  # peak learning rate
+    lr_schedule: str = "cosine"  # constant | cosine | linear (after warm-up)
+    lr_warmup_steps: int = 100  # linear warm-up from 0
+    min_lr_ratio: float = 0.0  # final lr / peak lr for cosine and linear
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max grad norm; 0 disables clipping
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    channels_last: bool = True  # memory format of conv weights and inputs
+    ema_decay: float = 0.0  # EMA of the weights; 0 disables
+    log_every: int = 25  # steps between metrics.jsonl lines
+    sample_every: int = 500  # steps between sample grids; 0 disables
+    checkpoint_every: int = 500  # steps between resumable checkpoints; 0 disables
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    stop_at: int | None = None  # checkpoint and exit at this step (resume later with --resume latest)
+
+    def __post_init__(self) -> None:
+        check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
+        check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        for name in ("batch_size", "max_steps", "gradient_accumulation_steps", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config key 'train.{name}' is {getattr(self, name)}; it must be >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"config key 'train.ema_decay' is {self.ema_decay}; it must be in [0, 1)")
+
+
+def _schema_keys(node: Any) -> list[str]:
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _explain(err: OmegaConfBaseException, schema: DictConfig) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError) or "not in struct" in str(err) or "Key '" in str(err):
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(schema, parent) if parent else schema
+        allowed = ", ".join(_schema_keys(node)) or "(none)"
+        where = f"'{parent}'" if parent else "the top level"
+        return f"unknown config key '{key}'; keys allowed at {where}: {allowed}"
+    if isinstance(err, ValidationError):
+        expected = OmegaConf.select(schema, key, throw_on_missing=False)
+        kind = type(expected).__name__ if expected is not None else "the schema's type"
+        msg = str(err).splitlines()[0]
+        return f"config key '{key}' has a value of the wrong type ({msg}); expected {kind}"
+    return f"config key '{key}': {str(err).splitlines()[0]}"
+
+
+def load_config(schema: type[T], preset: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Defaults of ``schema`` <- YAML ``preset`` <- dotted ``key=value`` ``overrides``.
+
+    Raises ``ConfigError`` for a missing preset, an unknown key or a wrong type.
+    """
+    base = OmegaConf.structured(schema)
+    layers = []
+    if preset is not None:
+        path = Path(preset)
+        if not path.is_file():
+            raise ConfigError(f"no config file at {path}; presets are in {CONFIG_DIR}")
+        layers.append(OmegaConf.load(path))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=200)")
+    if overrides:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    try:
+        merged = OmegaConf.merge(base, *layers)
+        return OmegaConf.to_object(merged)  # runs each dataclass's __post_init__ checks
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err, base)) from None
+
+
+def to_yaml(config: Any) -> str:
+    """The config as YAML, the way it is saved in a run folder."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

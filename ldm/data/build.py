@@ -1,0 +1,98 @@
+"""``build_dataset``: the train or validation dataset a ``DataConfig`` describes.
+
+- ``shapes``: the built-in dataset; train and val are separate streams of items.
+- ``folder`` and ``hf``: a seeded permutation of the items holds out
+  ``min(data.val_size, max(1, n // 10))`` of them for validation (the same ones for the
+  same seed), unless ``hf`` names a ``data.val_split``. Streamed ``hf`` datasets hold out
+  the first ``data.val_size`` items of the stream (or of ``data.val_split``), loaded
+  into memory.
+
+Train items use ``data.crop`` and ``data.flip``; validation items are center-cropped
+and never flipped.
+"""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+from torch.utils.data import Dataset, IterableDataset
+
+from ldm.config import DataConfig
+from ldm.data.folder import ImageFolderDataset, scan_folder
+from ldm.data.hf import HFImageDataset, HFStreamingDataset, load_hf_dataset
+from ldm.data.shapes import ShapesDataset
+
+SPLITS = ("train", "val")
+
+
+def split_indices(n: int, val_size: int, seed: int) -> tuple[list[int], list[int]]:
+    """(train, val) indices of ``n`` items, each sorted: val is the first
+    ``min(val_size, max(1, n // 10))`` of a permutation seeded by ``seed``."""
+    n_val = min(val_size, max(1, n // 10))
+    if n - n_val < 1:
+        raise ValueError(
+            f"only {n} item(s): too few to hold {n_val} out for validation; add data or set data.val_size=0"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+def _build_hf_stream(
+    cfg: DataConfig, train: bool, crop: str, flip: bool, seed: int
+) -> Dataset | IterableDataset:
+    stream = load_hf_dataset(
+        cfg.path, cfg.val_split if cfg.val_split and not train else cfg.split, streaming=True
+    )
+    if train:
+        if not cfg.val_split:
+            stream = stream.skip(cfg.val_size)  # those are the validation items
+        return HFStreamingDataset(
+            stream, cfg.resolution, crop, flip, cfg.image_column, cfg.caption_column, seed=seed
+        )
+    rows = list(stream.take(cfg.val_size))
+    held = (
+        datasets.Dataset.from_list(rows, features=stream.features)
+        if rows
+        else datasets.Dataset.from_dict({cfg.image_column: [], cfg.caption_column: []})
+    )
+    return HFImageDataset(held, cfg.resolution, crop, flip, cfg.image_column, cfg.caption_column)
+
+
+def build_dataset(cfg: DataConfig, split: str, seed: int) -> Dataset | IterableDataset:
+    """The ``split`` ("train" or "val") of the data ``cfg`` describes.
+
+    Map-style datasets take ``dataset[i]`` or ``dataset[(i, aug_seed)]`` and return
+    ``{"pixel_values": float32 (3, R, R) in [-1, 1], "caption": str}``; a streamed ``hf``
+    train split is an ``IterableDataset`` yielding the same dicts. Call it with the same
+    ``seed`` for both splits so that they stay disjoint.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split is {split!r}; allowed: {' | '.join(SPLITS)}")
+    train = split == "train"
+    crop, flip = (cfg.crop, cfg.flip) if train else ("center", False)
+
+    if cfg.dataset == "shapes":
+        size = cfg.train_size if train else cfg.val_size
+        return ShapesDataset(size, cfg.resolution, seed, split, holdout=cfg.holdout, flip=flip)
+
+    if cfg.dataset == "folder":
+        items = scan_folder(cfg.path, cfg.caption_column)
+        train_idx, val_idx = split_indices(len(items), cfg.val_size, seed)
+        chosen = [items[i] for i in (train_idx if train else val_idx)]
+        return ImageFolderDataset(cfg.path, cfg.resolution, crop, flip, items=chosen)
+
+    if cfg.dataset == "hf":
+        if cfg.streaming:
+            return _build_hf_stream(cfg, train, crop, flip, seed)
+        if cfg.val_split and not train:
+            data = load_hf_dataset(cfg.path, cfg.val_split)
+            order = np.random.default_rng(seed).permutation(len(data))
+            data = data.select(sorted(order[: cfg.val_size].tolist()))
+        else:
+            data = load_hf_dataset(cfg.path, cfg.split)
+            if not cfg.val_split:
+                train_idx, val_idx = split_indices(len(data), cfg.val_size, seed)
+                data = data.select(train_idx if train else val_idx)
+        return HFImageDataset(data, cfg.resolution, crop, flip, cfg.image_column, cfg.caption_column)
+
+    raise ValueError(f"data.dataset is {cfg.dataset!r}; allowed: shapes | folder | hf")

@@ -1,0 +1,206 @@
+"""A folder of images with captions, in the ``datasets`` imagefolder layout.
+
+Images are found recursively (hidden files and folders are skipped). Captions come
+from ``metadata.jsonl`` files (``{"file_name": ..., "text": ...}`` per line, the name
+relative to the jsonl's folder; one may sit in the root and in any subfolder), else
+from a ``.txt`` file of the same name next to the image, else "".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
+from typing import NamedTuple
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ldm.data.transforms import ImageTransform, load_rgb, split_key
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+METADATA_FILE = "metadata.jsonl"
+SCAN_THREADS = 8  # header reads in flight while scanning (helps on network file systems)
+
+
+class FolderItem(NamedTuple):
+    """One readable image of a folder and its caption."""
+
+    path: Path
+    caption: str
+
+
+def _walk_images(root: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, metadata.jsonl files) under ``root``, sorted, hidden entries skipped."""
+    images: list[Path] = []
+    metadata: list[Path] = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = Path(folder) / name
+            if name == METADATA_FILE:
+                metadata.append(path)
+            elif path.suffix.lower() in IMAGE_EXTENSIONS:
+                images.append(path)
+    return sorted(images), sorted(metadata)
+
+
+def _metadata_path(jsonl: Path, file_name: object, line_no: int) -> Path:
+    """The image path a metadata line names; refuses names that leave the jsonl's folder."""
+    if not isinstance(file_name, str) or not file_name:
+        raise ValueError(
+            f"{jsonl}, line {line_no}: 'file_name' must be a non-empty string, not {file_name!r}"
+        )
+    name = PurePosixPath(file_name.replace("\\", "/"))
+    if name.is_absolute() or ".." in name.parts or Path(file_name).is_absolute():
+        raise ValueError(
+            f"{jsonl}, line {line_no}: file_name {file_name!r} points outside the dataset folder; "
+            "names must be relative to the folder of metadata.jsonl, without '..'"
+        )
+    return Path(os.path.normpath(jsonl.parent.joinpath(*name.parts)))
+
+
+def read_metadata(jsonl: Path, caption_column: str = "text") -> dict[Path, str | None]:
+    """``{image path: caption}`` from one metadata.jsonl (caption None where the line has none).
+
+    Raises ``ValueError`` naming the file and line for a line that is not a JSON object
+    with a ``file_name``, or whose ``file_name`` escapes the folder.
+    """
+    captions: dict[Path, str | None] = {}
+    with open(jsonl, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{jsonl}, line {line_no}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or "file_name" not in record:
+                raise ValueError(f"{jsonl}, line {line_no}: expected a JSON object with a 'file_name' key")
+            text = record.get(caption_column)
+            path = _metadata_path(jsonl, record["file_name"], line_no)
+            captions[path] = None if text is None else str(text)
+    return captions
+
+
+def _readable(path: Path) -> str | None:
+    """None if PIL can read ``path``'s header, else why not (the file is not decoded)."""
+    try:
+        with Image.open(path):  # parses the header only; pixels are decoded on first use
+            pass
+    except Exception as err:  # PIL plugins raise many kinds of errors for malformed files
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def scan_folder(root: str | Path, caption_column: str = "text") -> list[FolderItem]:
+    """Every readable image under ``root`` with its caption, sorted by path.
+
+    Unreadable files are skipped with one warning; images without a caption get ""
+    with one warning giving their count. Raises ``ValueError`` for a missing or empty
+    folder or a broken metadata.jsonl.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"no image folder at {root}: data.path must be a directory of images")
+    images, metadata_files = _walk_images(root)
+    if not images:
+        raise ValueError(
+            f"no images found under {root} (looked recursively for {', '.join(IMAGE_EXTENSIONS)}, any case)"
+        )
+
+    metadata: dict[Path, str | None] = {}
+    for jsonl in metadata_files:
+        metadata.update(read_metadata(jsonl, caption_column))
+    found = {Path(os.path.normpath(p)) for p in images}
+    unmatched = [name for name in metadata if name not in found]
+    if unmatched:
+        logger.warning(
+            "%d file(s) named in %s under %s are not images found there, e.g. %s",
+            len(unmatched), METADATA_FILE, root, ", ".join(str(p) for p in unmatched[:5]),
+        )  # fmt: skip
+
+    with ThreadPoolExecutor(max_workers=SCAN_THREADS) as pool:
+        problems = list(pool.map(_readable, images))
+    skipped = [(p, why) for p, why in zip(images, problems, strict=True) if why is not None]
+    if skipped:
+        logger.warning(
+            "skipped %d unreadable image file(s) under %s: %s%s",
+            len(skipped), root, "; ".join(f"{p} ({why})" for p, why in skipped[:5]),
+            ", ..." if len(skipped) > 5 else "",
+        )  # fmt: skip
+
+    items: list[FolderItem] = []
+    missing = 0
+    for path, why in zip(images, problems, strict=True):
+        if why is not None:
+            continue
+        text = metadata.get(Path(os.path.normpath(path)))
+        if text is None:
+            sidecar = path.with_suffix(".txt")
+            text = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else None
+        if text is None:
+            missing += 1
+        items.append(FolderItem(path, text or ""))
+    if not items:
+        raise ValueError(f"none of the {len(images)} image files under {root} could be read")
+    if missing:
+        logger.warning(
+            "%d of %d images under %s have no caption (no %s entry with %r, no .txt file); they get \"\"",
+            missing, len(items), root, METADATA_FILE, caption_column,
+        )  # fmt: skip
+    return items
+
+
+class ImageFolderDataset(Dataset):
+    """Images and captions from a folder, as tensors.
+
+    ``dataset[i]`` or ``dataset[(i, aug_seed)]`` -> ``{"pixel_values": float32 (3, R, R)
+    in [-1, 1], "caption": str}``. ``items`` (from ``scan_folder``) gives the items
+    directly, e.g. a train or validation subset, instead of scanning ``root``. An image
+    that fails to decode is reported once and replaced by the next readable item.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        resolution: int,
+        crop: str = "center",
+        flip: bool = False,
+        items: Sequence[FolderItem] | None = None,
+        caption_column: str = "text",
+    ) -> None:
+        self.root = Path(root)
+        self.items: list[FolderItem] = list(items) if items is not None else scan_folder(root, caption_column)
+        self.transform = ImageTransform(resolution, crop, flip)
+        self._broken: set[int] = set()  # items that failed to decode in this process
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __repr__(self) -> str:
+        return f"ImageFolderDataset(root={str(self.root)!r}, items={len(self)}, transform={self.transform})"
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor | str]:
+        index, generator = split_key(key, len(self.items))
+        for offset in range(len(self.items)):
+            i = (index + offset) % len(self.items)
+            if i in self._broken:
+                continue
+            path, text = self.items[i]
+            try:
+                image = load_rgb(path)
+            except Exception as err:  # any decode failure: report it, then use the next item
+                self._broken.add(i)
+                logger.warning("cannot decode %s (%r); using the next image instead", path, err)
+                continue
+            return {"pixel_values": self.transform(image, generator), "caption": text}
+        raise RuntimeError(f"none of the {len(self.items)} images of {self.root} could be decoded")

@@ -1,0 +1,140 @@
+"""Image loading and the image -> tensor transform shared by every dataset.
+
+``load_rgb`` turns any file PIL can open into an 8-bit RGB image (EXIF orientation
+applied, transparency composited over white, 16-bit and float images rescaled).
+``ImageTransform`` resizes, crops, optionally flips and scales to [-1, 1].
+
+Item keys: every map-style dataset of ``ldm.data`` takes ``dataset[i]`` or
+``dataset[(i, aug_seed)]``; with a seed, random crop and flip draw from
+``torch.Generator().manual_seed(aug_seed)`` so that an item's augmentation is a
+function of its key alone (resumed runs are bit-exact). ``split_key`` parses keys.
+"""
+
+from __future__ import annotations
+
+import operator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+CROPS = ("center", "random")
+WHITE = (255, 255, 255)
+
+
+def split_key(key: Any, length: int) -> tuple[int, torch.Generator | None]:
+    """``i`` or ``(i, aug_seed)`` -> (index in ``[0, length)``, generator or None).
+
+    Negative indices count from the end; out-of-range indices raise ``IndexError``.
+    """
+    if isinstance(key, tuple):
+        if len(key) != 2:
+            raise TypeError(f"item key must be an index or (index, aug_seed), got {key!r}")
+        index, seed = operator.index(key[0]), operator.index(key[1])
+        generator: torch.Generator | None = torch.Generator().manual_seed(seed)
+    else:
+        index, generator = operator.index(key), None
+    if index < 0:
+        index += length
+    if not 0 <= index < length:
+        raise IndexError(f"index {key!r} out of range for a dataset of {length} items")
+    return index, generator
+
+
+def _alpha_over_white(image: Image.Image) -> Image.Image:
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, WHITE + (255,))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _scale_to_uint8(image: Image.Image) -> Image.Image:
+    """A single-channel 16-bit, 32-bit integer or float image -> 8-bit RGB.
+
+    ``I;16*`` spans 0..65535. ``I`` spans 0..255 if its values fit, else 0..65535
+    (16-bit files that PIL widened to ``I``). ``F`` spans 0..1 if its values fit,
+    else 0..255. Values outside the span are clipped.
+    """
+    values = np.asarray(image).astype(np.float64)  # (H, W)
+    if image.mode.startswith("I;16"):
+        peak = 65535.0
+    elif image.mode == "I":
+        peak = 255.0 if values.size == 0 or values.max() <= 255 else 65535.0
+    else:  # "F"
+        peak = 1.0 if values.size == 0 or values.max() <= 1.0 else 255.0
+    gray = np.clip(np.round(values * (255.0 / peak)), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, mode="L").convert("RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB, transparency composited over white.
+
+    Does not apply EXIF orientation (``load_rgb`` does, since it has the file).
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image.copy()
+    if (mode == "P" and "transparency" in image.info) or mode in ("PA", "LA", "La", "RGBA", "RGBa"):
+        return _alpha_over_white(image)
+    if mode.startswith("I") or mode == "F":
+        return _scale_to_uint8(image)
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
+
+
+def load_rgb(path_or_file: str | Path | IO[bytes]) -> Image.Image:
+    """Open an image file, apply its EXIF orientation and return it as 8-bit RGB.
+
+    Raises what PIL raises for unreadable files (``OSError`` and friends).
+    """
+    with Image.open(path_or_file) as image:
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)
+        return to_rgb(image)  # a copy, detached from the file
+
+
+class ImageTransform:
+    """PIL image -> float32 tensor (3, R, R) in [-1, 1].
+
+    Resize so that the shorter side is ``resolution`` (Lanczos when shrinking,
+    bicubic when enlarging; PIL's filters are anti-aliased), crop a square
+    (``center`` or ``random``), and with ``flip`` mirror horizontally with p = 0.5.
+    Random crop and flip need a ``generator``; without one the crop is centered and
+    nothing is flipped (deterministic, for validation).
+    """
+
+    def __init__(self, resolution: int, crop: str = "center", flip: bool = False) -> None:
+        if crop not in CROPS:
+            raise ValueError(f"crop is {crop!r}; allowed: {' | '.join(CROPS)}")
+        if resolution < 1:
+            raise ValueError(f"resolution must be positive, got {resolution}")
+        self.resolution = resolution
+        self.crop = crop
+        self.flip = flip
+
+    def __repr__(self) -> str:
+        return f"ImageTransform(resolution={self.resolution}, crop={self.crop!r}, flip={self.flip})"
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        image = to_rgb(image) if image.mode != "RGB" else image
+        r = self.resolution
+        w, h = image.size
+        scale = r / min(w, h)
+        new_w, new_h = max(r, round(w * scale)), max(r, round(h * scale))
+        if (new_w, new_h) != (w, h):
+            shrink = scale < 1
+            resample = Image.Resampling.LANCZOS if shrink else Image.Resampling.BICUBIC
+            image = image.resize((new_w, new_h), resample=resample)
+
+        if self.crop == "random" and generator is not None:
+            top = int(torch.randint(0, new_h - r + 1, (1,), generator=generator))
+            left = int(torch.randint(0, new_w - r + 1, (1,), generator=generator))
+        else:
+            top, left = (new_h - r) // 2, (new_w - r) // 2
+        image = image.crop((left, top, left + r, top + r))
+
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (R, R, 3)
+        x = pixels.permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, R, R) in [-1, 1]
+        if self.flip and generator is not None and bool(torch.rand((), generator=generator) < 0.5):
+            x = x.flip(-1)
+        return x.contiguous()

@@ -1,0 +1,1 @@
+"""Training infrastructure shared by both stages: checkpoints, metrics, schedules, data order."""

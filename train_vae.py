@@ -1,0 +1,8 @@
+"""Stage 1: train the KL autoencoder. See ``python train_vae.py --help``."""
+
+import sys
+
+from autoencoder.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
