@@ -16,7 +16,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from autoencoder.config import VAERunConfig
@@ -32,8 +31,8 @@ from ldm.images import save_grid
 from ldm.io import write_json
 from ldm.plots import plot_losses
 from ldm.training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from ldm.training.loader import TrainBatches
 from ldm.training.metrics import MetricsWriter
-from ldm.training.sampler import ResumableSampler
 from ldm.training.schedule import lr_multiplier
 
 logger = logging.getLogger("ldm")
@@ -88,32 +87,23 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     last_layer = decoder_last_layer(accelerator.unwrap_model(vae))
 
     # --- resume ------------------------------------------------------------------------------
-    step, position = 0, 0
+    step, data_state = 0, None
     if resume:
         path = resolve_checkpoint(out, resume)
         state = load_checkpoint(accelerator, path)
-        step, position = state["step"], state["position"]
+        step, data_state = state["step"], state["data"]
         logger.info("resumed from %s at step %d", path, step)
 
-    global_batch = tc.batch_size * accelerator.num_processes
-    sampler = ResumableSampler(
-        len(train_set),
-        cfg.seed,
-        start=position,
-        rank=accelerator.process_index,
-        num_replicas=accelerator.num_processes,
-    )
-    loader = DataLoader(
+    batches = TrainBatches(
         train_set,
-        batch_size=tc.batch_size,
-        sampler=sampler,
+        tc.batch_size,
+        cfg.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
         num_workers=cfg.data.num_workers,
         pin_memory=accelerator.device.type == "cuda",
-        persistent_workers=cfg.data.num_workers > 0,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(cfg.seed),  # keeps iter() off the global RNG: exact resume
+        state=data_state,
     )
-    batches = iter(loader)
     metrics = MetricsWriter(out / "metrics.jsonl", enabled=main)
     metrics.truncate_after(step)
     fixed = torch.stack([val_set[i]["pixel_values"] for i in range(min(8, len(val_set)))])
@@ -142,7 +132,6 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
         gan_on = step >= cfg.loss.disc_start
         for _ in range(tc.gradient_accumulation_steps):
             batch = next(batches)
-            position += global_batch
             x = batch["pixel_values"].to(accelerator.device, non_blocking=True)
             x = x.contiguous(memory_format=memory_format)  # (B, 3, H, W)
             with accelerator.accumulate(vae, disc):
@@ -182,7 +171,7 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
                 accelerator.unwrap_model(vae), fixed, out / "samples" / f"step-{step:06d}.png"
             )
         if tc.checkpoint_every and (step % tc.checkpoint_every == 0 or step == stop):
-            save_checkpoint(accelerator, out, step, {"position": position}, tc.keep_checkpoints)
+            save_checkpoint(accelerator, out, step, {"data": batches.state_dict()}, tc.keep_checkpoints)
     progress.close()
 
     if step < tc.max_steps:

@@ -47,12 +47,14 @@ class DataConfig:
     holdout: list[str] = field(
         default_factory=list
     )  # "color shape" pairs kept out of training, e.g. "red circle"
+    # folder and hf
+    caption_column: str = "text"  # caption key in metadata.jsonl (folder) or column (hf)
     # hf only
     split: str = "train"  # split to train on
     val_split: str | None = None  # split to validate on (None: hold items out of `split`)
     image_column: str = "image"
-    caption_column: str = "text"
     streaming: bool = False  # iterate the dataset without downloading it whole
+    shuffle_buffer: int = 1000  # streaming: items in the shuffle buffer (0 keeps the stream's order)
 
     def __post_init__(self) -> None:
         check_choice("data.dataset", self.dataset, ("shapes", "folder", "hf"))

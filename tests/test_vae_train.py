@@ -1,6 +1,12 @@
 """Stage 1 end to end on a tiny autoencoder: a step lowers the loss, resume is exact, export loads in diffusers."""
 
 import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +20,8 @@ from autoencoder.objective import autoencoder_objective, discriminator_objective
 from autoencoder.train import train_autoencoder
 from ldm.config import load_config
 from ldm.data import build_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TINY = [
     "data.resolution=16",
@@ -94,3 +102,42 @@ def test_run_exports_and_resume_is_exact(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
     rows_part = [json.loads(line) for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows_part] == [1, 2, 3, 4, 5, 6]
+
+
+def test_trains_on_a_folder_of_mixed_images_and_counts_the_corrupt_one(tmp_path, caplog):
+    from ldm.data.export_folder import export_folder
+
+    root = export_folder(tmp_path / "images", count=30, resolution=16, mixed=True, corrupt=1)
+    cfg = tiny_config(tmp_path / "run", "data.dataset=folder", f"data.path={root}", "train.max_steps=3")
+    with caplog.at_level(logging.WARNING, logger="ldm"):
+        train_autoencoder(cfg)
+    assert any("skipped 1 unreadable" in r.getMessage() for r in caplog.records), caplog.text
+    assert AutoencoderKL.from_pretrained(tmp_path / "run" / "model").config.scaling_factor > 0
+
+
+def test_sigkill_then_resume_latest_finishes_like_an_uninterrupted_run(tmp_path):
+    args = [f"{a}" for a in TINY if not a.startswith(("train.max_steps", "train.checkpoint_every"))]
+    args += ["train.max_steps=300", "train.checkpoint_every=20", "train.sample_every=0", "train.log_every=10"]
+    cmd = [sys.executable, str(ROOT / "train_vae.py"), f"output_dir={tmp_path / 'killed'}", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while not latest.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.exists(), "no checkpoint written before the kill"
+    assert not (tmp_path / "killed" / "model").exists(), "the run finished before it was killed"
+    resumed = subprocess.run([*cmd, "--resume", "latest"], cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    reference = subprocess.run(
+        [sys.executable, str(ROOT / "train_vae.py"), f"output_dir={tmp_path / 'straight'}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    a, b = _weights(tmp_path / "killed" / "model"), _weights(tmp_path / "straight" / "model")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)

@@ -47,7 +47,14 @@ def _build_hf_stream(
         if not cfg.val_split:
             stream = stream.skip(cfg.val_size)  # those are the validation items
         return HFStreamingDataset(
-            stream, cfg.resolution, crop, flip, cfg.image_column, cfg.caption_column, seed=seed
+            stream,
+            cfg.resolution,
+            crop,
+            flip,
+            cfg.image_column,
+            cfg.caption_column,
+            seed=seed,
+            shuffle_buffer=cfg.shuffle_buffer,
         )
     rows = list(stream.take(cfg.val_size))
     held = (

@@ -1,0 +1,80 @@
+"""Write shapes items as an image folder with ``metadata.jsonl``, the layout ``data.dataset=folder`` reads.
+
+    python -m ldm.data.export_folder DIR [--count 36] [--resolution 32] [--mixed] [--corrupt 1]
+
+``--mixed`` saves the images at assorted sizes, modes and formats (RGB PNG, RGBA PNG, L PNG,
+palette GIF, CMYK JPEG, WebP); ``--corrupt N`` adds N unreadable files, to see how a
+training run reports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from ldm.data.shapes import ShapesDataset
+
+# (mode, extension, size multiplier): the mix --mixed cycles through
+MIXED_FORMATS = [
+    ("RGB", "png", 1.0),
+    ("RGBA", "png", 1.5),
+    ("L", "png", 2.0),
+    ("P", "gif", 1.25),
+    ("CMYK", "jpg", 3.0),
+    ("RGB", "webp", 0.75),
+    ("RGB", "jpg", 2.5),
+]
+
+
+def export_folder(
+    root: Path,
+    count: int,
+    resolution: int = 32,
+    seed: int = 0,
+    split: str = "train",
+    mixed: bool = False,
+    corrupt: int = 0,
+) -> Path:
+    """Write ``count`` shapes items under ``root`` (half in a subfolder) and their captions."""
+    root = Path(root)
+    (root / "more").mkdir(parents=True, exist_ok=True)
+    dataset = ShapesDataset(count, resolution, seed, split)
+    rows = []
+    for i in range(count):
+        spec, pixels = dataset.image(i)  # (3, R, R) uint8
+        image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+        mode, ext, scale = MIXED_FORMATS[i % len(MIXED_FORMATS)] if mixed else ("RGB", "png", 1.0)
+        if scale != 1.0:
+            side = round(resolution * scale)
+            image = image.resize((side, round(side * (1.0 + 0.25 * (i % 3)))), Image.Resampling.LANCZOS)
+        image = image.quantize(64) if mode == "P" else image.convert(mode)
+        name = f"{'more/' if i % 2 else ''}{i:05d}.{ext}"
+        image.save(root / name)
+        rows.append({"file_name": name, "text": spec.caption})
+    for k in range(corrupt):
+        (root / f"corrupt-{k}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 8)
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ldm.data.export_folder", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--count", type=int, default=36)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", default="train", choices=["train", "val"])
+    parser.add_argument("--mixed", action="store_true", help="assorted sizes, modes and formats")
+    parser.add_argument("--corrupt", type=int, default=0, help="unreadable files to add")
+    args = parser.parse_args(argv)
+    export_folder(args.root, args.count, args.resolution, args.seed, args.split, args.mixed, args.corrupt)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
