@@ -29,5 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     from autoencoder.train import train_autoencoder
 
-    train_autoencoder(cfg, resume=args.resume)
+    try:
+        train_autoencoder(cfg, resume=args.resume)
+    except FileNotFoundError as err:
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
     return 0

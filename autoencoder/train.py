@@ -33,6 +33,7 @@ from ldm.plots import plot_losses
 from ldm.training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from ldm.training.loader import TrainBatches
 from ldm.training.metrics import MetricsWriter
+from ldm.training.optim import adamw
 from ldm.training.schedule import lr_multiplier
 
 logger = logging.getLogger("ldm")
@@ -76,8 +77,8 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
         if lpips is not None:
             lpips = lpips.to(accelerator.device)
     betas = (tc.adam_beta1, tc.adam_beta2)
-    opt_ae = torch.optim.Adam(vae.parameters(), lr=tc.lr, betas=betas, weight_decay=tc.weight_decay)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.loss.disc_lr or tc.lr, betas=(0.5, 0.9))
+    opt_ae = adamw(vae.parameters(), tc.lr, betas, tc.weight_decay)
+    opt_d = adamw(disc.parameters(), cfg.loss.disc_lr or tc.lr, (0.5, 0.9), 0.0)
     vae, disc, opt_ae, opt_d = accelerator.prepare(vae, disc, opt_ae, opt_d)
     ema = None
     if tc.ema_decay > 0:

@@ -63,3 +63,25 @@ def test_cli_rejects_a_bad_key_and_dry_run_prints_sizes():
     )
     assert dry.returncode == 0, dry.stderr
     assert "max_steps: 9" in dry.stdout and "autoencoder: 0.2" in dry.stdout
+
+
+def test_ldm_presets():
+    from ldm.diffusion.config import LDMRunConfig
+
+    assert load_config(LDMRunConfig, CONFIG_DIR / "ldm/shapes.yaml") == LDMRunConfig()
+    cfg = load_config(LDMRunConfig, CONFIG_DIR / "ldm/txt2img-256.yaml", ["data.path=/data/images"])
+    assert cfg.text.kind == "clip" and cfg.unet.block_out_channels == [320, 640, 1280, 1280]
+    with pytest.raises(ConfigError, match="noise.prediction_type"):
+        load_config(LDMRunConfig, None, ["noise.prediction_type=x0"])
+    with pytest.raises(ConfigError, match="unet.cross_attention"):
+        load_config(LDMRunConfig, None, ["unet.cross_attention=[true]"])
+
+
+def test_train_ldm_without_an_autoencoder_says_what_to_do(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "train_ldm.py", f"vae={tmp_path / 'none'}", f"output_dir={tmp_path / 'out'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 1 and "run python train_vae.py first, or set vae=PATH" in run.stderr

@@ -1,0 +1,1 @@
+"""Stage 2: a text-conditioned UNet trained on autoencoder latents."""

@@ -1,0 +1,90 @@
+"""Stage-2 config: the denoising UNet, the noise process, the text encoder and the run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from conditioning.config import TextEncoderConfig
+from ldm.config import ConfigError, DataConfig, TrainConfig, check_choice
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+ATTENTION_BACKENDS = ("auto", "sdpa", "xformers", "math")
+
+
+@dataclass
+class UNetConfig:
+    """A diffusers ``UNet2DConditionModel``; ``cross_attention`` says which levels attend to the text."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128])
+    cross_attention: list[bool] = field(default_factory=lambda: [False, True])  # per level, top to bottom
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    norm_num_groups: int = 32
+    attention: str = "auto"  # auto | sdpa | xformers | math
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("unet.attention", self.attention, ATTENTION_BACKENDS)
+        if len(self.cross_attention) != len(self.block_out_channels):
+            raise ConfigError(
+                f"unet.cross_attention has {len(self.cross_attention)} entries and unet.block_out_channels "
+                f"{len(self.block_out_channels)}: give one true/false per level"
+            )
+
+
+@dataclass
+class NoiseConfig:
+    """The forward process q(z_t | z_0) and what the UNet predicts."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"  # linear | scaled_linear | squaredcos_cap_v2
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    zero_terminal_snr: bool = False  # rescale betas to SNR(T) = 0 (Lin et al. 2023)
+    prediction_type: str = "epsilon"  # epsilon | v_prediction | sample
+    min_snr_gamma: float = 0.0  # min-SNR-gamma loss weight (Hang et al. 2023); 0 disables
+    offset_noise: float = 0.0  # std of per-channel noise added to eps (offset noise); 0 disables
+
+    def __post_init__(self) -> None:
+        check_choice("noise.beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        check_choice("noise.prediction_type", self.prediction_type, PREDICTION_TYPES)
+
+
+@dataclass
+class SampleConfig:
+    """Sampling for the periodic grids and the final evaluation."""
+
+    sampler: str = "dpm++2m"
+    steps: int = 20
+    guidance_scale: float = 4.0
+    prompts: list[str] = field(default_factory=list)  # grid prompts; empty: the first validation captions
+    grid_prompts: int = 6  # prompts in a grid when `prompts` is empty
+    grid_seeds: int = 4  # seeds per prompt in a grid
+
+
+@dataclass
+class LDMEvalConfig:
+    num_samples: int = 324  # validation captions sampled for caption accuracy (shapes)
+    batch_size: int = 108
+
+
+@dataclass
+class LDMRunConfig:
+    output_dir: str = "runs/ldm-shapes"
+    seed: int = 0
+    vae: str = "runs/vae-shapes/model"  # a stage-1 export (AutoencoderKL folder)
+    pretrained: str | None = None  # a diffusers StableDiffusionPipeline folder to start from (overrides vae)
+    data: DataConfig = field(default_factory=lambda: DataConfig(train_size=20_000, val_size=324, flip=False))
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    text: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(max_length=16))
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            batch_size=64, max_steps=1800, lr=1e-3, lr_warmup_steps=100, weight_decay=0.01, ema_decay=0.999
+        )
+    )
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: LDMEvalConfig = field(default_factory=LDMEvalConfig)
+    cache_latents: bool = True  # encode the dataset once with the frozen autoencoder
+    cache_dir: str | None = None  # keep the latent cache on disk here (None: in memory)

@@ -1,0 +1,77 @@
+"""The three networks of stage 2: the frozen autoencoder, the text encoder and the UNet.
+
+Fresh: the stage-1 export at ``vae``, a text encoder from ``text``, a UNet from ``unet``.
+From ``pretrained`` (a diffusers Stable Diffusion folder, ours or SD 1.x/2.x): its vae/,
+text_encoder/ + tokenizer/ and unet/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from conditioning import TextEncoder, build_text_encoder
+from ldm.diffusion.config import LDMRunConfig
+from ldm.diffusion.unet import build_unet
+
+PIPELINE_PARTS = ("vae", "unet", "text_encoder", "tokenizer")
+
+
+def load_autoencoder(cfg: LDMRunConfig) -> tuple[AutoencoderKL, Path]:
+    """The frozen autoencoder: ``pretrained``/vae when set, else the stage-1 export at ``vae``."""
+    folder = Path(cfg.pretrained) / "vae" if cfg.pretrained else Path(cfg.vae)
+    if not (folder / "config.json").exists():
+        if cfg.pretrained:
+            raise FileNotFoundError(f"pretrained={cfg.pretrained} has no vae/ folder with a config.json")
+        raise FileNotFoundError(f"no autoencoder at {folder}: run python train_vae.py first, or set vae=PATH")
+    return AutoencoderKL.from_pretrained(folder, use_safetensors=True), folder
+
+
+def check_pretrained(path: str | Path) -> Path:
+    root = Path(path)
+    missing = [p for p in PIPELINE_PARTS if not (root / p).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"pretrained={root} is not a diffusers pipeline folder: missing {', '.join(p + '/' for p in missing)}"
+        )
+    return root
+
+
+def build_models(cfg: LDMRunConfig) -> tuple[AutoencoderKL, Path, TextEncoder, UNet2DConditionModel]:
+    """(autoencoder, its folder, text encoder, UNet), checked to fit together."""
+    if cfg.pretrained:
+        check_pretrained(cfg.pretrained)
+    vae, vae_dir = load_autoencoder(cfg)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if cfg.data.resolution % factor:
+        raise ValueError(
+            f"data.resolution={cfg.data.resolution} is not a multiple of the autoencoder's factor {factor}"
+        )
+    if cfg.pretrained:
+        text_cfg = dataclasses.replace(cfg.text, kind="clip", name_or_path=cfg.pretrained, pretrained=None)
+        text_encoder = build_text_encoder(text_cfg)
+        unet = UNet2DConditionModel.from_pretrained(Path(cfg.pretrained) / "unet", use_safetensors=True)
+    else:
+        text_encoder = build_text_encoder(cfg.text)
+        unet = build_unet(
+            cfg.unet, vae.config.latent_channels, cfg.data.resolution // factor, text_encoder.hidden_size
+        )
+    check_compatible(vae, text_encoder, unet)
+    return vae, vae_dir, text_encoder, unet
+
+
+def check_compatible(vae: AutoencoderKL, text_encoder: TextEncoder, unet: UNet2DConditionModel) -> None:
+    """Latent channels and context width must agree, with a message that says which and what to do."""
+    if unet.config.in_channels != vae.config.latent_channels:
+        raise ValueError(
+            f"the autoencoder has {vae.config.latent_channels} latent channels but the UNet takes "
+            f"{unet.config.in_channels}: use an autoencoder with {unet.config.in_channels} latent channels "
+            "(vae=PATH) or a UNet built for this one"
+        )
+    if unet.config.cross_attention_dim != text_encoder.hidden_size:
+        raise ValueError(
+            f"the text encoder gives {text_encoder.hidden_size}-wide contexts but the UNet's cross_attention_dim "
+            f"is {unet.config.cross_attention_dim}"
+        )

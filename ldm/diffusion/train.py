@@ -1,0 +1,236 @@
+"""Stage-2 training loop: a text-conditioned UNet on autoencoder latents, top to bottom.
+
+images -> frozen E (or the latent cache) -> z_0 = scaling_factor * z; captions -> condition
+dropout -> text encoder -> context; loss = denoising_loss(UNet, z_0, context); AdamW; EMA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from conditioning import drop_captions
+from ldm.config import to_yaml
+from ldm.data import build_dataset
+from ldm.diffusion.cache import TextEmbeddingCache, cached_latents, fingerprint, sample_latents
+from ldm.diffusion.config import LDMRunConfig
+from ldm.diffusion.evaluate import evaluate_pipeline, grid_prompts
+from ldm.diffusion.export import export_pipeline
+from ldm.diffusion.models import build_models
+from ldm.diffusion.noise import training_scheduler
+from ldm.diffusion.objective import denoising_loss
+from ldm.diffusion.unet import set_attention_backend
+from ldm.images import save_grid
+from ldm.io import write_json
+from ldm.pipeline import LatentDiffusionPipeline
+from ldm.plots import plot_losses
+from ldm.training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from ldm.training.loader import TrainBatches
+from ldm.training.metrics import MetricsWriter
+from ldm.training.optim import adamw
+from ldm.training.schedule import lr_multiplier
+
+logger = logging.getLogger("ldm")
+
+
+def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
+    """Train, export ``model/`` as a diffusers pipeline, evaluate into ``eval.json``; returns the output folder."""
+    out = Path(cfg.output_dir)
+    tc = cfg.train
+    accelerator = Accelerator(
+        mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.gradient_accumulation_steps
+    )
+    main = accelerator.is_main_process
+    device = accelerator.device
+    set_seed(cfg.seed)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+
+    # --- frozen autoencoder, text encoder, UNet ----------------------------------------------
+    vae, vae_dir, text_encoder, unet = build_models(cfg)
+    vae.to(device).eval().requires_grad_(False)
+    scaling_factor = vae.config.scaling_factor
+    text_encoder = text_encoder.to(device)
+    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+    unet = unet.to(device, memory_format=memory_format)
+    set_attention_backend(unet, cfg.unet.attention, device)
+    alphas_cumprod = training_scheduler(cfg.noise).alphas_cumprod.to(device)
+
+    # --- data: cached posteriors, or images encoded on the fly --------------------------------
+    train_images = build_dataset(cfg.data, "train", cfg.seed)
+    val_images = build_dataset(cfg.data, "val", cfg.seed)
+    if cfg.cache_latents:
+        t0 = time.perf_counter()
+        key = fingerprint(vae_dir, dataclasses.asdict(cfg.data), cfg.seed)
+        train_set = cached_latents(vae, train_images, 256, cfg.cache_dir, key)
+        logger.info("latent cache: %d items in %.1f s", len(train_set), time.perf_counter() - t0)
+    else:
+        train_set = train_images
+
+    # --- optimizer, EMA, accelerate ----------------------------------------------------------
+    trainable = list(unet.parameters())
+    if cfg.text.trainable:
+        trainable += list(text_encoder.parameters())
+    optimizer = adamw(trainable, tc.lr, (tc.adam_beta1, tc.adam_beta2), tc.weight_decay)
+    if cfg.text.trainable:
+        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+    text_cache = (
+        None if cfg.text.trainable else TextEmbeddingCache(accelerator.unwrap_model(text_encoder).encode)
+    )
+    ema = None
+    if tc.ema_decay > 0:
+        ema = EMAModel(trainable, decay=tc.ema_decay)
+        ema.to(device)
+        accelerator.register_for_checkpointing(ema)
+
+    step, data_state = 0, None
+    if resume:
+        path = resolve_checkpoint(out, resume)
+        state = load_checkpoint(accelerator, path)
+        step, data_state = state["step"], state["data"]
+        logger.info("resumed from %s at step %d", path, step)
+    batches = TrainBatches(
+        train_set,
+        tc.batch_size,
+        cfg.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+        state=data_state,
+    )
+    metrics = MetricsWriter(out / "metrics.jsonl", enabled=main)
+    metrics.truncate_after(step)
+    prompts = grid_prompts(cfg, val_images)
+    n_unet = sum(p.numel() for p in unet.parameters()) / 1e6
+    logger.info(
+        "training %.2fM-parameter UNet (text encoder %s) for %d steps, batch %d x %d processes x %d accumulation",
+        n_unet,
+        "trained jointly" if cfg.text.trainable else "frozen",
+        tc.max_steps,
+        tc.batch_size,
+        accelerator.num_processes,
+        tc.gradient_accumulation_steps,
+    )
+
+    def make_pipeline() -> LatentDiffusionPipeline:
+        te = accelerator.unwrap_model(text_encoder)
+        return LatentDiffusionPipeline(
+            vae, te.model, te.tokenizer, accelerator.unwrap_model(unet), training_scheduler(cfg.noise).config
+        )
+
+    # --- loop --------------------------------------------------------------------------------
+    stop = min(tc.max_steps, tc.stop_at) if tc.stop_at else tc.max_steps
+    progress = tqdm(total=tc.max_steps, initial=step, disable=not main, desc="train_ldm", dynamic_ncols=True)
+    loss_sum, count, t_log = torch.zeros((), device=device), 0, time.perf_counter()
+    unet.train()
+    text_encoder.train(cfg.text.trainable)
+    while step < stop:
+        lr = tc.lr * lr_multiplier(step, tc.lr_warmup_steps, tc.max_steps, tc.lr_schedule, tc.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(tc.gradient_accumulation_steps):
+            batch = next(batches)
+            with accelerator.accumulate(unet):
+                z = sample_latents(batch, vae, device)  # (B, C, h, w)
+                z0 = (z * scaling_factor).contiguous(memory_format=memory_format)
+                captions = drop_captions(list(batch["caption"]), cfg.text.p_uncond)
+                if text_cache is not None:
+                    context = text_cache(captions)  # (B, L, D), frozen encoder
+                else:
+                    ids = accelerator.unwrap_model(text_encoder).tokenize(captions).to(device)
+                    context = text_encoder(ids)  # (B, L, D)
+                loss = denoising_loss(unet, z0, context, alphas_cumprod, cfg.noise)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and tc.grad_clip > 0:
+                    accelerator.clip_grad_norm_(trainable, tc.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+        if ema is not None:
+            ema.step(trainable)
+        step += 1
+        count += 1
+        progress.update(1)
+
+        if step % tc.log_every == 0 or step == stop:
+            values = {
+                "train/loss": loss_sum.item() / (count * tc.gradient_accumulation_steps),
+                "train/lr": lr,
+                "train/step_time": (time.perf_counter() - t_log) / count,
+            }
+            metrics.write(step, values)
+            progress.set_postfix(loss=f"{values['train/loss']:.4f}")
+            loss_sum.zero_()
+            count, t_log = 0, time.perf_counter()
+        if main and tc.sample_every and step % tc.sample_every == 0:
+            _save_prompt_grid(
+                make_pipeline(), prompts, cfg, out / "samples" / f"step-{step:06d}.png", ema, trainable
+            )
+        if tc.checkpoint_every and (step % tc.checkpoint_every == 0 or step == stop):
+            save_checkpoint(accelerator, out, step, {"data": batches.state_dict()}, tc.keep_checkpoints)
+    progress.close()
+    if text_cache is not None:
+        logger.info("text cache: %d distinct captions encoded once", len(text_cache))
+
+    if step < tc.max_steps:
+        logger.info(
+            "stopped at step %d of %d (train.stop_at); resume with --resume latest", step, tc.max_steps
+        )
+        return out
+
+    # --- export and evaluation (EMA weights) -------------------------------------------------
+    if ema is not None:
+        ema.copy_to(trainable)
+    if main:
+        pipe = make_pipeline()
+        pipe.to()
+        export_pipeline(pipe, out / "model", cfg)
+        _save_prompt_grid(pipe, prompts, cfg, out / "samples" / "final.png")
+        results = evaluate_pipeline(pipe, val_images, cfg)
+        write_json(out / "eval.json", results)
+        plot_losses(out / "metrics.jsonl", out / "losses.png")
+        logger.info("exported %s; evaluation %s", out / "model", results)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out
+
+
+@torch.no_grad()
+def _save_prompt_grid(pipe, prompts, cfg: LDMRunConfig, path: Path, ema=None, params=None) -> None:
+    """A grid of fixed prompts (rows) x fixed seeds (columns), with EMA weights when EMA is on."""
+    if ema is not None:
+        ema.store(params)
+        ema.copy_to(params)
+    modules = (pipe.unet, pipe.text_encoder)
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        out = pipe(
+            prompts,
+            num_images_per_prompt=cfg.sample.grid_seeds,
+            num_inference_steps=cfg.sample.steps,
+            guidance_scale=cfg.sample.guidance_scale,
+            sampler=cfg.sample.sampler,
+            seed=cfg.seed,
+            output_type="pt",
+            progress=False,
+        )
+        save_grid(out.images, path, nrow=cfg.sample.grid_seeds)
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
+        if ema is not None:
+            ema.restore(params)

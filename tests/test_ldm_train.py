@@ -1,0 +1,182 @@
+"""Stage 2 end to end on tiny models: caches, resume, frozen pretrained text encoders, export to diffusers."""
+
+import json
+import logging
+
+import open_clip
+import pytest
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from conditioning import build_clip_tokenizer
+from ldm.config import load_config
+from ldm.data import build_dataset
+from ldm.diffusion.cache import encode_dataset, sample_latents
+from ldm.diffusion.config import LDMRunConfig
+from ldm.diffusion.models import build_models
+from ldm.diffusion.noise import training_scheduler
+from ldm.diffusion.objective import denoising_loss
+from ldm.diffusion.train import train_ldm
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    """A tiny untrained f=2 autoencoder export, as stage 1 would write it."""
+    folder = tmp_path_factory.mktemp("vae") / "model"
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        mid_block_add_attention=False,
+        scaling_factor=0.8,
+    )
+    vae.save_pretrained(folder)
+    return folder
+
+
+def tiny(out, vae, *extra) -> LDMRunConfig:
+    return load_config(
+        LDMRunConfig,
+        None,
+        [
+            f"output_dir={out}",
+            f"vae={vae}",
+            "data.resolution=16",
+            "data.train_size=64",
+            "data.val_size=8",
+            "unet.block_out_channels=[32,32]",
+            "unet.norm_num_groups=8",
+            "text.hidden_size=32",
+            "text.num_heads=2",
+            "text.intermediate_size=64",
+            "train.batch_size=4",
+            "train.max_steps=6",
+            "train.lr_warmup_steps=2",
+            "train.log_every=1",
+            "train.sample_every=3",
+            "train.checkpoint_every=2",
+            "sample.steps=2",
+            "sample.grid_prompts=2",
+            "sample.grid_seeds=2",
+            "eval.num_samples=4",
+            "eval.batch_size=4",
+            *extra,
+        ],
+    )
+
+
+def test_run_exports_a_pipeline_diffusers_loads_and_resume_is_exact(tmp_path, tiny_vae):
+    full = train_ldm(tiny(tmp_path / "full", tiny_vae))
+    rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert (full / "samples" / "step-000003.png").exists() and (full / "losses.png").exists()
+    results = json.loads((full / "eval.json").read_text())
+    assert set(results) >= {"guidance_1", "guidance_4"} and results["num_samples"] == 4
+
+    pipe = StableDiffusionPipeline.from_pretrained(full / "model", safety_checker=None)
+    assert pipe.scheduler.config.clip_sample is False
+    image = pipe("a red circle on a black background", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 16, 16, 3) and float(image.std()) > 0
+
+    train_ldm(tiny(tmp_path / "part", tiny_vae, "train.stop_at=3"))
+    assert not (tmp_path / "part" / "model").exists()
+    train_ldm(tiny(tmp_path / "part", tiny_vae), resume="latest")
+    for sub in ("unet", "text_encoder"):
+        a = StableDiffusionPipeline.from_pretrained(full / "model", safety_checker=None).components[sub]
+        b = StableDiffusionPipeline.from_pretrained(
+            tmp_path / "part" / "model", safety_checker=None
+        ).components[sub]
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-5, msg=f"{sub}.{name}")
+
+
+def test_latent_cache_gives_the_same_loss_as_encoding_on_the_fly(tiny_vae):
+    cfg = tiny("unused", tiny_vae)
+    vae, _, text_encoder, unet = build_models(cfg)
+    images = build_dataset(cfg.data, "train", cfg.seed)
+    cached = encode_dataset(vae, images, batch_size=16)
+    idx = list(range(8))
+    on_the_fly = {"pixel_values": torch.stack([images[i]["pixel_values"] for i in idx])}
+    from_cache = {k: torch.stack([cached[i][k] for i in idx]) for k in ("mean", "std")}
+    context = text_encoder.encode([images[i]["caption"] for i in idx]).detach()
+    ac = training_scheduler(cfg.noise).alphas_cumprod
+    losses = []
+    for batch in (on_the_fly, from_cache):
+        torch.manual_seed(7)
+        z0 = sample_latents(batch, vae, torch.device("cpu")) * vae.config.scaling_factor
+        losses.append(denoising_loss(unet, z0, context, ac, cfg.noise))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+
+
+def test_missing_autoencoder_and_channel_mismatch_are_clear(tmp_path, tiny_vae):
+    with pytest.raises(FileNotFoundError, match="run python train_vae.py first, or set vae=PATH"):
+        build_models(tiny(tmp_path, tmp_path / "nowhere"))
+    pipe = tmp_path / "pipe"
+    train_ldm(
+        tiny(pipe / "run", tiny_vae, "train.max_steps=1", "train.checkpoint_every=0", "train.sample_every=0")
+    )
+    wide = AutoencoderKL.from_pretrained(tiny_vae)
+    wide = AutoencoderKL.from_config({**wide.config, "latent_channels": 8})
+    wide.save_pretrained(pipe / "run" / "model" / "vae")
+    with pytest.raises(ValueError, match="8 latent channels but the UNet takes 4"):
+        build_models(tiny(tmp_path, tiny_vae, f"pretrained={pipe / 'run' / 'model'}"))
+
+
+def _tiny_clip_folder(root):
+    torch.manual_seed(1)
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        hidden_act="quick_gelu",
+        pad_token_id=0,
+        bos_token_id=49406,
+        eos_token_id=49407,
+    )
+    CLIPTextModel(config).save_pretrained(root)
+    build_clip_tokenizer(16).save_pretrained(root)
+    return root
+
+
+def _tiny_open_clip(root):
+    name = "ldm-train-test-tiny"
+    spec = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    }
+    (root / f"{name}.json").write_text(json.dumps(spec))
+    open_clip.add_model_config(root / f"{name}.json")
+    model = open_clip.create_model(name)
+    weights = root / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    return name, weights
+
+
+@pytest.mark.parametrize("kind", ["clip", "openclip"])
+def test_frozen_pretrained_text_encoders_train_with_the_text_cache(tmp_path, tiny_vae, kind, caplog):
+    if kind == "clip":
+        text = ["text.kind=clip", f"text.name_or_path={_tiny_clip_folder(tmp_path / 'clip')}"]
+    else:
+        (tmp_path / "oc").mkdir()
+        name, weights = _tiny_open_clip(tmp_path / "oc")
+        text = ["text.kind=openclip", f"text.name_or_path={name}", f"text.pretrained={weights}"]
+    cfg = tiny(tmp_path / "run", tiny_vae, *text, "train.max_steps=3", "train.sample_every=0")
+    with caplog.at_level(logging.INFO, logger="ldm"):
+        out = train_ldm(cfg)
+    cached = [r.getMessage() for r in caplog.records if "text cache:" in r.getMessage()]
+    assert cached and int(cached[0].split("text cache: ")[1].split()[0]) > 0
+    before = CLIPTextModel.from_pretrained(tmp_path / "clip") if kind == "clip" else None
+    after = CLIPTextModel.from_pretrained(out / "model" / "text_encoder")
+    if before is not None:  # frozen: the exported text encoder is the one we started from
+        for x, y in zip(before.state_dict().values(), after.state_dict().values(), strict=True):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
