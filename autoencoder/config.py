@@ -39,7 +39,7 @@ class VAELossConfig:
     kl_weight: float = 1e-6
     perceptual_weight: float = 0.0  # LPIPS weight; used only when its weights are present
     lpips_weights: str | None = None  # local VGG16 backbone file (torchvision format) for LPIPS
-    disc_start: int = 1500  # step from which the adversarial term is on
+    disc_start: int = 2250  # step from which the adversarial term is on
     disc_weight: float = 0.1  # scale of the adaptive adversarial weight
     disc_loss: str = "hinge"  # hinge | vanilla
     disc_layers: int = 2  # PatchGAN depth (3 for 256 px)
@@ -65,5 +65,5 @@ class VAERunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     loss: VAELossConfig = field(default_factory=VAELossConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=3000, lr=2e-3, log_every=50))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=3200, lr=1e-3, log_every=50))
     eval: VAEEvalConfig = field(default_factory=VAEEvalConfig)

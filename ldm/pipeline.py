@@ -3,16 +3,24 @@
 prompts -> context (and the unconditional context of the negative prompts, "" by default)
 -> z_T ~ N(0, I) from seeded generators -> per step one UNet call on [uncond; cond],
 eps = eps_u + s (eps_c - eps_u) -> scheduler step -> D(z_0 / scaling_factor) -> images.
+
+img2img starts from a noised encoding of ``image`` part-way down the schedule (``strength``);
+inpainting (any model) re-imposes the known region, noised to the current level, after every
+step (latent blending), so only the region where ``mask`` is 1 is generated.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 from tqdm.auto import tqdm
@@ -22,12 +30,39 @@ from conditioning.tokenizer import clean_caption
 from ldm.images import to_uint8
 from ldm.samplers import make_scheduler
 
+logger = logging.getLogger("ldm")
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+ImageInput = Image.Image | np.ndarray | torch.Tensor
 
 
 def guided_prediction(pred_uncond: torch.Tensor, pred_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6): eps = eps_u + s (eps_c - eps_u)."""
     return pred_uncond + scale * (pred_cond - pred_uncond)
+
+
+def rescale_guidance(guided: torch.Tensor, pred_cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2023, eqs. 15-16): match the per-sample std of the guided
+    prediction to the conditional one, x_rescaled = x_cfg * std(x_c) / std(x_cfg), then blend
+    phi * x_rescaled + (1 - phi) * x_cfg. Counters over-exposure at high guidance."""
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (pred_cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * guided
+
+
+def to_image_tensor(image: ImageInput | list[ImageInput], channels: int = 3) -> torch.Tensor:
+    """PIL / uint8 array (H, W, C) / tensor in [-1, 1] (C, H, W) or a list of them -> (B, C, H, W) in [-1, 1]."""
+    if isinstance(image, list):
+        return torch.cat([to_image_tensor(i, channels) for i in image])
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB" if channels == 3 else "L"))
+    if isinstance(image, np.ndarray):
+        array = image.astype(np.float32) / 127.5 - 1 if image.dtype == np.uint8 else image.astype(np.float32)
+        tensor = torch.from_numpy(array)
+        tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)  # (C, H, W)
+    else:
+        tensor = image.float()
+    return tensor[None] if tensor.ndim == 3 else tensor
 
 
 @dataclass
@@ -52,12 +87,21 @@ class LatentDiffusionPipeline:
         self.unet = unet
         self.scheduler_config = dict(scheduler_config)
 
-    # ------------------------------------------------------------------------------ loading
+    # ------------------------------------------------------------------------------ loading, saving
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        attention: str = "auto",
+        compile: bool = False,
     ) -> LatentDiffusionPipeline:
-        """Load our exported folder or a diffusers Stable Diffusion 1.x/2.x folder (safetensors)."""
+        """Load our exported folder or a diffusers Stable Diffusion 1.x/2.x folder (safetensors only).
+
+        ``attention``: auto (xformers when installed on CUDA, else PyTorch SDPA) | sdpa | xformers | math.
+        ``compile``: ``torch.compile`` the UNet (pays off on GPUs over many calls).
+        """
         from diffusers import DDPMScheduler
 
         root = Path(path)
@@ -65,7 +109,9 @@ class LatentDiffusionPipeline:
             p for p in ("vae", "unet", "text_encoder", "tokenizer", "scheduler") if not (root / p).is_dir()
         ]
         if missing:
-            raise FileNotFoundError(f"{root} is not a pipeline folder: missing {', '.join(missing)}/")
+            raise FileNotFoundError(
+                f"{root} is not a pipeline folder: missing {', '.join(m + '/' for m in missing)}"
+            )
         kw = {"use_safetensors": True}
         pipe = cls(
             vae=AutoencoderKL.from_pretrained(root / "vae", **kw),
@@ -74,7 +120,38 @@ class LatentDiffusionPipeline:
             unet=UNet2DConditionModel.from_pretrained(root / "unet", **kw),
             scheduler_config=DDPMScheduler.load_config(root / "scheduler"),
         )
-        return pipe.to(device, dtype)
+        pipe.to(device, dtype)
+        pipe.set_attention(attention)
+        if compile:
+            pipe.unet = torch.compile(pipe.unet)
+        return pipe
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Save as a diffusers ``StableDiffusionPipeline`` folder (safetensors), atomically."""
+        import shutil
+
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        from ldm.io import replace_dir
+
+        folder = Path(path)
+        unet = getattr(self.unet, "_orig_mod", self.unet)  # unwrap torch.compile
+        sd = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=unet,
+            # DDIM on the same noise schedule, clip_sample off: latents are not confined to [-1, 1]
+            scheduler=DDIMScheduler.from_config(self.scheduler_config, clip_sample=False),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        sd.save_pretrained(tmp, safe_serialization=True)
+        replace_dir(tmp, folder)
+        return folder
 
     def to(
         self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
@@ -84,6 +161,30 @@ class LatentDiffusionPipeline:
                 module.to(device=device, dtype=dtype)
             module.eval()
         return self
+
+    # ------------------------------------------------------------------------------ memory and speed
+    def set_attention(self, backend: str = "auto") -> str:
+        """auto | sdpa | xformers | math for the UNet's attention; returns the one in use."""
+        from ldm.diffusion.unet import set_attention_backend
+
+        return set_attention_backend(self.unet, backend, self.device)
+
+    def enable_attention_slicing(self, slice_size: str | int = "auto") -> None:
+        """Compute attention in slices of heads: less peak memory, a little slower."""
+        self.unet.set_attention_slice(slice_size)
+
+    def enable_vae_slicing(self) -> None:
+        """Decode a batch one image at a time."""
+        self.vae.enable_slicing()
+
+    def enable_vae_tiling(self, tile_size: int | None = None, overlap: float = 0.25) -> None:
+        """Decode large images in overlapping tiles of ``tile_size`` pixels, blended linearly across
+        the overlap (no seams); ``tile_size`` defaults to the autoencoder's training size."""
+        self.vae.enable_tiling()
+        if tile_size is not None:
+            self.vae.tile_sample_min_size = tile_size
+            self.vae.tile_latent_min_size = tile_size // self.vae_scale_factor
+        self.vae.tile_overlap_factor = overlap
 
     @property
     def device(self) -> torch.device:
@@ -111,23 +212,24 @@ class LatentDiffusionPipeline:
         return self.text_encoder(ids)[0].to(self.dtype)
 
     @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> z_0 = scaling_factor * mean of q(z | x), (B, C, h, w)."""
+        x = images.to(self.device, self.vae.dtype)
+        return (self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor).to(self.dtype)
+
+    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """z_0 (B, C, h, w) -> images (B, 3, h*f, w*f) in [-1, 1]."""
         z = latents / self.vae.config.scaling_factor
         return self.vae.decode(z.to(self.vae.dtype)).sample.clamp(-1, 1)
 
-    def _initial_latents(self, n: int, height: int, width: int, seeds: list[int | None]) -> torch.Tensor:
-        """z_T: one CPU generator per image, so an image depends on its own seed only."""
-        shape = (
-            self.unet.config.in_channels,
-            height // self.vae_scale_factor,
-            width // self.vae_scale_factor,
-        )
+    def _noise(self, shape: tuple[int, ...], seeds: list[int | None]) -> torch.Tensor:
+        """One CPU generator per image, so an image depends on its own seed only."""
         noise = []
         for seed in seeds:
             gen = torch.Generator().manual_seed(seed) if seed is not None else None
             noise.append(torch.randn(shape, generator=gen))
-        return torch.stack(noise)[:n].to(self.device, self.dtype)  # (n, C, h, w)
+        return torch.stack(noise).to(self.device, self.dtype)  # (n, C, h, w)
 
     # ------------------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -141,25 +243,48 @@ class LatentDiffusionPipeline:
         sampler: str = "ddim",
         eta: float = 0.0,
         seed: int | list[int] | None = None,
+        generator: torch.Generator | None = None,
         height: int | None = None,
         width: int | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         progress: bool = True,
+        callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+        guidance_rescale: float = 0.0,
+        image: ImageInput | list[ImageInput] | None = None,
+        strength: float = 0.8,
+        mask: ImageInput | list[ImageInput] | None = None,
     ) -> PipelineOutput:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("prompt: the prompt list is empty; give at least one prompt")
-        negatives = [""] * len(prompts) if negative_prompt is None else negative_prompt
-        negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
-        if len(negatives) != len(prompts):
-            raise ValueError(
-                f"negative_prompt: {len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt"
-            )
+        """Generate images for ``prompt``; see the module docstring for the flow.
+
+        ``seed``: an int (image i gets seed + i) or one int per image; ``generator`` drives the
+        noise of stochastic samplers (default: seeded from the first seed). ``callback(i, t, latents)``
+        runs after each step. ``image`` + ``strength`` in (0, 1]: img2img; with ``mask`` (1 where to
+        generate, 0 where to keep ``image``): inpainting.
+        """
+        prompts, negatives = _prompt_lists(prompt, negative_prompt)
         if num_inference_steps <= 0:
             raise ValueError(f"num_inference_steps is {num_inference_steps}; it must be > 0")
+        if num_images_per_prompt <= 0:
+            raise ValueError(f"num_images_per_prompt is {num_images_per_prompt}; it must be > 0")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type is {output_type!r}; allowed: {' | '.join(OUTPUT_TYPES)}")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength is {strength}; it must be in (0, 1]")
+        if mask is not None and image is None:
+            raise ValueError("mask: inpainting needs the image to keep; pass image= as well")
+        n = len(prompts) * num_images_per_prompt
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = [p for p in negatives for _ in range(num_images_per_prompt)]
+        seeds = _seed_list(seed, n)
+
+        init = None
+        if image is not None:
+            init = to_image_tensor(image)
+            init = init.expand(n, -1, -1, -1) if len(init) == 1 else init
+            if len(init) != n:
+                raise ValueError(f"image: {len(init)} images for {n} outputs; give one, or one per output")
+            height, width = init.shape[-2:]
         default_size = self.unet.config.sample_size * self.vae_scale_factor
         height, width = height or default_size, width or default_size
         for name, side in (("height", height), ("width", width)):
@@ -167,41 +292,60 @@ class LatentDiffusionPipeline:
                 raise ValueError(
                     f"{name} is {side}; it must be a multiple of the VAE factor {self.vae_scale_factor}"
                 )
-
-        n = len(prompts) * num_images_per_prompt
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        negatives = [p for p in negatives for _ in range(num_images_per_prompt)]
-        if isinstance(seed, list):
-            if len(seed) != n:
-                raise ValueError(
-                    f"seed: {len(seed)} seeds for {n} images; give one per image or a single int"
-                )
-            seeds = seed
-        else:
-            seeds = [None] * n if seed is None else [seed + i for i in range(n)]
+        latent_shape = (
+            self.unet.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
 
         scheduler = make_scheduler(sampler, self.scheduler_config)
         scheduler.set_timesteps(num_inference_steps, device=self.device)
+        timesteps = scheduler.timesteps
         guided = guidance_scale > 1.0
         context = self.encode_prompt(negatives + prompts if guided else prompts)  # (2n or n, L, D)
-        if latents is None:
-            latents = self._initial_latents(n, height, width, seeds)
-        latents = latents.to(self.device, self.dtype) * scheduler.init_noise_sigma
-        step_kwargs = {"eta": eta} if "eta" in _step_params(scheduler) else {}
-        generator = (
-            torch.Generator(device=self.device).manual_seed(seeds[0]) if seeds[0] is not None else None
-        )
-        if "generator" in _step_params(scheduler):
+        noise = self._noise(latent_shape, seeds) if latents is None else latents.to(self.device, self.dtype)
+        z_known = keep = None
+        if init is None:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            z_known = self.encode_images(init)  # (n, C, h, w)
+            if mask is None:  # img2img: skip the first (1 - strength) of the schedule
+                start = min(int(num_inference_steps * (1 - strength)), num_inference_steps - 1)
+                timesteps = timesteps[start * scheduler.order :]
+                if hasattr(scheduler, "set_begin_index"):
+                    scheduler.set_begin_index(start * scheduler.order)
+                latents = scheduler.add_noise(z_known, noise, timesteps[:1].repeat(n))
+            else:  # inpainting: generate everywhere, then keep the known region at each step's noise level
+                m = to_image_tensor(mask, channels=1)
+                m = ((m + 1) / 2).clamp(0, 1).to(self.device, self.dtype)  # 1: generate, 0: keep
+                keep = 1 - F.interpolate(m, size=latent_shape[1:], mode="bilinear", align_corners=False)
+                keep = keep.expand(n, 1, -1, -1) if len(keep) == 1 else keep
+                latents = noise * scheduler.init_noise_sigma
+
+        params = set(inspect.signature(scheduler.step).parameters)
+        step_kwargs: dict[str, Any] = {"eta": eta} if "eta" in params else {}
+        if "generator" in params:
+            if generator is None and seeds[0] is not None:
+                generator = torch.Generator(device=self.device).manual_seed(seeds[0])
             step_kwargs["generator"] = generator
 
-        for t in tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False):
+        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling", leave=False)):
             model_in = torch.cat([latents, latents]) if guided else latents  # (2n, C, h, w): [uncond; cond]
             model_in = scheduler.scale_model_input(model_in, t)
             pred = self.unet(model_in, t, encoder_hidden_states=context).sample
             if guided:
                 pred_uncond, pred_cond = pred.chunk(2)
                 pred = guided_prediction(pred_uncond, pred_cond, guidance_scale)
+                if guidance_rescale > 0:
+                    pred = rescale_guidance(pred, pred_cond, guidance_rescale)
             latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
+            if keep is not None:
+                known = z_known
+                if i + 1 < len(timesteps):  # the known region at the next step's noise level
+                    known = scheduler.add_noise(z_known, noise, timesteps[i + 1 : i + 2].repeat(n))
+                latents = keep * known + (1 - keep) * latents
+            if callback is not None:
+                callback(i, t, latents)
 
         if output_type == "latent":
             return PipelineOutput(images=latents)
@@ -214,7 +358,24 @@ class LatentDiffusionPipeline:
         return PipelineOutput(images=[Image.fromarray(a) for a in arrays])
 
 
-def _step_params(scheduler) -> set[str]:
-    import inspect
+def _prompt_lists(
+    prompt: str | list[str], negative_prompt: str | list[str] | None
+) -> tuple[list[str], list[str]]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("prompt: the prompt list is empty; give at least one prompt")
+    negatives = [""] * len(prompts) if negative_prompt is None else negative_prompt
+    negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+    if len(negatives) != len(prompts):
+        raise ValueError(
+            f"negative_prompt: {len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt"
+        )
+    return prompts, negatives
 
-    return set(inspect.signature(scheduler.step).parameters)
+
+def _seed_list(seed: int | list[int] | None, n: int) -> list[int | None]:
+    if isinstance(seed, list):
+        if len(seed) != n:
+            raise ValueError(f"seed: {len(seed)} seeds for {n} images; give one per image or a single int")
+        return list(seed)
+    return [None] * n if seed is None else [seed + i for i in range(n)]

@@ -111,3 +111,33 @@ def test_bad_arguments_name_the_argument(pipe, kwargs, word):
     args = {"prompt": PROMPTS, "num_inference_steps": 2, **kwargs}
     with pytest.raises(ValueError, match=word):
         pipe(**args)
+
+
+def test_public_api_import_and_from_pretrained_errors(tmp_path):
+    from ldm import SAMPLERS as registry
+    from ldm import LatentDiffusionPipeline as Public
+
+    assert Public is LatentDiffusionPipeline and "dpm++2m" in registry
+    with pytest.raises(FileNotFoundError, match="missing .*unet/"):
+        Public.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m", "euler-a"])
+def test_v_prediction_equals_diffusers(pipe, sampler):
+    v_pipe = LatentDiffusionPipeline(
+        pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet,
+        training_scheduler(NoiseConfig(prediction_type="v_prediction")).config,
+    )  # fmt: skip
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    ours = v_pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, sampler=sampler, latents=latents,
+                  seed=11, output_type="pt").images  # fmt: skip
+    sd = StableDiffusionPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+        scheduler=make_scheduler(sampler, v_pipe.scheduler_config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    sd.set_progress_bar_config(disable=True)
+    theirs = sd(PROMPTS, num_inference_steps=4, guidance_scale=3.0, latents=latents, output_type="pt",
+                generator=torch.Generator().manual_seed(11)).images  # fmt: skip
+    assert sd.scheduler.config.prediction_type == "v_prediction"
+    torch.testing.assert_close((ours + 1) / 2, theirs, rtol=0, atol=1e-4)

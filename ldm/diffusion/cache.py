@@ -4,8 +4,8 @@
   its posterior mean and std, so that z = mean + std * eps is still sampled every step.
   In memory, or in a safetensors file under ``cache_dir`` keyed by a fingerprint of the
   autoencoder and the data.
-- Text-embedding cache: when the text encoder is frozen, each distinct caption is encoded
-  once.
+- Caption caches: each distinct caption is tokenized once, and, when the text encoder is
+  frozen, encoded once.
 """
 
 from __future__ import annotations
@@ -99,25 +99,26 @@ def cached_latents(
     return latents
 
 
-class TextEmbeddingCache:
-    """caption -> context (L, D) of a frozen text encoder, computed once per distinct caption."""
+class CaptionCache:
+    """caption -> tensor of ``fn``, computed once per distinct caption (at most ``max_items`` kept).
 
-    def __init__(self, encode, max_items: int = 100_000):
-        self._encode = encode  # list[str] -> (B, L, D)
+    Used for the token ids of every caption, and for the context (L, D) of a frozen text encoder.
+    """
+
+    def __init__(self, fn, max_items: int = 100_000):
+        self._fn = fn  # list[str] -> (B, ...)
         self._store: dict[str, torch.Tensor] = {}
         self.max_items = max_items
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
         todo = list(dict.fromkeys(c for c in captions if c not in self._store))
+        fresh: dict[str, torch.Tensor] = {}
         if todo:
             with torch.no_grad():
-                fresh = self._encode(todo)  # (len(todo), L, D)
-            if len(self._store) + len(todo) <= self.max_items:
-                self._store.update(zip(todo, fresh, strict=True))
-            else:
-                local = dict(zip(todo, fresh, strict=True))
-                return torch.stack([self._store.get(c, local.get(c)) for c in captions])
-        return torch.stack([self._store[c] for c in captions])  # (B, L, D)
+                fresh = dict(zip(todo, self._fn(todo), strict=True))
+            if len(self._store) + len(fresh) <= self.max_items:
+                self._store.update(fresh)
+        return torch.stack([self._store[c] if c in self._store else fresh[c] for c in captions])  # (B, ...)
 
     def __len__(self) -> int:
         return len(self._store)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from conditioning import drop_captions
 from ldm.config import to_yaml
 from ldm.data import build_dataset
-from ldm.diffusion.cache import TextEmbeddingCache, cached_latents, fingerprint, sample_latents
+from ldm.diffusion.cache import CaptionCache, cached_latents, fingerprint, sample_latents
 from ldm.diffusion.config import LDMRunConfig
 from ldm.diffusion.evaluate import evaluate_pipeline, grid_prompts
 from ldm.diffusion.export import export_pipeline
@@ -85,9 +85,8 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
-    text_cache = (
-        None if cfg.text.trainable else TextEmbeddingCache(accelerator.unwrap_model(text_encoder).encode)
-    )
+    token_cache = CaptionCache(accelerator.unwrap_model(text_encoder).tokenize)  # (L,) ids per caption
+    text_cache = None if cfg.text.trainable else CaptionCache(accelerator.unwrap_model(text_encoder).encode)
     ema = None
     if tc.ema_decay > 0:
         ema = EMAModel(trainable, decay=tc.ema_decay)
@@ -149,7 +148,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
                 if text_cache is not None:
                     context = text_cache(captions)  # (B, L, D), frozen encoder
                 else:
-                    ids = accelerator.unwrap_model(text_encoder).tokenize(captions).to(device)
+                    ids = token_cache(captions).to(device)  # (B, L)
                     context = text_encoder(ids)  # (B, L, D)
                 loss = denoising_loss(unet, z0, context, alphas_cumprod, cfg.noise)
                 accelerator.backward(loss)
@@ -196,7 +195,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     if main:
         pipe = make_pipeline()
         pipe.to()
-        export_pipeline(pipe, out / "model", cfg)
+        export_pipeline(pipe, out / "model")
         _save_prompt_grid(pipe, prompts, cfg, out / "samples" / "final.png")
         results = evaluate_pipeline(pipe, val_images, cfg)
         write_json(out / "eval.json", results)

@@ -1,0 +1,82 @@
+"""``ldm-sample``: text to images from the command line.
+
+    ldm-sample --model runs/ldm-shapes/model --prompt "a red circle on a black background" \\
+        [--negative-prompt TEXT] [-n 4] [--steps 30] [--guidance 4] [--sampler dpm++2m] [--seed 0] \\
+        [--size 32] [--device cpu] [--dtype float32] --out samples/
+
+Writes one PNG per image (``<out>/<prompt index>-<image index>.png``) and ``<out>/grid.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from ldm.cli_common import setup_logging
+from ldm.images import save_grid
+from ldm.samplers import SAMPLERS
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "prompt"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ldm-sample", description="Generate images from text prompts.")
+    parser.add_argument(
+        "--model", required=True, help="an exported pipeline folder (ours or Stable Diffusion)"
+    )
+    parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--sampler", default="dpm++2m", choices=list(SAMPLERS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    args = parser.parse_args(argv)
+    setup_logging()
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    try:
+        pipe = LatentDiffusionPipeline.from_pretrained(
+            args.model, device=args.device, dtype=DTYPES[args.dtype]
+        )
+        out = pipe(
+            args.prompt,
+            negative_prompt=args.negative_prompt,
+            num_images_per_prompt=args.num_images,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            sampler=args.sampler,
+            seed=args.seed,
+            height=args.size,
+            width=args.size,
+            output_type="pt",
+        )
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"ldm-sample: error: {err}\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    from ldm.images import make_grid
+
+    for i, image in enumerate(out.images):
+        prompt_index, k = divmod(i, args.num_images)
+        make_grid(image[None], nrow=1, pad=0).save(
+            args.out / f"{prompt_index:02d}-{k:02d}-{_slug(args.prompt[prompt_index])}.png"
+        )
+    save_grid(out.images, args.out / "grid.png", nrow=args.num_images)
+    sys.stdout.write(f"wrote {len(out.images)} images and grid.png to {args.out}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""Pipeline features on tiny CPU models: img2img, inpainting, guidance rescale, slicing, tiling, save/load."""
+
+import pytest
+import torch
+from test_pipeline import PROMPTS
+from test_pipeline import pipe as pipe  # noqa: F401  (the tiny pipeline fixture)
+
+from ldm.pipeline import LatentDiffusionPipeline, rescale_guidance
+from ldm.quality import psnr
+
+
+def _image(seed: int = 0, size: int = 16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 3, size, size, generator=g) * 2 - 1  # (1, 3, H, W) in [-1, 1]
+
+
+def test_img2img_stays_closer_to_the_image_at_low_strength(pipe):  # noqa: F811
+    image = _image()
+    target = pipe.decode_latents(pipe.encode_images(image))
+    errors = {}
+    for strength in (0.2, 1.0):
+        out = pipe(
+            PROMPTS[:1], image=image, strength=strength, num_inference_steps=10, seed=0, output_type="pt"
+        )
+        assert out.images.shape == (1, 3, 16, 16)
+        errors[strength] = (out.images - target).square().mean().item()
+    assert errors[0.2] < errors[1.0]
+
+
+def test_inpainting_keeps_the_unmasked_region(pipe):  # noqa: F811
+    image = _image(1)
+    target = pipe.decode_latents(pipe.encode_images(image))
+    keep_all = torch.zeros(1, 1, 16, 16) - 1  # mask in [-1, 1]: -1 = keep everywhere
+    out = pipe(PROMPTS[:1], image=image, mask=keep_all, num_inference_steps=5, seed=0, output_type="pt")
+    torch.testing.assert_close(out.images, target, rtol=0, atol=1e-5)
+    half = keep_all.clone()
+    half[..., :, 8:] = 1  # regenerate the right half
+    out = pipe(PROMPTS[:1], image=image, mask=half, num_inference_steps=5, seed=0, output_type="pt")
+    left, right = (out.images - target)[..., :6].abs().mean(), (out.images - target)[..., 10:].abs().mean()
+    assert left < right
+
+
+def test_guidance_rescale():
+    guided, cond = torch.randn(2, 4, 8, 8) * 3, torch.randn(2, 4, 8, 8)
+    assert torch.equal(rescale_guidance(guided, cond, 0.0), guided)
+    full = rescale_guidance(guided, cond, 1.0)
+    torch.testing.assert_close(full.std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)))
+
+
+def test_callback_and_guidance_rescale_run(pipe):  # noqa: F811
+    seen = []
+    pipe(PROMPTS, num_inference_steps=4, guidance_scale=5.0, guidance_rescale=0.7, seed=0, output_type="latent",
+         callback=lambda i, t, z: seen.append(i))  # fmt: skip
+    assert seen == [0, 1, 2, 3]
+
+
+def test_slicing_gives_the_same_images(pipe):  # noqa: F811
+    plain = pipe(PROMPTS, num_inference_steps=3, guidance_scale=3.0, seed=0, output_type="pt").images
+    pipe.enable_attention_slicing(1)
+    pipe.enable_vae_slicing()
+    try:
+        sliced = pipe(PROMPTS, num_inference_steps=3, guidance_scale=3.0, seed=0, output_type="pt").images
+    finally:
+        pipe.vae.disable_slicing()
+        pipe.set_attention("sdpa")
+    torch.testing.assert_close(sliced, plain, rtol=0, atol=1e-5)
+
+
+def test_tiled_decoding_of_a_4x_latent_runs_close_to_untiled(pipe):  # noqa: F811
+    """diffusers' tiling: GroupNorm sees one tile at a time, so it is close, not equal (exact tiling: open)."""
+    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))  # 4x the default 8x8
+    full = pipe.decode_latents(latents)
+    pipe.enable_vae_tiling(tile_size=32)
+    try:
+        tiled = pipe.decode_latents(latents)
+    finally:
+        pipe.vae.disable_tiling()
+    assert tiled.shape == full.shape == (1, 3, 64, 64)
+    assert psnr(tiled, full).item() >= 20.0
+
+
+def test_save_pretrained_round_trip(pipe, tmp_path):  # noqa: F811
+    folder = pipe.save_pretrained(tmp_path / "model")
+    again = LatentDiffusionPipeline.from_pretrained(folder)
+    a = pipe(PROMPTS, num_inference_steps=3, guidance_scale=3.0, seed=0, output_type="pt").images
+    b = again(PROMPTS, num_inference_steps=3, guidance_scale=3.0, seed=0, output_type="pt").images
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, word", [({"strength": 0.0}, "strength"), ({"mask": torch.zeros(1, 1, 16, 16)}, "mask")]
+)
+def test_img2img_argument_errors(pipe, kwargs, word):  # noqa: F811
+    with pytest.raises(ValueError, match=word):
+        pipe(
+            PROMPTS[:1],
+            num_inference_steps=2,
+            **({"image": _image()} if word == "strength" else {}),
+            **kwargs,
+        )
+
+
+def test_sample_cli_writes_images_and_a_grid(pipe, tmp_path):  # noqa: F811
+    from ldm.sample_cli import main
+
+    folder = pipe.save_pretrained(tmp_path / "model")
+    args = ["--model", str(folder), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "-n", "2", "--steps", "2"]
+    assert (
+        main(
+            [
+                *args,
+                "--guidance",
+                "3",
+                "--sampler",
+                "euler",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(written) == 5 and "grid.png" in written
+    with pytest.raises(SystemExit):
+        main([*args, "--size", "15", "--device", "cpu", "--out", str(tmp_path / "bad")])
