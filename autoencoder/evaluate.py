@@ -1,4 +1,4 @@
-"""Evaluating an autoencoder on the validation split: PSNR, SSIM and latent statistics."""
+"""Evaluating an autoencoder on the validation split: PSNR, SSIM, latent statistics (and rFID)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from diffusers import AutoencoderKL
 from torch.utils.data import Dataset
 
 from autoencoder.config import VAEEvalConfig
+from ldm.data.batches import image_batches
 from ldm.quality import psnr, ssim
 
 logger = logging.getLogger("ldm")
@@ -21,17 +22,18 @@ def evaluate_autoencoder(
     """Reconstruct through the posterior mean; mean PSNR (dB) and SSIM over ``cfg.num_samples`` items."""
     device = next(vae.parameters()).device
     n = min(cfg.num_samples, len(dataset))
-    psnrs, ssims, means, stds = [], [], [], []
-    for start in range(0, n, batch_size):
-        x = torch.stack([dataset[i]["pixel_values"] for i in range(start, min(n, start + batch_size))]).to(
-            device
-        )
+    psnrs, ssims, means, stds, originals, recs = [], [], [], [], [], []
+    for x in image_batches(dataset, n, batch_size):
+        x = x.to(device)  # (b, 3, H, W)
         posterior = vae.encode(x).latent_dist
         rec = vae.decode(posterior.mode()).sample.clamp(-1, 1)
         psnrs.append(psnr(x, rec).cpu())
         ssims.append(ssim(x, rec).cpu())
         means.append(posterior.mean.float().cpu())
         stds.append(posterior.std.float().cpu())
+        if cfg.inception_weights is not None:
+            originals.append(x.cpu())
+            recs.append(rec.cpu())
     mean = torch.cat(means)
     results = {
         "num_samples": n,
@@ -46,14 +48,7 @@ def evaluate_autoencoder(
     else:
         from ldm.fid import frechet_distance_from_images
 
-        originals = torch.stack([dataset[i]["pixel_values"] for i in range(n)])
-        recs = torch.cat(
-            [
-                vae.decode(
-                    vae.encode(originals[s : s + batch_size].to(device)).latent_dist.mode()
-                ).sample.cpu()
-                for s in range(0, n, batch_size)
-            ]
+        results["rfid"] = frechet_distance_from_images(
+            torch.cat(originals), torch.cat(recs), cfg.inception_weights
         )
-        results["rfid"] = frechet_distance_from_images(originals, recs, cfg.inception_weights)
     return results

@@ -10,6 +10,7 @@ import torch
 from diffusers import AutoencoderKL
 from torch.utils.data import Dataset
 
+from ldm.data.batches import image_batches
 from ldm.io import replace_dir
 
 logger = logging.getLogger("ldm")
@@ -24,8 +25,7 @@ def latent_std(
     generator = torch.Generator(device=device).manual_seed(seed)
     n = min(num_samples, len(dataset))
     zs = []
-    for start in range(0, n, batch_size):
-        x = torch.stack([dataset[i]["pixel_values"] for i in range(start, min(n, start + batch_size))])
+    for x in image_batches(dataset, n, batch_size):
         posterior = vae.encode(x.to(device)).latent_dist
         zs.append(posterior.sample(generator=generator).float().cpu())  # (b, C, h, w)
     return torch.cat(zs).std().item()

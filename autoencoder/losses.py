@@ -88,8 +88,3 @@ def adaptive_weight(
     (g_grad,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
     weight = rec_grad.norm() / (g_grad.norm() + eps)
     return weight.clamp(0.0, max_weight).detach()
-
-
-def disc_factor_at(step: int, disc_start: int) -> float:
-    """Switch for the adversarial terms: 0 before step disc_start, 1 from it on."""
-    return 1.0 if step >= disc_start else 0.0

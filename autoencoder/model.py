@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from diffusers import AutoencoderKL
 
 from autoencoder.config import AutoencoderConfig
@@ -28,3 +29,20 @@ def build_autoencoder(cfg: AutoencoderConfig, sample_size: int) -> AutoencoderKL
 def decoder_last_layer(vae: AutoencoderKL):
     """The parameter the adaptive GAN weight differentiates against (the decoder's output conv)."""
     return vae.decoder.conv_out.weight
+
+
+class AutoencoderTrainingForward(torch.nn.Module):
+    """x -> (x_rec, posterior mean, posterior logvar), with z ~ q(z | x) in between.
+
+    One ``forward`` for the training step, so that accelerate's DDP and autocast wrappers
+    apply (they wrap ``forward`` only, not ``encode`` / ``decode``). ``.vae`` is the model.
+    """
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(x).latent_dist  # mean, logvar: (B, C, H/f, W/f)
+        x_rec = self.vae.decode(posterior.sample()).sample  # (B, 3, H, W)
+        return x_rec, posterior.mean, posterior.logvar

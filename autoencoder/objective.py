@@ -9,7 +9,6 @@ lambda is the adaptive weight at the decoder's last layer (Esser et al. 2021, eq
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL
 from torch import Tensor
 
 from autoencoder.config import VAELossConfig
@@ -18,19 +17,24 @@ from autoencoder.perceptual import perceptual_loss
 
 
 def autoencoder_objective(
-    vae: AutoencoderKL,
+    model: torch.nn.Module,
     disc: torch.nn.Module,
     x: Tensor,
     cfg: VAELossConfig,
     last_layer: torch.nn.Parameter,
     gan_on: bool,
     lpips: torch.nn.Module | None = None,
+    grad_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """(loss_ae, x_rec, detached terms) for images ``x`` (B, 3, H, W) in [-1, 1]."""
-    posterior = vae.encode(x).latent_dist  # mean, logvar: (B, C, H/f, W/f)
-    x_rec = vae.decode(posterior.sample()).sample  # (B, 3, H, W)
+    """(loss_ae, x_rec, detached terms) for images ``x`` (B, 3, H, W) in [-1, 1].
+
+    ``model``: an ``AutoencoderTrainingForward`` (possibly wrapped by accelerate); ``disc``: the
+    discriminator for the adversarial term, not DDP-wrapped (its weights get no gradient here);
+    ``grad_scale``: the fp16 loss scale, so the adaptive weight's gradients do not underflow.
+    """
+    x_rec, mean, logvar = model(x)  # (B, 3, H, W), (B, C, h, w) x 2
     rec = reconstruction_loss(x, x_rec, cfg.rec_loss)
-    kl = kl_loss(posterior.mean, posterior.logvar)
+    kl = kl_loss(mean, logvar)
     terms = {"rec_loss": rec, "kl_loss": kl}
     nll = rec
     if lpips is not None:
@@ -40,7 +44,7 @@ def autoencoder_objective(
     loss = nll + cfg.kl_weight * kl
     if gan_on:
         g_loss = generator_loss(disc(x_rec))
-        weight = cfg.disc_weight * adaptive_weight(nll, g_loss, last_layer)
+        weight = cfg.disc_weight * adaptive_weight(nll * grad_scale, g_loss * grad_scale, last_layer)
         loss = loss + weight * g_loss
         terms.update(g_loss=g_loss, disc_weight=weight)
     terms["loss"] = loss

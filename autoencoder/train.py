@@ -16,13 +16,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
+from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 
 from autoencoder.config import VAERunConfig
 from autoencoder.discriminator import NLayerDiscriminator
 from autoencoder.evaluate import evaluate_autoencoder
 from autoencoder.export import export_autoencoder, measure_scaling_factor
-from autoencoder.model import build_autoencoder, decoder_last_layer
+from autoencoder.model import AutoencoderTrainingForward, build_autoencoder, decoder_last_layer
 from autoencoder.objective import autoencoder_objective, discriminator_objective
 from autoencoder.perceptual import load_lpips
 from ldm.config import to_yaml
@@ -52,7 +53,7 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
         mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.gradient_accumulation_steps
     )
     main = accelerator.is_main_process
-    set_seed(cfg.seed)
+    set_seed(cfg.seed, device_specific=True)  # each process its own noise; seed + rank
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
@@ -79,13 +80,14 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     betas = (tc.adam_beta1, tc.adam_beta2)
     opt_ae = adamw(vae.parameters(), tc.lr, betas, tc.weight_decay)
     opt_d = adamw(disc.parameters(), cfg.loss.disc_lr or tc.lr, (0.5, 0.9), 0.0)
-    vae, disc, opt_ae, opt_d = accelerator.prepare(vae, disc, opt_ae, opt_d)
+    model, disc, opt_ae, opt_d = accelerator.prepare(AutoencoderTrainingForward(vae), disc, opt_ae, opt_d)
+    disc_for_g = accelerator.unwrap_model(disc)  # the adversarial term: no DDP (D gets no gradient there)
     ema = None
     if tc.ema_decay > 0:
-        ema = EMAModel(accelerator.unwrap_model(vae).parameters(), decay=tc.ema_decay)
+        ema = EMAModel(vae.parameters(), decay=tc.ema_decay, foreach=True)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    last_layer = decoder_last_layer(accelerator.unwrap_model(vae))
+    last_layer = decoder_last_layer(vae)
 
     # --- resume ------------------------------------------------------------------------------
     step, data_state = 0, None
@@ -93,6 +95,8 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
         path = resolve_checkpoint(out, resume)
         state = load_checkpoint(accelerator, path)
         step, data_state = state["step"], state["data"]
+        if ema is not None:
+            ema.to(accelerator.device)  # accelerate loads registered state onto the CPU
         logger.info("resumed from %s at step %d", path, step)
 
     batches = TrainBatches(
@@ -124,7 +128,7 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     sums: dict[str, torch.Tensor] = {}  # summed on the device; read back only when logging
     counts: dict[str, int] = {}
     count, t_log = 0, time.perf_counter()
-    vae.train()
+    model.train()
     disc.train()
     while step < stop:
         lr = tc.lr * lr_multiplier(step, tc.lr_warmup_steps, tc.max_steps, tc.lr_schedule, tc.min_lr_ratio)
@@ -135,13 +139,18 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
             batch = next(batches)
             x = batch["pixel_values"].to(accelerator.device, non_blocking=True)
             x = x.contiguous(memory_format=memory_format)  # (B, 3, H, W)
-            with accelerator.accumulate(vae, disc):
+            with accelerator.accumulate(model, disc):
                 # 1. autoencoder (generator) step; D is frozen so that no gradient leaks into it
                 disc.requires_grad_(False)
-                loss, x_rec, terms = autoencoder_objective(vae, disc, x, cfg.loss, last_layer, gan_on, lpips)
+                scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
+                loss, x_rec, terms = autoencoder_objective(
+                    model, disc_for_g, x, cfg.loss, last_layer, gan_on, lpips, scale
+                )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tc.grad_clip > 0:
-                    terms["grad_norm"] = accelerator.clip_grad_norm_(vae.parameters(), tc.grad_clip).detach()
+                    terms["grad_norm"] = accelerator.clip_grad_norm_(
+                        model.parameters(), tc.grad_clip
+                    ).detach()
                 opt_ae.step()
                 opt_ae.zero_grad(set_to_none=True)
                 # 2. discriminator step
@@ -156,7 +165,7 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
                 sums[key] = sums.get(key, 0) + value
                 counts[key] = counts.get(key, 0) + 1
         if ema is not None:
-            ema.step(accelerator.unwrap_model(vae).parameters())
+            ema.step(vae.parameters())
         step += 1
         count += 1
         progress.update(1)
@@ -168,10 +177,8 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
             progress.set_postfix(rec=f"{values['train/rec_loss']:.4f}")
             sums, counts, count, t_log = {}, {}, 0, time.perf_counter()
         if main and tc.sample_every and step % tc.sample_every == 0:
-            _save_reconstructions(
-                accelerator.unwrap_model(vae), fixed, out / "samples" / f"step-{step:06d}.png"
-            )
-        if tc.checkpoint_every and (step % tc.checkpoint_every == 0 or step == stop):
+            _save_reconstructions(vae, fixed, out / "samples" / f"step-{step:06d}.png")
+        if step == stop or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
             save_checkpoint(accelerator, out, step, {"data": batches.state_dict()}, tc.keep_checkpoints)
     progress.close()
 
@@ -182,16 +189,16 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
         return out
 
     # --- export and evaluation ---------------------------------------------------------------
-    model = accelerator.unwrap_model(vae)
     if ema is not None:
-        ema.copy_to(model.parameters())
+        ema.copy_to(vae.parameters())
     if main:
-        model.eval()
-        scale_set = build_dataset(cfg.data, "train", cfg.seed)
-        factor = measure_scaling_factor(model, scale_set, cfg.eval.scale_samples, tc.batch_size * 4)
-        export_autoencoder(model, out / "model", factor)
-        _save_reconstructions(model, fixed, out / "samples" / "final.png")
-        results = evaluate_autoencoder(model, val_set, cfg.eval, batch_size=tc.batch_size * 4)
+        vae.eval()
+        # scaling_factor from training images (unaugmented); a stream has no index: its validation items then
+        scale_set = val_set if isinstance(train_set, IterableDataset) else train_set
+        factor = measure_scaling_factor(vae, scale_set, cfg.eval.scale_samples, tc.batch_size * 4)
+        export_autoencoder(vae, out / "model", factor)
+        _save_reconstructions(vae, fixed, out / "samples" / "final.png")
+        results = evaluate_autoencoder(vae, val_set, cfg.eval, batch_size=tc.batch_size * 4)
         results["scaling_factor"] = factor
         write_json(out / "eval.json", results)
         plot_losses(out / "metrics.jsonl", out / "losses.png")

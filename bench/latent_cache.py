@@ -43,6 +43,8 @@ def run(cache: bool, steps: int, vae: str, out: Path) -> dict[str, float]:
     train_ldm(cfg)
     wall = time.perf_counter() - t0
     rows = read_metrics(out / "metrics.jsonl")[1:]  # the first window holds warm-up
+    if not rows:
+        raise SystemExit(f"--steps {steps} is too few: give at least 20 (two logging windows)")
     step_time = sum(r["train/step_time"] for r in rows) / len(rows)
     return {"step_time_s": step_time, "images_per_s": cfg.train.batch_size / step_time, "wall_s": wall}
 

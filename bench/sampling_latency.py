@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/sampling_latency.json"))
     args = parser.parse_args(argv)
 
-    ours = LatentDiffusionPipeline.from_pretrained(args.model, device=args.device)
+    # the same attention kernels as diffusers' default (SDPA), so that only the pipelines differ
+    ours = LatentDiffusionPipeline.from_pretrained(args.model, device=args.device, attention="sdpa")
     theirs = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None).to(args.device)
     theirs.scheduler = make_scheduler(args.sampler, ours.scheduler_config)
     theirs.set_progress_bar_config(disable=True)
@@ -60,11 +61,12 @@ def main(argv: list[str] | None = None) -> int:
                       output_type="pt").images  # fmt: skip
 
     def timed(fn) -> float:
-        if args.device == "cuda":
+        cuda = torch.device(args.device).type == "cuda"
+        if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
-        if args.device == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 

@@ -8,7 +8,6 @@ every key and type on the way: an unknown key or a value of the wrong type raise
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -92,7 +91,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
         check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
-        for name in ("batch_size", "max_steps", "gradient_accumulation_steps", "keep_checkpoints"):
+        for name in (
+            "batch_size",
+            "max_steps",
+            "gradient_accumulation_steps",
+            "keep_checkpoints",
+            "log_every",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key 'train.{name}' is {getattr(self, name)}; it must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -146,7 +151,3 @@ def load_config(schema: type[T], preset: str | Path | None = None, overrides: li
 def to_yaml(config: Any) -> str:
     """The config as YAML, the way it is saved in a run folder."""
     return OmegaConf.to_yaml(OmegaConf.structured(config))
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)

@@ -65,6 +65,44 @@ def to_image_tensor(image: ImageInput | list[ImageInput], channels: int = 3) -> 
     return tensor[None] if tensor.ndim == 3 else tensor
 
 
+PIPELINE_PARTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_pipeline_folder(path: str | Path, parts: tuple[str, ...] = PIPELINE_PARTS) -> Path:
+    """``path`` if it holds a diffusers pipeline's ``parts``, else a ``FileNotFoundError`` saying what to do."""
+    root = Path(path)
+    missing = [p for p in parts if not (root / p).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"{root} is not a diffusers pipeline folder: missing {', '.join(m + '/' for m in missing)}; "
+            "give the model/ folder of a train_ldm.py run or a Stable Diffusion folder"
+        )
+    return root
+
+
+def to_mask_tensor(mask: ImageInput | list[ImageInput]) -> torch.Tensor:
+    """An inpainting mask -> (B, 1, H, W) in [0, 1], 1 where to generate: PIL or uint8 scaled by 1/255,
+    float or bool arrays and tensors taken as they are (values must lie in [0, 1])."""
+    if isinstance(mask, list):
+        return torch.cat([to_mask_tensor(m) for m in mask])
+    if isinstance(mask, Image.Image):
+        mask = np.asarray(mask.convert("L"))
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(
+            mask.astype(np.float32) / 255 if mask.dtype == np.uint8 else mask.astype(np.float32)
+        )
+    m = mask.float()
+    if m.ndim == 3 and m.shape[-1] in (1, 3) and m.shape[0] not in (1, 3):  # (H, W, C)
+        m = m.permute(2, 0, 1)
+    m = m[None, None] if m.ndim == 2 else (m[None] if m.ndim == 3 else m)
+    m = m[:, :1]  # (B, 1, H, W)
+    if m.min() < 0 or m.max() > 1:
+        raise ValueError(
+            f"mask: values in [{m.min():.2f}, {m.max():.2f}]; give a mask in [0, 1] (1 = generate)"
+        )
+    return m
+
+
 @dataclass
 class PipelineOutput:
     images: list[Image.Image] | np.ndarray | torch.Tensor
@@ -104,14 +142,7 @@ class LatentDiffusionPipeline:
         """
         from diffusers import DDPMScheduler
 
-        root = Path(path)
-        missing = [
-            p for p in ("vae", "unet", "text_encoder", "tokenizer", "scheduler") if not (root / p).is_dir()
-        ]
-        if missing:
-            raise FileNotFoundError(
-                f"{root} is not a pipeline folder: missing {', '.join(m + '/' for m in missing)}"
-            )
+        root = check_pipeline_folder(path)
         kw = {"use_safetensors": True}
         pipe = cls(
             vae=AutoencoderKL.from_pretrained(root / "vae", **kw),
@@ -257,8 +288,8 @@ class LatentDiffusionPipeline:
     ) -> PipelineOutput:
         """Generate images for ``prompt``; see the module docstring for the flow.
 
-        ``seed``: an int (image i gets seed + i) or one int per image; ``generator`` drives the
-        noise of stochastic samplers (default: seeded from the first seed). ``callback(i, t, latents)``
+        ``seed``: an int (image i gets seed + i) or one int per image; ``generator`` (one, or a list
+        with one per image) drives the noise of stochastic samplers (default: one per image, from its seed). ``callback(i, t, latents)``
         runs after each step. ``image`` + ``strength`` in (0, 1]: img2img; with ``mask`` (1 where to
         generate, 0 where to keep ``image``): inpainting.
         """
@@ -310,14 +341,16 @@ class LatentDiffusionPipeline:
         else:
             z_known = self.encode_images(init)  # (n, C, h, w)
             if mask is None:  # img2img: skip the first (1 - strength) of the schedule
-                start = min(int(num_inference_steps * (1 - strength)), num_inference_steps - 1)
+                # as diffusers counts it: the last int(N * strength) steps run
+                start = min(
+                    num_inference_steps - int(num_inference_steps * strength), num_inference_steps - 1
+                )
                 timesteps = timesteps[start * scheduler.order :]
                 if hasattr(scheduler, "set_begin_index"):
                     scheduler.set_begin_index(start * scheduler.order)
                 latents = scheduler.add_noise(z_known, noise, timesteps[:1].repeat(n))
             else:  # inpainting: generate everywhere, then keep the known region at each step's noise level
-                m = to_image_tensor(mask, channels=1)
-                m = ((m + 1) / 2).clamp(0, 1).to(self.device, self.dtype)  # 1: generate, 0: keep
+                m = to_mask_tensor(mask).to(self.device, self.dtype)  # 1: generate, 0: keep
                 keep = 1 - F.interpolate(m, size=latent_shape[1:], mode="bilinear", align_corners=False)
                 keep = keep.expand(n, 1, -1, -1) if len(keep) == 1 else keep
                 latents = noise * scheduler.init_noise_sigma
@@ -325,8 +358,10 @@ class LatentDiffusionPipeline:
         params = set(inspect.signature(scheduler.step).parameters)
         step_kwargs: dict[str, Any] = {"eta": eta} if "eta" in params else {}
         if "generator" in params:
-            if generator is None and seeds[0] is not None:
-                generator = torch.Generator(device=self.device).manual_seed(seeds[0])
+            if (
+                generator is None and seeds[0] is not None
+            ):  # one per image: its noise depends on its seed only
+                generator = [torch.Generator().manual_seed(s + 1_000_003) for s in seeds]
             step_kwargs["generator"] = generator
 
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling", leave=False)):

@@ -1,7 +1,7 @@
 """``ldm-sample``: text to images from the command line.
 
     ldm-sample --model runs/ldm-shapes/model --prompt "a red circle on a black background" \\
-        [--negative-prompt TEXT] [-n 4] [--steps 30] [--guidance 4] [--sampler dpm++2m] [--seed 0] \\
+        [--negative-prompt TEXT] [-n 4] [--steps 30] [--guidance 7.5] [--sampler dpm++2m] [--seed 0] \\
         [--size 32] [--device cpu] [--dtype float32] --out samples/
 
 Writes one PNG per image (``<out>/<prompt index>-<image index>.png``) and ``<out>/grid.png``.

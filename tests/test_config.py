@@ -85,3 +85,24 @@ def test_train_ldm_without_an_autoencoder_says_what_to_do(tmp_path):
         text=True,
     )
     assert run.returncode == 1 and "run python train_vae.py first, or set vae=PATH" in run.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["noise.zero_terminal_snr=true"], ["v_prediction"]),
+        (["data.flip=true"], ["cache_latents", "data.flip=false"]),
+        (["data.crop=random"], ["data.crop=center"]),
+        (["data.dataset=hf", "data.path=x", "data.streaming=true"], ["cache_latents=false"]),
+        (["train.log_every=0"], ["train.log_every"]),
+    ],
+)
+def test_ldm_config_rejects_combinations_that_cannot_work(overrides, words):
+    from ldm.diffusion.config import LDMRunConfig
+
+    with pytest.raises(ConfigError) as err:
+        load_config(LDMRunConfig, None, overrides)
+    for word in words:
+        assert word in str(err.value)
+    assert load_config(LDMRunConfig, None, ["noise.zero_terminal_snr=true", "noise.prediction_type=v_prediction"])
+    assert load_config(LDMRunConfig, None, ["data.flip=true", "cache_latents=false"])

@@ -130,7 +130,7 @@ def test_v_prediction_equals_diffusers(pipe, sampler):
     )  # fmt: skip
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     ours = v_pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, sampler=sampler, latents=latents,
-                  seed=11, output_type="pt").images  # fmt: skip
+                  generator=[torch.Generator().manual_seed(s) for s in (11, 12)], output_type="pt").images  # fmt: skip
     sd = StableDiffusionPipeline(
         vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
         scheduler=make_scheduler(sampler, v_pipe.scheduler_config), safety_checker=None,
@@ -138,6 +138,6 @@ def test_v_prediction_equals_diffusers(pipe, sampler):
     )  # fmt: skip
     sd.set_progress_bar_config(disable=True)
     theirs = sd(PROMPTS, num_inference_steps=4, guidance_scale=3.0, latents=latents, output_type="pt",
-                generator=torch.Generator().manual_seed(11)).images  # fmt: skip
+                generator=[torch.Generator().manual_seed(s) for s in (11, 12)]).images  # fmt: skip
     assert sd.scheduler.config.prediction_type == "v_prediction"
     torch.testing.assert_close((ours + 1) / 2, theirs, rtol=0, atol=1e-4)

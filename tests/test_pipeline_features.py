@@ -30,11 +30,13 @@ def test_img2img_stays_closer_to_the_image_at_low_strength(pipe):  # noqa: F811
 def test_inpainting_keeps_the_unmasked_region(pipe):  # noqa: F811
     image = _image(1)
     target = pipe.decode_latents(pipe.encode_images(image))
-    keep_all = torch.zeros(1, 1, 16, 16) - 1  # mask in [-1, 1]: -1 = keep everywhere
+    keep_all = torch.zeros(1, 1, 16, 16)  # mask in [0, 1]: 0 = keep everywhere
     out = pipe(PROMPTS[:1], image=image, mask=keep_all, num_inference_steps=5, seed=0, output_type="pt")
     torch.testing.assert_close(out.images, target, rtol=0, atol=1e-5)
     half = keep_all.clone()
     half[..., :, 8:] = 1  # regenerate the right half
+    with pytest.raises(ValueError, match="mask"):
+        pipe(PROMPTS[:1], image=image, mask=half * 2 - 1, num_inference_steps=2)
     out = pipe(PROMPTS[:1], image=image, mask=half, num_inference_steps=5, seed=0, output_type="pt")
     left, right = (out.images - target)[..., :6].abs().mean(), (out.images - target)[..., 10:].abs().mean()
     assert left < right

@@ -11,7 +11,6 @@ from autoencoder.discriminator import NLayerDiscriminator
 from autoencoder.losses import (
     D_LOSSES,
     adaptive_weight,
-    disc_factor_at,
     generator_loss,
     hinge_d_loss,
     kl_loss,
@@ -51,10 +50,6 @@ def test_discriminator_and_generator_losses():
     )
     assert generator_loss(torch.tensor([1.0, 3.0])).item() == pytest.approx(-2.0)
     assert D_LOSSES == {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
-
-
-def test_disc_factor_at():
-    assert [disc_factor_at(s, 10) for s in (0, 9, 10, 11)] == [0.0, 0.0, 1.0, 1.0]
 
 
 def _tiny_decoder():

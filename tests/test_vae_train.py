@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -15,7 +16,7 @@ from diffusers import AutoencoderKL
 from autoencoder.config import VAELossConfig, VAERunConfig
 from autoencoder.discriminator import NLayerDiscriminator
 from autoencoder.export import latent_std
-from autoencoder.model import build_autoencoder, decoder_last_layer
+from autoencoder.model import AutoencoderTrainingForward, build_autoencoder, decoder_last_layer
 from autoencoder.objective import autoencoder_objective, discriminator_objective
 from autoencoder.train import train_autoencoder
 from ldm.config import load_config
@@ -53,11 +54,12 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch():
     vae = build_autoencoder(cfg.model, 16)
     disc = NLayerDiscriminator(3, 8, 2)
     x = torch.stack([build_dataset(cfg.data, "train", 0)[i]["pixel_values"] for i in range(8)])
+    forward = AutoencoderTrainingForward(vae)
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
 
     def loss_at_seed():
         torch.manual_seed(1)
-        return autoencoder_objective(vae, disc, x, cfg.loss, decoder_last_layer(vae), gan_on=True)
+        return autoencoder_objective(forward, disc, x, cfg.loss, decoder_last_layer(vae), gan_on=True)
 
     before, x_rec, terms = loss_at_seed()
     assert set(terms) >= {"rec_loss", "kl_loss", "g_loss", "disc_weight", "loss"}
@@ -141,3 +143,21 @@ def test_sigkill_then_resume_latest_finishes_like_an_uninterrupted_run(tmp_path)
     a, b = _weights(tmp_path / "killed" / "model"), _weights(tmp_path / "straight" / "model")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
+
+
+@pytest.fixture()
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state: reset it around a run with another precision."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_mixed_precision_step_goes_through_the_wrapped_forward(tmp_path, fresh_accelerate_state):
+    """bf16 autocast wraps forward only: the training forward must be one module call."""
+    cfg = tiny_config(tmp_path / "bf16", "train.mixed_precision=bf16", "train.max_steps=3", "loss.disc_start=1")
+    out = train_autoencoder(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["train/loss"]) for r in rows) and "train/g_loss" in rows[-1]

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ldm.data.batches import item_batches
 from ldm.data.transforms import split_key
 
 logger = logging.getLogger("ldm")
@@ -33,7 +34,9 @@ class LatentDataset(Dataset):
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, captions: list[str]):
         if not (len(mean) == len(std) == len(captions)):
-            raise ValueError("latent cache: mean, std and captions differ in length")
+            raise ValueError(
+                "latent cache: mean, std and captions differ in length; delete the cache file to rebuild it"
+            )
         self.mean, self.std, self.captions = mean, std, captions
 
     def __len__(self) -> int:
@@ -51,8 +54,8 @@ def encode_dataset(
     """Encode every item once (no augmentation); posterior mean and std in float32."""
     device = next(vae.parameters()).device
     means, stds, captions = [], [], []
-    for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
-        items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+    total = -(-len(dataset) // batch_size)
+    for items in tqdm(item_batches(dataset, len(dataset), batch_size), total=total, desc=desc, leave=False):
         x = torch.stack([it["pixel_values"] for it in items]).to(device, vae.dtype)  # (b, 3, H, W)
         posterior = vae.encode(x).latent_dist
         means.append(posterior.mean.float().cpu())  # (b, C, h, w)
@@ -79,9 +82,15 @@ def fingerprint(vae_dir: str | Path, data_config: dict[str, Any], seed: int) -> 
 
 
 def cached_latents(
-    vae: AutoencoderKL, dataset: Dataset, batch_size: int, cache_dir: str | Path | None, key: str
+    vae: AutoencoderKL,
+    dataset: Dataset,
+    batch_size: int,
+    cache_dir: str | Path | None,
+    key: str,
+    write: bool = True,
 ) -> LatentDataset:
-    """The latent dataset from ``cache_dir/latents-<key>.safetensors`` if present, else encoded (and saved)."""
+    """The latent dataset from ``cache_dir/latents-<key>.safetensors`` if present, else encoded
+    (and saved there when ``write``: one process writes, the others read what it wrote)."""
     path = Path(cache_dir) / f"latents-{key}.safetensors" if cache_dir else None
     if path is not None and path.exists():
         tensors = load_file(str(path))
@@ -89,11 +98,15 @@ def cached_latents(
         logger.info("latent cache: loaded %d items from %s", len(captions), path)
         return LatentDataset(tensors["mean"], tensors["std"], captions)
     latents = encode_dataset(vae, dataset, batch_size)
-    if path is not None:
+    if path is not None and write:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         save_file({"mean": latents.mean.contiguous(), "std": latents.std.contiguous()}, str(tmp))
-        path.with_suffix(".json").write_text(json.dumps(latents.captions))
+        captions_tmp = path.with_name(f".{path.stem}.json.tmp")
+        captions_tmp.write_text(json.dumps(latents.captions))
+        os.replace(
+            captions_tmp, path.with_suffix(".json")
+        )  # captions first: the weights file marks completion
         os.replace(tmp, path)
         logger.info("latent cache: saved %d items to %s", len(latents), path)
     return latents
@@ -105,7 +118,7 @@ class CaptionCache:
     Used for the token ids of every caption, and for the context (L, D) of a frozen text encoder.
     """
 
-    def __init__(self, fn, max_items: int = 100_000):
+    def __init__(self, fn, max_items: int = 4096):
         self._fn = fn  # list[str] -> (B, ...)
         self._store: dict[str, torch.Tensor] = {}
         self.max_items = max_items

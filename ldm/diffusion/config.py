@@ -49,6 +49,11 @@ class NoiseConfig:
     def __post_init__(self) -> None:
         check_choice("noise.beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         check_choice("noise.prediction_type", self.prediction_type, PREDICTION_TYPES)
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ConfigError(
+                "noise.zero_terminal_snr=true needs noise.prediction_type=v_prediction (or sample): "
+                "at SNR 0 the noise is the whole input and eps cannot be learned (Lin et al. 2023)"
+            )
 
 
 @dataclass
@@ -88,3 +93,14 @@ class LDMRunConfig:
     eval: LDMEvalConfig = field(default_factory=LDMEvalConfig)
     cache_latents: bool = True  # encode the dataset once with the frozen autoencoder
     cache_dir: str | None = None  # keep the latent cache on disk here (None: in memory)
+
+    def __post_init__(self) -> None:
+        if self.cache_latents and self.data.streaming:
+            raise ConfigError(
+                "cache_latents=true needs a finite dataset: set cache_latents=false with data.streaming"
+            )
+        if self.cache_latents and (self.data.flip or self.data.crop == "random"):
+            raise ConfigError(
+                "cache_latents=true encodes each image once, unaugmented: set data.flip=false and "
+                "data.crop=center, or cache_latents=false to augment every step"
+            )

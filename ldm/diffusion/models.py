@@ -11,10 +11,12 @@ import dataclasses
 from pathlib import Path
 
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTokenizer
 
 from conditioning import TextEncoder, build_text_encoder
 from ldm.diffusion.config import LDMRunConfig
 from ldm.diffusion.unet import build_unet
+from ldm.pipeline import check_pipeline_folder
 
 PIPELINE_PARTS = ("vae", "unet", "text_encoder", "tokenizer")
 
@@ -29,20 +31,10 @@ def load_autoencoder(cfg: LDMRunConfig) -> tuple[AutoencoderKL, Path]:
     return AutoencoderKL.from_pretrained(folder, use_safetensors=True), folder
 
 
-def check_pretrained(path: str | Path) -> Path:
-    root = Path(path)
-    missing = [p for p in PIPELINE_PARTS if not (root / p).is_dir()]
-    if missing:
-        raise FileNotFoundError(
-            f"pretrained={root} is not a diffusers pipeline folder: missing {', '.join(p + '/' for p in missing)}"
-        )
-    return root
-
-
 def build_models(cfg: LDMRunConfig) -> tuple[AutoencoderKL, Path, TextEncoder, UNet2DConditionModel]:
     """(autoencoder, its folder, text encoder, UNet), checked to fit together."""
     if cfg.pretrained:
-        check_pretrained(cfg.pretrained)
+        check_pipeline_folder(cfg.pretrained, PIPELINE_PARTS)
     vae, vae_dir = load_autoencoder(cfg)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if cfg.data.resolution % factor:
@@ -50,9 +42,20 @@ def build_models(cfg: LDMRunConfig) -> tuple[AutoencoderKL, Path, TextEncoder, U
             f"data.resolution={cfg.data.resolution} is not a multiple of the autoencoder's factor {factor}"
         )
     if cfg.pretrained:
-        text_cfg = dataclasses.replace(cfg.text, kind="clip", name_or_path=cfg.pretrained, pretrained=None)
+        # the pipeline's own text encoder as it is: its context length, its last layer
+        max_length = CLIPTokenizer.from_pretrained(Path(cfg.pretrained) / "tokenizer").model_max_length
+        text_cfg = dataclasses.replace(
+            cfg.text,
+            kind="clip",
+            name_or_path=cfg.pretrained,
+            pretrained=None,
+            layer="last",
+            max_length=max_length,
+        )
         text_encoder = build_text_encoder(text_cfg)
         unet = UNet2DConditionModel.from_pretrained(Path(cfg.pretrained) / "unet", use_safetensors=True)
+        if cfg.unet.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
     else:
         text_encoder = build_text_encoder(cfg.text)
         unet = build_unet(

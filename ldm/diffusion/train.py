@@ -50,7 +50,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     )
     main = accelerator.is_main_process
     device = accelerator.device
-    set_seed(cfg.seed)
+    set_seed(cfg.seed, device_specific=True)  # each process its own noise; seed + rank
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
@@ -71,7 +71,8 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     if cfg.cache_latents:
         t0 = time.perf_counter()
         key = fingerprint(vae_dir, dataclasses.asdict(cfg.data), cfg.seed)
-        train_set = cached_latents(vae, train_images, 256, cfg.cache_dir, key)
+        with accelerator.main_process_first():  # the main process encodes (and writes) first
+            train_set = cached_latents(vae, train_images, 256, cfg.cache_dir, key, write=main)
         logger.info("latent cache: %d items in %.1f s", len(train_set), time.perf_counter() - t0)
     else:
         train_set = train_images
@@ -89,7 +90,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     text_cache = None if cfg.text.trainable else CaptionCache(accelerator.unwrap_model(text_encoder).encode)
     ema = None
     if tc.ema_decay > 0:
-        ema = EMAModel(trainable, decay=tc.ema_decay)
+        ema = EMAModel(trainable, decay=tc.ema_decay, foreach=True)
         ema.to(device)
         accelerator.register_for_checkpointing(ema)
 
@@ -98,6 +99,8 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         path = resolve_checkpoint(out, resume)
         state = load_checkpoint(accelerator, path)
         step, data_state = state["step"], state["data"]
+        if ema is not None:
+            ema.to(device)  # accelerate loads registered state onto the CPU
         logger.info("resumed from %s at step %d", path, step)
     batches = TrainBatches(
         train_set,
@@ -141,7 +144,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
             group["lr"] = lr
         for _ in range(tc.gradient_accumulation_steps):
             batch = next(batches)
-            with accelerator.accumulate(unet):
+            with accelerator.accumulate(unet, text_encoder):
                 z = sample_latents(batch, vae, device)  # (B, C, h, w)
                 z0 = (z * scaling_factor).contiguous(memory_format=memory_format)
                 captions = drop_captions(list(batch["caption"]), cfg.text.p_uncond)
@@ -177,7 +180,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
             _save_prompt_grid(
                 make_pipeline(), prompts, cfg, out / "samples" / f"step-{step:06d}.png", ema, trainable
             )
-        if tc.checkpoint_every and (step % tc.checkpoint_every == 0 or step == stop):
+        if step == stop or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
             save_checkpoint(accelerator, out, step, {"data": batches.state_dict()}, tc.keep_checkpoints)
     progress.close()
     if text_cache is not None:
@@ -194,7 +197,8 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         ema.copy_to(trainable)
     if main:
         pipe = make_pipeline()
-        pipe.to()
+        for module in (pipe.unet, pipe.text_encoder):
+            module.eval()
         export_pipeline(pipe, out / "model")
         _save_prompt_grid(pipe, prompts, cfg, out / "samples" / "final.png")
         results = evaluate_pipeline(pipe, val_images, cfg)
