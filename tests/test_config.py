@@ -104,5 +104,7 @@ def test_ldm_config_rejects_combinations_that_cannot_work(overrides, words):
         load_config(LDMRunConfig, None, overrides)
     for word in words:
         assert word in str(err.value)
-    assert load_config(LDMRunConfig, None, ["noise.zero_terminal_snr=true", "noise.prediction_type=v_prediction"])
+    assert load_config(
+        LDMRunConfig, None, ["noise.zero_terminal_snr=true", "noise.prediction_type=v_prediction"]
+    )
     assert load_config(LDMRunConfig, None, ["data.flip=true", "cache_latents=false"])

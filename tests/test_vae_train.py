@@ -157,7 +157,9 @@ def fresh_accelerate_state():
 
 def test_mixed_precision_step_goes_through_the_wrapped_forward(tmp_path, fresh_accelerate_state):
     """bf16 autocast wraps forward only: the training forward must be one module call."""
-    cfg = tiny_config(tmp_path / "bf16", "train.mixed_precision=bf16", "train.max_steps=3", "loss.disc_start=1")
+    cfg = tiny_config(
+        tmp_path / "bf16", "train.mixed_precision=bf16", "train.max_steps=3", "loss.disc_start=1"
+    )
     out = train_autoencoder(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["train/loss"]) for r in rows) and "train/g_loss" in rows[-1]
