@@ -188,8 +188,10 @@ class LatentDiffusionPipeline:
         self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
     ) -> LatentDiffusionPipeline:
         for module in (self.vae, self.text_encoder, self.unet):
-            if device is not None or dtype is not None:
-                module.to(device=device, dtype=dtype)
+            if device is not None:
+                module.to(device)
+            if dtype is not None:
+                module.to(dtype)
             module.eval()
         return self
 
@@ -332,6 +334,8 @@ class LatentDiffusionPipeline:
         scheduler = make_scheduler(sampler, self.scheduler_config)
         scheduler.set_timesteps(num_inference_steps, device=self.device)
         timesteps = scheduler.timesteps
+        if hasattr(scheduler, "set_begin_index"):  # start at index 0 even if the first timestep repeats
+            scheduler.set_begin_index(0)  # (Karras sigmas can round two high sigmas to one timestep)
         guided = guidance_scale > 1.0
         context = self.encode_prompt(negatives + prompts if guided else prompts)  # (2n or n, L, D)
         noise = self._noise(latent_shape, seeds) if latents is None else latents.to(self.device, self.dtype)

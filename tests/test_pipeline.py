@@ -141,3 +141,9 @@ def test_v_prediction_equals_diffusers(pipe, sampler):
                 generator=[torch.Generator().manual_seed(s) for s in (11, 12)]).images  # fmt: skip
     assert sd.scheduler.config.prediction_type == "v_prediction"
     torch.testing.assert_close((ours + 1) / 2, theirs, rtol=0, atol=1e-4)
+
+
+def test_karras_sigmas_run_the_whole_schedule(pipe):
+    """Karras sigmas can round two high sigmas to one timestep: sampling must still start at step 0."""
+    out = pipe(PROMPTS[:1], num_inference_steps=30, guidance_scale=2.0, sampler="dpm++2m-karras", seed=0)
+    assert len(out.images) == 1
