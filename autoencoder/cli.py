@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from autoencoder.config import VAERunConfig
-from ldm.cli_common import dry_run_report, parse_and_load, setup_logging
+from ldm.cli_common import dry_run_report, parse_and_load, run_training
 
 DEFAULT_PRESET = "vae/shapes.yaml"
 
@@ -26,11 +26,6 @@ def main(argv: list[str] | None = None) -> int:
         }
         sys.stdout.write(dry_run_report(cfg, models))
         return 0
-    setup_logging()
     from autoencoder.train import train_autoencoder
 
-    try:
-        train_autoencoder(cfg, resume=args.resume)
-    except FileNotFoundError as err:
-        parser.exit(1, f"{parser.prog}: error: {err}\n")
-    return 0
+    return run_training(parser, train_autoencoder, cfg, args.resume)

@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
@@ -26,37 +24,23 @@ from autoencoder.export import export_autoencoder, measure_scaling_factor
 from autoencoder.model import AutoencoderTrainingForward, build_autoencoder, decoder_last_layer
 from autoencoder.objective import autoencoder_objective, discriminator_objective
 from autoencoder.perceptual import load_lpips
-from ldm.config import to_yaml
 from ldm.data import build_dataset
 from ldm.images import save_grid
 from ldm.io import write_json
 from ldm.plots import plot_losses
-from ldm.training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from ldm.training.loader import TrainBatches
-from ldm.training.metrics import MetricsWriter
+from ldm.training.checkpoint import save_checkpoint
 from ldm.training.optim import adamw
+from ldm.training.run import metrics_writer, resume_run, set_lr, start_run, train_batches
 from ldm.training.schedule import lr_multiplier
 
 logger = logging.getLogger("ldm")
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
 def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     """Train, export ``model/``, evaluate into ``eval.json``; returns the output folder."""
-    out = Path(cfg.output_dir)
     tc = cfg.train
-    accelerator = Accelerator(
-        mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.gradient_accumulation_steps
-    )
+    accelerator, out = start_run(cfg, tc)
     main = accelerator.is_main_process
-    set_seed(cfg.seed, device_specific=True)  # each process its own noise; seed + rank
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
 
     # --- data --------------------------------------------------------------------------------
     train_set = build_dataset(cfg.data, "train", cfg.seed)
@@ -90,27 +74,9 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     last_layer = decoder_last_layer(vae)
 
     # --- resume ------------------------------------------------------------------------------
-    step, data_state = 0, None
-    if resume:
-        path = resolve_checkpoint(out, resume)
-        state = load_checkpoint(accelerator, path)
-        step, data_state = state["step"], state["data"]
-        if ema is not None:
-            ema.to(accelerator.device)  # accelerate loads registered state onto the CPU
-        logger.info("resumed from %s at step %d", path, step)
-
-    batches = TrainBatches(
-        train_set,
-        tc.batch_size,
-        cfg.seed,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        num_workers=cfg.data.num_workers,
-        pin_memory=accelerator.device.type == "cuda",
-        state=data_state,
-    )
-    metrics = MetricsWriter(out / "metrics.jsonl", enabled=main)
-    metrics.truncate_after(step)
+    step, data_state = resume_run(accelerator, out, resume, ema)
+    batches = train_batches(accelerator, train_set, tc, cfg.data, cfg.seed, data_state)
+    metrics = metrics_writer(accelerator, out, step)
     fixed = torch.stack([val_set[i]["pixel_values"] for i in range(min(8, len(val_set)))])
     logger.info(
         "training %.2fM-parameter autoencoder (f=%d) for %d steps, batch %d x %d processes x %d accumulation",
@@ -132,8 +98,8 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     disc.train()
     while step < stop:
         lr = tc.lr * lr_multiplier(step, tc.lr_warmup_steps, tc.max_steps, tc.lr_schedule, tc.min_lr_ratio)
-        _set_lr(opt_ae, lr)
-        _set_lr(opt_d, (cfg.loss.disc_lr or tc.lr) * lr / tc.lr)
+        set_lr(opt_ae, lr)
+        set_lr(opt_d, (cfg.loss.disc_lr or tc.lr) * lr / tc.lr)
         gan_on = step >= cfg.loss.disc_start
         for _ in range(tc.gradient_accumulation_steps):
             batch = next(batches)

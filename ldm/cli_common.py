@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
@@ -41,6 +42,18 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+
+
+def run_training(
+    parser: argparse.ArgumentParser, train_fn: Callable[..., Any], cfg: Any, resume: str | None
+) -> int:
+    """Log to the console and train; a missing file (autoencoder, checkpoint) exits 1 with its message."""
+    setup_logging()
+    try:
+        train_fn(cfg, resume=resume)
+    except FileNotFoundError as err:
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
+    return 0
 
 
 def dry_run_report(cfg: Any, models: dict[str, torch.nn.Module]) -> str:

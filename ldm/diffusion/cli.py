@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ldm.cli_common import dry_run_report, parse_and_load, setup_logging
+from ldm.cli_common import dry_run_report, parse_and_load, run_training
 from ldm.diffusion.config import LDMRunConfig
 
 DEFAULT_PRESET = "ldm/shapes.yaml"
@@ -34,11 +34,6 @@ def main(argv: list[str] | None = None) -> int:
         models["unet"] = build_unet(cfg.unet, channels, cfg.data.resolution // factor, text.hidden_size)
         sys.stdout.write(dry_run_report(cfg, models))
         return 0
-    setup_logging()
     from ldm.diffusion.train import train_ldm
 
-    try:
-        train_ldm(cfg, resume=args.resume)
-    except FileNotFoundError as err:
-        parser.exit(1, f"{parser.prog}: error: {err}\n")
-    return 0
+    return run_training(parser, train_ldm, cfg, args.resume)

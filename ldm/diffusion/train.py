@@ -12,13 +12,10 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from conditioning import drop_captions
-from ldm.config import to_yaml
 from ldm.data import build_dataset
 from ldm.diffusion.cache import CaptionCache, cached_latents, fingerprint, sample_latents
 from ldm.diffusion.config import LDMRunConfig
@@ -32,10 +29,9 @@ from ldm.images import save_grid
 from ldm.io import write_json
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.plots import plot_losses
-from ldm.training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from ldm.training.loader import TrainBatches
-from ldm.training.metrics import MetricsWriter
+from ldm.training.checkpoint import save_checkpoint
 from ldm.training.optim import adamw
+from ldm.training.run import metrics_writer, resume_run, set_lr, start_run, train_batches
 from ldm.training.schedule import lr_multiplier
 
 logger = logging.getLogger("ldm")
@@ -43,17 +39,10 @@ logger = logging.getLogger("ldm")
 
 def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     """Train, export ``model/`` as a diffusers pipeline, evaluate into ``eval.json``; returns the output folder."""
-    out = Path(cfg.output_dir)
     tc = cfg.train
-    accelerator = Accelerator(
-        mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.gradient_accumulation_steps
-    )
+    accelerator, out = start_run(cfg, tc)
     main = accelerator.is_main_process
     device = accelerator.device
-    set_seed(cfg.seed, device_specific=True)  # each process its own noise; seed + rank
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
 
     # --- frozen autoencoder, text encoder, UNet ----------------------------------------------
     vae, vae_dir, text_encoder, unet = build_models(cfg)
@@ -94,26 +83,9 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         ema.to(device)
         accelerator.register_for_checkpointing(ema)
 
-    step, data_state = 0, None
-    if resume:
-        path = resolve_checkpoint(out, resume)
-        state = load_checkpoint(accelerator, path)
-        step, data_state = state["step"], state["data"]
-        if ema is not None:
-            ema.to(device)  # accelerate loads registered state onto the CPU
-        logger.info("resumed from %s at step %d", path, step)
-    batches = TrainBatches(
-        train_set,
-        tc.batch_size,
-        cfg.seed,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        num_workers=cfg.data.num_workers,
-        pin_memory=device.type == "cuda",
-        state=data_state,
-    )
-    metrics = MetricsWriter(out / "metrics.jsonl", enabled=main)
-    metrics.truncate_after(step)
+    step, data_state = resume_run(accelerator, out, resume, ema)
+    batches = train_batches(accelerator, train_set, tc, cfg.data, cfg.seed, data_state)
+    metrics = metrics_writer(accelerator, out, step)
     prompts = grid_prompts(cfg, val_images)
     n_unet = sum(p.numel() for p in unet.parameters()) / 1e6
     logger.info(
@@ -140,8 +112,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     text_encoder.train(cfg.text.trainable)
     while step < stop:
         lr = tc.lr * lr_multiplier(step, tc.lr_warmup_steps, tc.max_steps, tc.lr_schedule, tc.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         for _ in range(tc.gradient_accumulation_steps):
             batch = next(batches)
             with accelerator.accumulate(unet, text_encoder):

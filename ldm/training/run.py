@@ -1,0 +1,76 @@
+"""What both training programs do around their loops: start a run, resume it, feed it batches."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import Dataset, IterableDataset
+
+from ldm.config import DataConfig, TrainConfig, to_yaml
+from ldm.training.checkpoint import load_checkpoint, resolve_checkpoint
+from ldm.training.loader import TrainBatches
+from ldm.training.metrics import MetricsWriter
+
+logger = logging.getLogger("ldm")
+
+
+def start_run(cfg: Any, train: TrainConfig) -> tuple[Accelerator, Path]:
+    """The accelerator, per-process seeds (seed + rank) and ``config.yaml`` in the output folder."""
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.gradient_accumulation_steps
+    )
+    set_seed(cfg.seed, device_specific=True)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    return accelerator, out
+
+
+def resume_run(accelerator: Accelerator, out: Path, resume: str | None, ema=None) -> tuple[int, dict | None]:
+    """(step, data state) of the checkpoint ``resume`` names (``latest`` or a folder); (0, None) without one."""
+    if not resume:
+        return 0, None
+    path = resolve_checkpoint(out, resume)
+    state = load_checkpoint(accelerator, path)
+    if ema is not None:
+        ema.to(accelerator.device)  # accelerate loads registered state onto the CPU
+    logger.info("resumed from %s at step %d", path, state["step"])
+    return state["step"], state["data"]
+
+
+def train_batches(
+    accelerator: Accelerator,
+    dataset: Dataset | IterableDataset,
+    train: TrainConfig,
+    data: DataConfig,
+    seed: int,
+    state,
+) -> TrainBatches:
+    """This process's endless, resumable stream of training batches."""
+    return TrainBatches(
+        dataset,
+        train.batch_size,
+        seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        num_workers=data.num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        state=state,
+    )
+
+
+def metrics_writer(accelerator: Accelerator, out: Path, step: int) -> MetricsWriter:
+    """``metrics.jsonl`` on the main process, without lines past ``step`` (a resumed run redoes them)."""
+    metrics = MetricsWriter(out / "metrics.jsonl", enabled=accelerator.is_main_process)
+    metrics.truncate_after(step)
+    return metrics
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
