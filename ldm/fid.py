@@ -47,12 +47,22 @@ def inception_features(model: torch.nn.Module, images: torch.Tensor, batch_size:
     return torch.cat(feats)
 
 
+def _sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:
+    """Square root of a symmetric positive semi-definite matrix, by its eigendecomposition."""
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+
+
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
-    """FID between two feature sets (N, D); Tr((S_a S_b)^(1/2)) from the eigenvalues of S_a S_b."""
+    """FID between two feature sets (N, D). Tr((S_a S_b)^(1/2)) = Tr((S_a^(1/2) S_b S_a^(1/2))^(1/2)),
+    a symmetric form whose eigenvalues are real and stable even for rank-deficient covariances."""
+    feats_a, feats_b = feats_a.double(), feats_b.double()
     mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
     cov_a, cov_b = torch.cov(feats_a.T), torch.cov(feats_b.T)
-    eig = torch.linalg.eigvals(cov_a @ cov_b).real.clamp_min(0)
-    value = (mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * eig.sqrt().sum()
+    root_a = _sqrt_psd(cov_a)
+    middle = root_a @ cov_b @ root_a
+    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
+    value = (mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt
     return float(value)
 
 
