@@ -26,11 +26,9 @@ from autoencoder.objective import autoencoder_objective, discriminator_objective
 from autoencoder.perceptual import load_lpips
 from ldm.data import build_dataset
 from ldm.images import save_grid
-from ldm.io import write_json
-from ldm.plots import plot_losses
 from ldm.training.checkpoint import save_checkpoint
 from ldm.training.optim import adamw
-from ldm.training.run import metrics_writer, resume_run, set_lr, start_run, train_batches
+from ldm.training.run import finish_run, metrics_writer, resume_run, set_lr, start_run, train_batches
 from ldm.training.schedule import lr_multiplier
 
 logger = logging.getLogger("ldm")
@@ -157,6 +155,7 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     # --- export and evaluation ---------------------------------------------------------------
     if ema is not None:
         ema.copy_to(vae.parameters())
+    results = None
     if main:
         vae.eval()
         # scaling_factor from training images (unaugmented); a stream has no index: its validation items then
@@ -166,12 +165,7 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
         _save_reconstructions(vae, fixed, out / "samples" / "final.png")
         results = evaluate_autoencoder(vae, val_set, cfg.eval, batch_size=tc.batch_size * 4)
         results["scaling_factor"] = factor
-        write_json(out / "eval.json", results)
-        plot_losses(out / "metrics.jsonl", out / "losses.png")
-        logger.info("exported %s; validation %s", out / "model", results)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return out
+    return finish_run(accelerator, out, results)
 
 
 @torch.no_grad()

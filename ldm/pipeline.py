@@ -50,12 +50,12 @@ def rescale_guidance(guided: torch.Tensor, pred_cond: torch.Tensor, phi: float) 
     return phi * rescaled + (1 - phi) * guided
 
 
-def to_image_tensor(image: ImageInput | list[ImageInput], channels: int = 3) -> torch.Tensor:
+def to_image_tensor(image: ImageInput | list[ImageInput]) -> torch.Tensor:
     """PIL / uint8 array (H, W, C) / tensor in [-1, 1] (C, H, W) or a list of them -> (B, C, H, W) in [-1, 1]."""
     if isinstance(image, list):
-        return torch.cat([to_image_tensor(i, channels) for i in image])
+        return torch.cat([to_image_tensor(i) for i in image])
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB" if channels == 3 else "L"))
+        image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         array = image.astype(np.float32) / 127.5 - 1 if image.dtype == np.uint8 else image.astype(np.float32)
         tensor = torch.from_numpy(array)

@@ -6,6 +6,7 @@ import logging
 import open_clip
 import pytest
 import torch
+from conftest import tiny_autoencoder
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -25,17 +26,7 @@ from ldm.diffusion.train import train_ldm
 def tiny_vae(tmp_path_factory):
     """A tiny untrained f=2 autoencoder export, as stage 1 would write it."""
     folder = tmp_path_factory.mktemp("vae") / "model"
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-        mid_block_add_attention=False,
-        scaling_factor=0.8,
-    )
+    vae = tiny_autoencoder(scaling_factor=0.8)
     vae.save_pretrained(folder)
     return folder
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline
+from conftest import tiny_autoencoder
+from diffusers import StableDiffusionPipeline
 
 from conditioning import TextEncoderConfig, build_text_encoder
 from ldm.diffusion.config import NoiseConfig, UNetConfig
@@ -18,15 +19,7 @@ PROMPTS = ["a red circle on a black background", "a blue square on a white backg
 @pytest.fixture(scope="module")
 def pipe() -> LatentDiffusionPipeline:
     torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4,
-        sample_size=16,
-        mid_block_add_attention=False,
-        scaling_factor=0.7,
-    )
+    vae = tiny_autoencoder(scaling_factor=0.7)
     text = build_text_encoder(
         TextEncoderConfig(hidden_size=32, num_heads=2, intermediate_size=64, max_length=16)
     )

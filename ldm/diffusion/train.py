@@ -26,12 +26,10 @@ from ldm.diffusion.noise import training_scheduler
 from ldm.diffusion.objective import denoising_loss
 from ldm.diffusion.unet import set_attention_backend
 from ldm.images import save_grid
-from ldm.io import write_json
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.plots import plot_losses
 from ldm.training.checkpoint import save_checkpoint
 from ldm.training.optim import adamw
-from ldm.training.run import metrics_writer, resume_run, set_lr, start_run, train_batches
+from ldm.training.run import finish_run, metrics_writer, resume_run, set_lr, start_run, train_batches
 from ldm.training.schedule import lr_multiplier
 
 logger = logging.getLogger("ldm")
@@ -166,6 +164,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     # --- export and evaluation (EMA weights) -------------------------------------------------
     if ema is not None:
         ema.copy_to(trainable)
+    results = None
     if main:
         pipe = make_pipeline()
         for module in (pipe.unet, pipe.text_encoder):
@@ -173,12 +172,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         export_pipeline(pipe, out / "model")
         _save_prompt_grid(pipe, prompts, cfg, out / "samples" / "final.png")
         results = evaluate_pipeline(pipe, val_images, cfg)
-        write_json(out / "eval.json", results)
-        plot_losses(out / "metrics.jsonl", out / "losses.png")
-        logger.info("exported %s; evaluation %s", out / "model", results)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return out
+    return finish_run(accelerator, out, results)
 
 
 @torch.no_grad()

@@ -11,6 +11,8 @@ from accelerate.utils import set_seed
 from torch.utils.data import Dataset, IterableDataset
 
 from ldm.config import DataConfig, TrainConfig, to_yaml
+from ldm.io import write_json
+from ldm.plots import plot_losses
 from ldm.training.checkpoint import load_checkpoint, resolve_checkpoint
 from ldm.training.loader import TrainBatches
 from ldm.training.metrics import MetricsWriter
@@ -74,3 +76,14 @@ def metrics_writer(accelerator: Accelerator, out: Path, step: int) -> MetricsWri
 def set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def finish_run(accelerator: Accelerator, out: Path, results: dict | None) -> Path:
+    """On the main process, ``eval.json`` and the loss curves; then every process ends the run."""
+    if accelerator.is_main_process and results is not None:
+        write_json(out / "eval.json", results)
+        plot_losses(out / "metrics.jsonl", out / "losses.png")
+        logger.info("wrote %s: %s", out / "eval.json", results)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out
