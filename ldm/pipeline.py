@@ -124,6 +124,7 @@ class LatentDiffusionPipeline:
         self.tokenizer = tokenizer
         self.unet = unet
         self.scheduler_config = dict(scheduler_config)
+        self._tiling: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------ loading, saving
     @classmethod
@@ -210,14 +211,25 @@ class LatentDiffusionPipeline:
         """Decode a batch one image at a time."""
         self.vae.enable_slicing()
 
-    def enable_vae_tiling(self, tile_size: int | None = None, overlap: float = 0.25) -> None:
-        """Decode large images in overlapping tiles of ``tile_size`` pixels, blended linearly across
-        the overlap (no seams); ``tile_size`` defaults to the autoencoder's training size."""
-        self.vae.enable_tiling()
-        if tile_size is not None:
-            self.vae.tile_sample_min_size = tile_size
-            self.vae.tile_latent_min_size = tile_size // self.vae_scale_factor
-        self.vae.tile_overlap_factor = overlap
+    def enable_vae_tiling(
+        self, tile_size: int | None = None, pad: int | None = None, offload: bool = True
+    ) -> None:
+        """Decode latents larger than ``tile_size`` pixels in tiles, with GroupNorm statistics of the
+        whole image: equal to untiled decoding, without seams (see ``ldm.tiled_decode``).
+        ``tile_size`` defaults to the autoencoder's training size or 4 pads, whichever is larger;
+        ``pad``: latent pixels of context per tile (default: exact); ``offload``: waiting tiles stay
+        on the CPU. Encoding (img2img) is not tiled."""
+        from ldm.tiled_decode import default_tile
+
+        if tile_size is not None and (tile_size <= 0 or tile_size % self.vae_scale_factor):
+            raise ValueError(
+                f"tile_size={tile_size}: give a positive multiple of the VAE factor {self.vae_scale_factor}"
+            )
+        tile = tile_size // self.vae_scale_factor if tile_size else default_tile(self.vae)
+        self._tiling = {"tile": tile, "pad": pad, "offload": offload}
+
+    def disable_vae_tiling(self) -> None:
+        self._tiling = None
 
     @property
     def device(self) -> torch.device:
@@ -253,8 +265,14 @@ class LatentDiffusionPipeline:
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """z_0 (B, C, h, w) -> images (B, 3, h*f, w*f) in [-1, 1]."""
-        z = latents / self.vae.config.scaling_factor
-        return self.vae.decode(z.to(self.vae.dtype)).sample.clamp(-1, 1)
+        z = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)
+        tiling = self._tiling
+        if tiling is None or max(z.shape[-2:]) <= tiling["tile"]:
+            return self.vae.decode(z).sample.clamp(-1, 1)
+        from ldm.tiled_decode import decode_tiled
+
+        parts = z.split(1) if self.vae.use_slicing else [z]
+        return torch.cat([decode_tiled(self.vae, p, **tiling) for p in parts]).clamp(-1, 1)
 
     def _noise(self, shape: tuple[int, ...], seeds: list[int | None]) -> torch.Tensor:
         """One CPU generator per image, so an image depends on its own seed only."""
