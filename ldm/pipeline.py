@@ -135,11 +135,14 @@ class LatentDiffusionPipeline:
         dtype: torch.dtype | None = None,
         attention: str = "auto",
         compile: bool = False,
+        channels_last: bool = True,
     ) -> LatentDiffusionPipeline:
         """Load our exported folder or a diffusers Stable Diffusion 1.x/2.x folder (safetensors only).
 
         ``attention``: auto (xformers when installed on CUDA, else PyTorch SDPA) | sdpa | xformers | math.
         ``compile``: ``torch.compile`` the UNet (pays off on GPUs over many calls).
+        ``channels_last``: UNet and VAE convolutions in NHWC, which oneDNN and cuDNN run faster
+        (5% per UNet call on the shapes model on the CPU; same images to float rounding).
         """
         from diffusers import DDPMScheduler
 
@@ -153,6 +156,9 @@ class LatentDiffusionPipeline:
             scheduler_config=DDPMScheduler.load_config(root / "scheduler"),
         )
         pipe.to(device, dtype)
+        if channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
         pipe.set_attention(attention)
         if compile:
             pipe.unet = torch.compile(pipe.unet)
@@ -283,7 +289,7 @@ class LatentDiffusionPipeline:
         return torch.stack(noise).to(self.device, self.dtype)  # (n, C, h, w)
 
     # ------------------------------------------------------------------------------ sampling
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(
         self,
         prompt: str | list[str],

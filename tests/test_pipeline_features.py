@@ -116,10 +116,14 @@ def test_group_stats_merge_equals_whole_image_stats():
 
 def test_save_pretrained_round_trip(pipe, tmp_path):  # noqa: F811
     folder = pipe.save_pretrained(tmp_path / "model")
-    again = LatentDiffusionPipeline.from_pretrained(folder)
     a = pipe(PROMPTS, num_inference_steps=3, guidance_scale=3.0, seed=0, output_type="pt").images
-    b = again(PROMPTS, num_inference_steps=3, guidance_scale=3.0, seed=0, output_type="pt").images
+    same_layout = LatentDiffusionPipeline.from_pretrained(folder, channels_last=False)
+    b = same_layout(PROMPTS, num_inference_steps=3, guidance_scale=3.0, seed=0, output_type="pt").images
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    nhwc = LatentDiffusionPipeline.from_pretrained(folder)  # channels_last: other kernels, float rounding
+    assert nhwc.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    c = nhwc(PROMPTS, num_inference_steps=3, guidance_scale=3.0, seed=0, output_type="pt").images
+    torch.testing.assert_close(a, c, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -160,3 +164,14 @@ def test_sample_cli_writes_images_and_a_grid(pipe, tmp_path):  # noqa: F811
     assert len(written) == 5 and "grid.png" in written
     with pytest.raises(SystemExit):
         main([*args, "--size", "15", "--device", "cpu", "--out", str(tmp_path / "bad")])
+
+
+def test_compiled_unet_gives_the_same_images(pipe, tmp_path):  # noqa: F811
+    """``compile=True`` runs the UNet through torch.compile (inductor; ~40 s to compile on the CPU)."""
+    folder = pipe.save_pretrained(tmp_path / "model")
+    compiled = LatentDiffusionPipeline.from_pretrained(folder, compile=True)
+    assert hasattr(compiled.unet, "_orig_mod")
+    a = pipe(PROMPTS, num_inference_steps=3, guidance_scale=3.0, seed=0, output_type="pt").images
+    b = compiled(PROMPTS, num_inference_steps=3, guidance_scale=3.0, seed=0, output_type="pt").images
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    assert (compiled.save_pretrained(tmp_path / "again") / "unet" / "config.json").exists()
