@@ -34,31 +34,47 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 class DataConfig:
     """Where images and captions come from, and how they become tensors."""
 
-    dataset: str = "shapes"  # shapes | folder | hf
-    path: str | None = None  # folder root (folder), or datasets name / load_from_disk path (hf)
+    dataset: str = "shapes"  # shapes | folder | csv | hf
+    path: str | None = (
+        None  # folder root (folder), .csv file (csv), or datasets name / load_from_disk path (hf)
+    )
     resolution: int = 32  # square side in pixels after resize and crop
     crop: str = "center"  # center | random
     flip: bool = True  # random horizontal flip (p = 0.5)
     val_size: int = 512  # validation items (folder/hf: at most a tenth of the data)
     num_workers: int = 0  # DataLoader worker processes
+    repeats: int = 1  # walk the training items this many times per epoch (small datasets)
+    buckets: bool = False  # aspect-ratio buckets of about resolution^2 pixels (folder, csv, hf)
+    bucket_max_aspect: float = 2.0  # widest bucket: w/h (and h/w) at most this
     # shapes only
     train_size: int = 50_000  # items in the training split
     holdout: list[str] = field(
         default_factory=list
     )  # "color shape" pairs kept out of training, e.g. "red circle"
-    # folder and hf
-    caption_column: str = "text"  # caption key in metadata.jsonl (folder) or column (hf)
+    # folder, csv and hf
+    caption_column: str = "text"  # caption key in metadata.jsonl (folder) or column (csv, hf)
+    image_column: str = "image"  # image column (hf), or image file column, relative to the csv (csv)
     # hf only
     split: str = "train"  # split to train on
     val_split: str | None = None  # split to validate on (None: hold items out of `split`)
-    image_column: str = "image"
     streaming: bool = False  # iterate the dataset without downloading it whole
     shuffle_buffer: int = 1000  # streaming: items in the shuffle buffer (0 keeps the stream's order)
 
     def __post_init__(self) -> None:
-        check_choice("data.dataset", self.dataset, ("shapes", "folder", "hf"))
+        check_choice("data.dataset", self.dataset, ("shapes", "folder", "csv", "hf"))
         check_choice("data.crop", self.crop, ("center", "random"))
-        if self.dataset in ("folder", "hf") and not self.path:
+        if self.repeats < 1:
+            raise ConfigError(f"config key 'data.repeats' is {self.repeats}; it must be at least 1")
+        if self.buckets and (self.dataset == "shapes" or self.streaming):
+            raise ConfigError(
+                "data.buckets=true needs images of many shapes from folder, csv or a map-style hf dataset "
+                "(shapes images are square; streams cannot be measured ahead)"
+            )
+        if self.bucket_max_aspect < 1:
+            raise ConfigError(
+                f"config key 'data.bucket_max_aspect' is {self.bucket_max_aspect}; it must be >= 1"
+            )
+        if self.dataset in ("folder", "csv", "hf") and not self.path:
             raise ConfigError(f"data.dataset={self.dataset} needs data.path=PATH (the images to train on)")
         if self.resolution < 8:
             raise ConfigError(f"config key 'data.resolution' is {self.resolution}; it must be at least 8")

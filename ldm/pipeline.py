@@ -168,28 +168,58 @@ class LatentDiffusionPipeline:
         """Save as a diffusers ``StableDiffusionPipeline`` folder (safetensors), atomically."""
         import shutil
 
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
-
         from ldm.io import replace_dir
 
         folder = Path(path)
-        unet = getattr(self.unet, "_orig_mod", self.unet)  # unwrap torch.compile
-        sd = StableDiffusionPipeline(
+        sd = self.as_diffusers()
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        sd.save_pretrained(tmp, safe_serialization=True)
+        replace_dir(tmp, folder)
+        return folder
+
+    def as_diffusers(self):
+        """A diffusers ``StableDiffusionPipeline`` sharing these modules (no copies): diffusers' own
+        code for what it already does well (LoRA loading and fusing, saving)."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
             vae=self.vae,
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,
-            unet=unet,
+            unet=getattr(self.unet, "_orig_mod", self.unet),  # unwrap torch.compile
             # DDIM on the same noise schedule, clip_sample off: latents are not confined to [-1, 1]
             scheduler=DDIMScheduler.from_config(self.scheduler_config, clip_sample=False),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
         )
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        sd.save_pretrained(tmp, safe_serialization=True)
-        replace_dir(tmp, folder)
-        return folder
+
+    # ------------------------------------------------------------------------------ LoRA
+    def load_lora_weights(
+        self, path: str | Path, scale: float = 1.0, adapter_name: str | None = None
+    ) -> None:
+        """Add the LoRA adapters of a diffusers LoRA folder or ``.safetensors`` file (ours from
+        ``train_ldm.py lora.rank=R``, or any SD 1.x/2.x LoRA) to the UNet and text encoder, at ``scale``."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no LoRA weights at {path}")
+        sd = self.as_diffusers()
+        kw = {"weight_name": path.name} if path.is_file() else {}
+        name = adapter_name or f"lora{len(getattr(self.unet, 'peft_config', {}) or {})}"
+        sd.load_lora_weights(path.parent if path.is_file() else path, adapter_name=name, **kw)
+        if scale != 1.0:
+            sd.set_adapters([name], adapter_weights=[scale])
+
+    def fuse_lora(self, scale: float = 1.0) -> None:
+        """Merge the loaded adapters into the base weights, then drop them: plain modules, no overhead."""
+        sd = self.as_diffusers()
+        sd.fuse_lora(lora_scale=scale)
+        sd.unload_lora_weights()
+
+    def unload_lora_weights(self) -> None:
+        """Remove all adapters (unfused), back to the base model."""
+        self.as_diffusers().unload_lora_weights()
 
     def to(
         self, device: str | torch.device | None = None, dtype: torch.dtype | None = None

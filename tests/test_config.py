@@ -32,7 +32,7 @@ def test_overrides_are_typed():
         ("train.nonexistent=1", ["train.nonexistent", "batch_size"]),
         ("nonexistent=1", ["nonexistent"]),
         ("train.batch_size=abc", ["train.batch_size", "abc"]),
-        ("data.dataset=imagenet", ["data.dataset", "shapes | folder | hf"]),
+        ("data.dataset=imagenet", ["data.dataset", "shapes | folder | csv | hf"]),
         ("data.dataset=folder", ["data.path"]),
         ("train.mixed_precision=fp8", ["train.mixed_precision"]),
         ("max_steps", ["key=value"]),

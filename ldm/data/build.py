@@ -1,28 +1,33 @@
 """``build_dataset``: the train or validation dataset a ``DataConfig`` describes.
 
 - ``shapes``: the built-in dataset; train and val are separate streams of items.
-- ``folder`` and ``hf``: a seeded permutation of the items holds out
+- ``folder``, ``csv`` and ``hf``: a seeded permutation of the items holds out
   ``min(data.val_size, max(1, n // 10))`` of them for validation (the same ones for the
   same seed), unless ``hf`` names a ``data.val_split``. Streamed ``hf`` datasets hold out
   the first ``data.val_size`` items of the stream (or of ``data.val_split``), loaded
   into memory.
 
-Train items use ``data.crop`` and ``data.flip``; validation items are center-cropped
-and never flipped.
+Train items use ``data.crop`` and ``data.flip``, ``data.repeats`` and, with ``data.buckets``,
+aspect-ratio buckets; validation items are square, center-cropped and never flipped.
 """
 
 from __future__ import annotations
+
+import logging
 
 import datasets
 import numpy as np
 from torch.utils.data import Dataset, IterableDataset
 
 from ldm.config import DataConfig
-from ldm.data.folder import ImageFolderDataset, scan_folder
+from ldm.data.buckets import make_buckets, nearest_bucket
+from ldm.data.folder import ImageFolderDataset, scan_csv, scan_folder
 from ldm.data.hf import HFImageDataset, HFStreamingDataset, load_hf_dataset
+from ldm.data.repeat import RepeatedDataset
 from ldm.data.shapes import ShapesDataset
 
 SPLITS = ("train", "val")
+logger = logging.getLogger("ldm")
 
 
 def split_indices(n: int, val_size: int, seed: int) -> tuple[list[int], list[int]]:
@@ -65,25 +70,56 @@ def _build_hf_stream(
     return HFImageDataset(held, cfg.resolution, crop, flip, cfg.image_column, cfg.caption_column)
 
 
-def build_dataset(cfg: DataConfig, split: str, seed: int) -> Dataset | IterableDataset:
+def build_dataset(
+    cfg: DataConfig, split: str, seed: int, bucket_step: int | None = None
+) -> Dataset | IterableDataset:
     """The ``split`` ("train" or "val") of the data ``cfg`` describes.
 
     Map-style datasets take ``dataset[i]`` or ``dataset[(i, aug_seed)]`` and return
     ``{"pixel_values": float32 (3, R, R) in [-1, 1], "caption": str}``; a streamed ``hf``
     train split is an ``IterableDataset`` yielding the same dicts. Call it with the same
-    ``seed`` for both splits so that they stay disjoint.
+    ``seed`` for both splits so that they stay disjoint. With ``data.buckets`` the train split's
+    items are (3, h, w) of their bucket, listed in ``dataset.bucket_of``; ``bucket_step`` (pixels,
+    the latent factor times 8) sets the bucket sides.
     """
     if split not in SPLITS:
         raise ValueError(f"split is {split!r}; allowed: {' | '.join(SPLITS)}")
     train = split == "train"
+    dataset = _build(cfg, train, seed)
+    if train and cfg.buckets:
+        if bucket_step is None:
+            raise ValueError("data.buckets=true: build_dataset needs bucket_step (the latent factor times 8)")
+        assign_buckets(dataset, cfg.resolution, bucket_step, cfg.bucket_max_aspect)
+    if train and cfg.repeats > 1:
+        dataset = RepeatedDataset(dataset, cfg.repeats)
+    return dataset
+
+
+def assign_buckets(dataset: Dataset, resolution: int, step: int, max_aspect: float) -> None:
+    """Give each item the bucket nearest its aspect ratio: sets ``target_sizes`` and ``bucket_of``."""
+    buckets = make_buckets(resolution, step, max_aspect)
+    dataset.bucket_of = [nearest_bucket(buckets, w, h) for w, h in dataset.image_sizes()]
+    dataset.target_sizes = [buckets[b] for b in dataset.bucket_of]
+    counts = {buckets[b]: dataset.bucket_of.count(b) for b in sorted(set(dataset.bucket_of))}
+    logger.info(
+        "aspect-ratio buckets (w x h: images): %s", ", ".join(f"{w}x{h}: {n}" for (w, h), n in counts.items())
+    )
+
+
+def _build(cfg: DataConfig, train: bool, seed: int) -> Dataset | IterableDataset:
     crop, flip = (cfg.crop, cfg.flip) if train else ("center", False)
 
     if cfg.dataset == "shapes":
         size = cfg.train_size if train else cfg.val_size
-        return ShapesDataset(size, cfg.resolution, seed, split, holdout=cfg.holdout, flip=flip)
+        return ShapesDataset(
+            size, cfg.resolution, seed, "train" if train else "val", holdout=cfg.holdout, flip=flip
+        )
 
-    if cfg.dataset == "folder":
-        items = scan_folder(cfg.path, cfg.caption_column)
+    if cfg.dataset in ("folder", "csv"):
+        if cfg.dataset == "folder":
+            items = scan_folder(cfg.path, cfg.caption_column)
+        else:
+            items = scan_csv(cfg.path, cfg.image_column, cfg.caption_column)
         train_idx, val_idx = split_indices(len(items), cfg.val_size, seed)
         chosen = [items[i] for i in (train_idx if train else val_idx)]
         return ImageFolderDataset(cfg.path, cfg.resolution, crop, flip, items=chosen)
@@ -102,4 +138,4 @@ def build_dataset(cfg: DataConfig, split: str, seed: int) -> Dataset | IterableD
                 data = data.select(train_idx if train else val_idx)
         return HFImageDataset(data, cfg.resolution, crop, flip, cfg.image_column, cfg.caption_column)
 
-    raise ValueError(f"data.dataset is {cfg.dataset!r}; allowed: shapes | folder | hf")
+    raise ValueError(f"data.dataset is {cfg.dataset!r}; allowed: shapes | folder | csv | hf")

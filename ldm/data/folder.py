@@ -30,10 +30,11 @@ SCAN_THREADS = 8  # header reads in flight while scanning (helps on network file
 
 
 class FolderItem(NamedTuple):
-    """One readable image of a folder and its caption."""
+    """One readable image of a folder, its caption and its (width, height)."""
 
     path: Path
     caption: str
+    size: tuple[int, int] | None = None
 
 
 def _walk_images(root: Path) -> tuple[list[Path], list[Path]]:
@@ -91,14 +92,17 @@ def read_metadata(jsonl: Path, caption_column: str = "text") -> dict[Path, str |
     return captions
 
 
-def _readable(path: Path) -> str | None:
-    """None if PIL can read ``path``'s header, else why not (the file is not decoded)."""
+def _readable(path: Path) -> str | tuple[int, int]:
+    """(width, height) as displayed (EXIF orientation applied) if PIL can read ``path``'s header,
+    else why not (the file is not decoded)."""
     try:
-        with Image.open(path):  # parses the header only; pixels are decoded on first use
-            pass
+        with Image.open(path) as image:  # parses the header only; pixels are decoded on first use
+            w, h = image.size
+            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that turn 90 degrees
+                w, h = h, w
     except Exception as err:  # PIL plugins raise many kinds of errors for malformed files
         return f"{type(err).__name__}: {err}"
-    return None
+    return w, h
 
 
 def scan_folder(root: str | Path, caption_column: str = "text") -> list[FolderItem]:
@@ -130,7 +134,7 @@ def scan_folder(root: str | Path, caption_column: str = "text") -> list[FolderIt
 
     with ThreadPoolExecutor(max_workers=SCAN_THREADS) as pool:
         problems = list(pool.map(_readable, images))
-    skipped = [(p, why) for p, why in zip(images, problems, strict=True) if why is not None]
+    skipped = [(p, why) for p, why in zip(images, problems, strict=True) if isinstance(why, str)]
     if skipped:
         logger.warning(
             "skipped %d unreadable image file(s) under %s: %s%s",
@@ -141,7 +145,7 @@ def scan_folder(root: str | Path, caption_column: str = "text") -> list[FolderIt
     items: list[FolderItem] = []
     missing = 0
     for path, why in zip(images, problems, strict=True):
-        if why is not None:
+        if isinstance(why, str):
             continue
         text = metadata.get(Path(os.path.normpath(path)))
         if text is None:
@@ -149,7 +153,7 @@ def scan_folder(root: str | Path, caption_column: str = "text") -> list[FolderIt
             text = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else None
         if text is None:
             missing += 1
-        items.append(FolderItem(path, text or ""))
+        items.append(FolderItem(path, text or "", why))
     if not items:
         raise ValueError(f"none of the {len(images)} image files under {root} could be read")
     if missing:
@@ -181,7 +185,13 @@ class ImageFolderDataset(Dataset):
         self.root = Path(root)
         self.items: list[FolderItem] = list(items) if items is not None else scan_folder(root, caption_column)
         self.transform = ImageTransform(resolution, crop, flip)
+        self.target_sizes: list[tuple[int, int]] | None = None  # (w, h) per item when bucketed
         self._broken: set[int] = set()  # items that failed to decode in this process
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(width, height) of every item's image, from the scan or its header."""
+        sizes = [it.size if it.size is not None else _readable(it.path) for it in self.items]
+        return [s if isinstance(s, tuple) else (1, 1) for s in sizes]  # unreadable: decoding reports it
 
     def __len__(self) -> int:
         return len(self.items)
@@ -195,12 +205,60 @@ class ImageFolderDataset(Dataset):
             i = (index + offset) % len(self.items)
             if i in self._broken:
                 continue
-            path, text = self.items[i]
+            path, text = self.items[i][:2]
             try:
                 image = load_rgb(path)
             except Exception as err:  # any decode failure: report it, then use the next item
                 self._broken.add(i)
                 logger.warning("cannot decode %s (%r); using the next image instead", path, err)
                 continue
-            return {"pixel_values": self.transform(image, generator), "caption": text}
+            size = self.target_sizes[index] if self.target_sizes is not None else None
+            return {"pixel_values": self.transform(image, generator, size), "caption": text}
         raise RuntimeError(f"none of the {len(self.items)} images of {self.root} could be decoded")
+
+
+def scan_csv(
+    csv_path: str | Path, image_column: str = "image", caption_column: str = "text"
+) -> list[FolderItem]:
+    """Every readable image a CSV names (paths relative to the CSV's folder) with its caption.
+
+    Unreadable or missing files are skipped with one warning giving their count; raises
+    ``ValueError`` for a missing file or column.
+    """
+    import csv
+
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise ValueError(
+            f"no CSV file at {csv_path}: data.path must name a .csv with image and caption columns"
+        )
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [c for c in (image_column, caption_column) if c not in header]
+        if missing:
+            raise ValueError(
+                f"{csv_path} has no column {', '.join(repr(c) for c in missing)}; columns: {', '.join(header)} "
+                "(set data.image_column / data.caption_column)"
+            )
+        rows = [(r[image_column], r[caption_column] or "") for r in reader]
+    paths = [Path(name) if Path(name).is_absolute() else csv_path.parent / name for name, _ in rows]
+    with ThreadPoolExecutor(max_workers=SCAN_THREADS) as pool:
+        found = list(
+            pool.map(lambda p: _readable(p) if p.is_file() else "FileNotFoundError: no such file", paths)
+        )
+    items = [
+        FolderItem(p, text, size)
+        for p, (_, text), size in zip(paths, rows, found, strict=True)
+        if isinstance(size, tuple)
+    ]
+    skipped = [(p, why) for p, why in zip(paths, found, strict=True) if isinstance(why, str)]
+    if skipped:
+        logger.warning(
+            "skipped %d of %d rows of %s whose image cannot be read: %s%s",
+            len(skipped), len(rows), csv_path, "; ".join(f"{p} ({why})" for p, why in skipped[:5]),
+            ", ..." if len(skipped) > 5 else "",
+        )  # fmt: skip
+    if not items:
+        raise ValueError(f"none of the {len(rows)} images named in {csv_path} could be read")
+    return items

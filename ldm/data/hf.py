@@ -115,6 +115,17 @@ def decode_image(value: Any) -> Image.Image:
     raise TypeError(f"cannot read an image from a cell of type {type(value).__name__}")
 
 
+def image_size(value: Any) -> tuple[int, int]:
+    """(width, height) of an image cell, reading only the header of bytes and files."""
+    if isinstance(value, Image.Image):
+        return value.size
+    if isinstance(value, dict):
+        value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
+    source = io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value
+    with Image.open(source) as image:
+        return image.size
+
+
 def pick_caption(value: Any, generator: torch.Generator | None = None) -> str:
     """A caption cell -> str: None -> "", a list -> one of its entries."""
     if value is None:
@@ -149,10 +160,21 @@ class HFImageDataset(Dataset):
         self.image_column = image_column
         self.caption_column = caption_column
         self.transform = ImageTransform(resolution, crop, flip)
+        self.target_sizes: list[tuple[int, int]] | None = None  # (w, h) per item when bucketed
         self._broken: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(width, height) of every item's image, from its header where the cell has bytes or a path."""
+        sizes = []
+        for value in self.dataset[self.image_column]:
+            try:
+                sizes.append(image_size(value))
+            except Exception:  # unreadable: __getitem__ reports it and uses the next item
+                sizes.append((1, 1))
+        return sizes
 
     def __repr__(self) -> str:
         return f"HFImageDataset(items={len(self)}, transform={self.transform})"
@@ -172,7 +194,8 @@ class HFImageDataset(Dataset):
                 logger.warning("cannot decode image of item %d (%r); using the next item", i, err)
                 continue
             caption = pick_caption(row[self.caption_column], generator)
-            return {"pixel_values": self.transform(image, generator), "caption": caption}
+            size = self.target_sizes[index] if self.target_sizes is not None else None
+            return {"pixel_values": self.transform(image, generator, size), "caption": caption}
         raise RuntimeError(f"none of the {n} images of the dataset could be decoded")
 
 

@@ -115,26 +115,33 @@ class ImageTransform:
     def __repr__(self) -> str:
         return f"ImageTransform(resolution={self.resolution}, crop={self.crop!r}, flip={self.flip})"
 
-    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        image: Image.Image,
+        generator: torch.Generator | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """-> (3, R, R), or (3, h, w) for ``size`` = (w, h) (an aspect-ratio bucket): resized to cover
+        the target, then cropped to it."""
         image = to_rgb(image) if image.mode != "RGB" else image
-        r = self.resolution
+        tw, th = size if size is not None else (self.resolution, self.resolution)
         w, h = image.size
-        scale = r / min(w, h)
-        new_w, new_h = max(r, round(w * scale)), max(r, round(h * scale))
+        scale = max(tw / w, th / h)
+        new_w, new_h = max(tw, round(w * scale)), max(th, round(h * scale))
         if (new_w, new_h) != (w, h):
             shrink = scale < 1
             resample = Image.Resampling.LANCZOS if shrink else Image.Resampling.BICUBIC
             image = image.resize((new_w, new_h), resample=resample)
 
         if self.crop == "random" and generator is not None:
-            top = int(torch.randint(0, new_h - r + 1, (1,), generator=generator))
-            left = int(torch.randint(0, new_w - r + 1, (1,), generator=generator))
+            top = int(torch.randint(0, new_h - th + 1, (1,), generator=generator))
+            left = int(torch.randint(0, new_w - tw + 1, (1,), generator=generator))
         else:
-            top, left = (new_h - r) // 2, (new_w - r) // 2
-        image = image.crop((left, top, left + r, top + r))
+            top, left = (new_h - th) // 2, (new_w - tw) // 2
+        image = image.crop((left, top, left + tw, top + th))
 
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (R, R, 3)
-        x = pixels.permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, R, R) in [-1, 1]
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (h, w, 3)
+        x = pixels.permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, h, w) in [-1, 1]
         if self.flip and generator is not None and bool(torch.rand((), generator=generator) < 0.5):
             x = x.flip(-1)
         return x.contiguous()

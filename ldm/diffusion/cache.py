@@ -30,14 +30,24 @@ logger = logging.getLogger("ldm")
 
 
 class LatentDataset(Dataset):
-    """Cached posteriors: item -> {"mean": (C, h, w), "std": (C, h, w), "caption": str}."""
+    """Cached posteriors: item -> {"mean": (C, h, w), "std": (C, h, w), "caption": str}.
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, captions: list[str]):
+    ``mean`` and ``std`` are stacked (N, C, h, w), or lists of (C, h_i, w_i) when aspect-ratio
+    buckets give items of several shapes; ``bucket_of`` carries the buckets over to the sampler.
+    """
+
+    def __init__(
+        self,
+        mean: torch.Tensor | list[torch.Tensor],
+        std: torch.Tensor | list[torch.Tensor],
+        captions: list[str],
+        bucket_of: list[int] | None = None,
+    ):
         if not (len(mean) == len(std) == len(captions)):
             raise ValueError(
                 "latent cache: mean, std and captions differ in length; delete the cache file to rebuild it"
             )
-        self.mean, self.std, self.captions = mean, std, captions
+        self.mean, self.std, self.captions, self.bucket_of = mean, std, captions, bucket_of
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -53,15 +63,28 @@ def encode_dataset(
 ) -> LatentDataset:
     """Encode every item once (no augmentation); posterior mean and std in float32."""
     device = next(vae.parameters()).device
-    means, stds, captions = [], [], []
+    means: list[torch.Tensor] = []  # (C, h, w) per item
+    stds: list[torch.Tensor] = []
+    captions: list[str] = []
     total = -(-len(dataset) // batch_size)
     for items in tqdm(item_batches(dataset, len(dataset), batch_size), total=total, desc=desc, leave=False):
-        x = torch.stack([it["pixel_values"] for it in items]).to(device, vae.dtype)  # (b, 3, H, W)
-        posterior = vae.encode(x).latent_dist
-        means.append(posterior.mean.float().cpu())  # (b, C, h, w)
-        stds.append(posterior.std.float().cpu())
+        groups: dict[tuple[int, ...], list[int]] = {}  # items of one shape encode together (buckets)
+        for k, it in enumerate(items):
+            groups.setdefault(tuple(it["pixel_values"].shape), []).append(k)
+        mean: list[torch.Tensor | None] = [None] * len(items)
+        std: list[torch.Tensor | None] = [None] * len(items)
+        for ks in groups.values():
+            x = torch.stack([items[k]["pixel_values"] for k in ks]).to(device, vae.dtype)  # (b, 3, H, W)
+            posterior = vae.encode(x).latent_dist
+            for k, m, sd in zip(ks, posterior.mean.float().cpu(), posterior.std.float().cpu(), strict=True):
+                mean[k], std[k] = m, sd
+        means += mean
+        stds += std
         captions.extend(it["caption"] for it in items)
-    return LatentDataset(torch.cat(means), torch.cat(stds), captions)
+    bucket_of = getattr(dataset, "bucket_of", None)
+    if len({m.shape for m in means}) == 1:
+        return LatentDataset(torch.stack(means), torch.stack(stds), captions, bucket_of)
+    return LatentDataset(means, stds, captions, bucket_of)
 
 
 def fingerprint(vae_dir: str | Path, data_config: dict[str, Any], seed: int) -> str:
@@ -92,16 +115,31 @@ def cached_latents(
     """The latent dataset from ``cache_dir/latents-<key>.safetensors`` if present, else encoded
     (and saved there when ``write``: one process writes, the others read what it wrote)."""
     path = Path(cache_dir) / f"latents-{key}.safetensors" if cache_dir else None
+    bucket_of = getattr(dataset, "bucket_of", None)
     if path is not None and path.exists():
         tensors = load_file(str(path))
         captions = json.loads(path.with_suffix(".json").read_text())
         logger.info("latent cache: loaded %d items from %s", len(captions), path)
-        return LatentDataset(tensors["mean"], tensors["std"], captions)
+        if "mean" in tensors:
+            return LatentDataset(tensors["mean"], tensors["std"], captions, bucket_of)
+        n = len(captions)
+        return LatentDataset(
+            [tensors[f"mean.{i}"] for i in range(n)],
+            [tensors[f"std.{i}"] for i in range(n)],
+            captions,
+            bucket_of,
+        )
     latents = encode_dataset(vae, dataset, batch_size)
     if path is not None and write:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"mean": latents.mean.contiguous(), "std": latents.std.contiguous()}, str(tmp))
+        if isinstance(latents.mean, torch.Tensor):
+            tensors = {"mean": latents.mean.contiguous(), "std": latents.std.contiguous()}
+        else:  # one shape per bucket: one entry per item
+            tensors = {
+                f"{k}.{i}": t.contiguous() for k in ("mean", "std") for i, t in enumerate(getattr(latents, k))
+            }
+        save_file(tensors, str(tmp))
         captions_tmp = path.with_name(f".{path.stem}.json.tmp")
         captions_tmp.write_text(json.dumps(latents.captions))
         os.replace(

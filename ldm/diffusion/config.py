@@ -69,6 +69,30 @@ class SampleConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (peft) on the attention projections; rank 0 trains the full UNet instead.
+
+    W x + (alpha / rank) B A x, with B = 0 at the start, so training starts from the pretrained model.
+    """
+
+    rank: int = 0  # 0: full fine-tuning
+    alpha: float | None = None  # scale numerator; None: alpha = rank (scale 1)
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    text_encoder: bool = False  # adapters on the text encoder's attention too
+    text_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    merge: bool = False  # also export model/: the full pipeline with the adapters merged into its weights
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ConfigError(
+                f"config key 'lora.rank' is {self.rank}; give 0 (full fine-tuning) or a rank >= 1"
+            )
+        if not self.target_modules:
+            raise ConfigError("config key 'lora.target_modules' is empty; name the UNet layers to adapt")
+
+
+@dataclass
 class LDMEvalConfig:
     num_samples: int = 324  # validation captions sampled for caption accuracy (shapes)
     batch_size: int = 108
@@ -79,7 +103,8 @@ class LDMRunConfig:
     output_dir: str = "runs/ldm-shapes"
     seed: int = 0
     vae: str = "runs/vae-shapes/model"  # a stage-1 export (AutoencoderKL folder)
-    pretrained: str | None = None  # a diffusers StableDiffusionPipeline folder to start from (overrides vae)
+    pretrained: str | None = None  # a diffusers StableDiffusionPipeline folder to start from: its vae,
+    # text encoder, UNet and noise schedule (ours, or Stable Diffusion 1.x/2.x); overrides vae, unet, text, noise
     data: DataConfig = field(default_factory=lambda: DataConfig(train_size=20_000, val_size=324, flip=False))
     unet: UNetConfig = field(default_factory=UNetConfig)
     text: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(max_length=16))
@@ -90,11 +115,19 @@ class LDMRunConfig:
         )
     )
     sample: SampleConfig = field(default_factory=SampleConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     eval: LDMEvalConfig = field(default_factory=LDMEvalConfig)
     cache_latents: bool = True  # encode the dataset once with the frozen autoencoder
     cache_dir: str | None = None  # keep the latent cache on disk here (None: in memory)
 
     def __post_init__(self) -> None:
+        if self.lora.rank and self.text.train:
+            raise ConfigError(
+                "lora.rank > 0 with text.train=true: LoRA freezes the base weights; "
+                "set lora.text_encoder=true for adapters on the text encoder, or lora.rank=0 to train it in full"
+            )
+        if self.lora.text_encoder and not self.lora.rank:
+            raise ConfigError("lora.text_encoder=true needs lora.rank >= 1")
         if self.cache_latents and self.data.streaming:
             raise ConfigError(
                 "cache_latents=true needs a finite dataset: set cache_latents=false with data.streaming"

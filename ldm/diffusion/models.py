@@ -8,17 +8,50 @@ text_encoder/ + tokenizer/ and unet/.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTokenizer
 
 from conditioning import TextEncoder, build_text_encoder
-from ldm.diffusion.config import LDMRunConfig
+from ldm.diffusion.config import BETA_SCHEDULES, PREDICTION_TYPES, LDMRunConfig, NoiseConfig
 from ldm.diffusion.unet import build_unet
 from ldm.pipeline import check_pipeline_folder
 
 PIPELINE_PARTS = ("vae", "unet", "text_encoder", "tokenizer")
+logger = logging.getLogger("ldm")
+
+
+def pretrained_noise(pretrained: str | Path, noise: NoiseConfig) -> NoiseConfig:
+    """``noise`` with the schedule and prediction type of ``pretrained``/scheduler: fine-tuning keeps
+    the process the UNet learned (SD 1.x: scaled_linear epsilon; SD 2.x 768: v_prediction)."""
+    from diffusers import DDPMScheduler
+
+    folder = Path(pretrained) / "scheduler"
+    if not (folder / "scheduler_config.json").exists():
+        raise FileNotFoundError(f"pretrained={pretrained} has no scheduler/scheduler_config.json")
+    sc = DDPMScheduler.load_config(folder)
+    schedule, prediction = sc.get("beta_schedule", "linear"), sc.get("prediction_type", "epsilon")
+    if schedule not in BETA_SCHEDULES or prediction not in PREDICTION_TYPES:
+        raise ValueError(
+            f"{folder}: beta_schedule {schedule!r} / prediction_type {prediction!r} not supported "
+            f"(beta schedules: {', '.join(BETA_SCHEDULES)}; predictions: {', '.join(PREDICTION_TYPES)})"
+        )
+    adopted = dataclasses.replace(
+        noise,
+        num_train_timesteps=sc.get("num_train_timesteps", 1000),
+        beta_schedule=schedule,
+        beta_start=sc.get("beta_start", noise.beta_start),
+        beta_end=sc.get("beta_end", noise.beta_end),
+        zero_terminal_snr=bool(sc.get("rescale_betas_zero_snr", False)),
+        prediction_type=prediction,
+    )
+    logger.info(
+        "noise schedule from %s: %s, %d steps, beta %.5f..%.5f, predicts %s",
+        folder, schedule, adopted.num_train_timesteps, adopted.beta_start, adopted.beta_end, prediction,
+    )  # fmt: skip
+    return adopted
 
 
 def load_autoencoder(cfg: LDMRunConfig) -> tuple[AutoencoderKL, Path]:

@@ -17,11 +17,13 @@ from tqdm.auto import tqdm
 
 from conditioning import drop_captions
 from ldm.data import build_dataset
+from ldm.data.repeat import RepeatedDataset
 from ldm.diffusion.cache import CaptionCache, cached_latents, fingerprint, sample_latents
 from ldm.diffusion.config import LDMRunConfig
 from ldm.diffusion.evaluate import evaluate_pipeline, grid_prompts
 from ldm.diffusion.export import export_pipeline
-from ldm.diffusion.models import build_models
+from ldm.diffusion.lora import add_lora, save_lora
+from ldm.diffusion.models import build_models, pretrained_noise
 from ldm.diffusion.noise import training_scheduler
 from ldm.diffusion.objective import denoising_loss
 from ldm.diffusion.unet import set_attention_backend
@@ -37,6 +39,8 @@ logger = logging.getLogger("ldm")
 
 def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     """Train, export ``model/`` as a diffusers pipeline, evaluate into ``eval.json``; returns the output folder."""
+    if cfg.pretrained:  # train on the noise schedule the pretrained UNet learned
+        cfg = dataclasses.replace(cfg, noise=pretrained_noise(cfg.pretrained, cfg.noise))
     tc = cfg.train
     accelerator, out = start_run(cfg, tc)
     main = accelerator.is_main_process
@@ -53,28 +57,38 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     alphas_cumprod = training_scheduler(cfg.noise).alphas_cumprod.to(device)
 
     # --- data: cached posteriors, or images encoded on the fly --------------------------------
-    train_images = build_dataset(cfg.data, "train", cfg.seed)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    train_images = build_dataset(cfg.data, "train", cfg.seed, bucket_step=8 * factor)
     val_images = build_dataset(cfg.data, "val", cfg.seed)
     if cfg.cache_latents:
         t0 = time.perf_counter()
+        repeats = train_images.times if isinstance(train_images, RepeatedDataset) else 1
+        distinct = train_images.base if repeats > 1 else train_images  # each image is encoded once
         key = fingerprint(vae_dir, dataclasses.asdict(cfg.data), cfg.seed)
         with accelerator.main_process_first():  # the main process encodes (and writes) first
-            train_set = cached_latents(vae, train_images, 256, cfg.cache_dir, key, write=main)
+            train_set = cached_latents(vae, distinct, 256, cfg.cache_dir, key, write=main)
         logger.info("latent cache: %d items in %.1f s", len(train_set), time.perf_counter() - t0)
+        if repeats > 1:
+            train_set = RepeatedDataset(train_set, repeats)
     else:
         train_set = train_images
 
     # --- optimizer, EMA, accelerate ----------------------------------------------------------
-    trainable = list(unet.parameters())
-    if cfg.text.trainable:
-        trainable += list(text_encoder.parameters())
+    if cfg.lora.rank:  # adapters only; the base weights stay frozen
+        trainable = add_lora(unet, text_encoder.model, cfg.lora)
+        text_encoder.trainable = cfg.lora.text_encoder  # its forward then runs with autograd
+    else:
+        trainable = list(unet.parameters())
+        if text_encoder.trainable:
+            trainable += list(text_encoder.parameters())
+    train_text = text_encoder.trainable
     optimizer = adamw(trainable, tc.lr, (tc.adam_beta1, tc.adam_beta2), tc.weight_decay)
-    if cfg.text.trainable:
+    if train_text:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
     token_cache = CaptionCache(accelerator.unwrap_model(text_encoder).tokenize)  # (L,) ids per caption
-    text_cache = None if cfg.text.trainable else CaptionCache(accelerator.unwrap_model(text_encoder).encode)
+    text_cache = None if train_text else CaptionCache(accelerator.unwrap_model(text_encoder).encode)
     ema = None
     if tc.ema_decay > 0:
         ema = EMAModel(trainable, decay=tc.ema_decay, foreach=True)
@@ -85,11 +99,12 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     batches = train_batches(accelerator, train_set, tc, cfg.data, cfg.seed, data_state)
     metrics = metrics_writer(accelerator, out, step)
     prompts = grid_prompts(cfg, val_images)
-    n_unet = sum(p.numel() for p in unet.parameters()) / 1e6
+    n_train = sum(p.numel() for p in trainable) / 1e6
     logger.info(
-        "training %.2fM-parameter UNet (text encoder %s) for %d steps, batch %d x %d processes x %d accumulation",
-        n_unet,
-        "trained jointly" if cfg.text.trainable else "frozen",
+        "training %.3fM parameters (%s; text encoder %s) for %d steps, batch %d x %d processes x %d accumulation",
+        n_train,
+        f"LoRA rank {cfg.lora.rank}" if cfg.lora.rank else "full UNet",
+        "trained" if train_text else "frozen",
         tc.max_steps,
         tc.batch_size,
         accelerator.num_processes,
@@ -107,7 +122,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     progress = tqdm(total=tc.max_steps, initial=step, disable=not main, desc="train_ldm", dynamic_ncols=True)
     loss_sum, count, t_log = torch.zeros((), device=device), 0, time.perf_counter()
     unet.train()
-    text_encoder.train(cfg.text.trainable)
+    text_encoder.train(train_text)
     while step < stop:
         lr = tc.lr * lr_multiplier(step, tc.lr_warmup_steps, tc.max_steps, tc.lr_schedule, tc.min_lr_ratio)
         set_lr(optimizer, lr)
@@ -169,7 +184,14 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         pipe = make_pipeline()
         for module in (pipe.unet, pipe.text_encoder):
             module.eval()
-        export_pipeline(pipe, out / "model")
+        if cfg.lora.rank:
+            save_lora(out / "lora", pipe.unet, pipe.text_encoder if cfg.lora.text_encoder else None)
+            logger.info("exported LoRA weights to %s", out / "lora")
+            if cfg.lora.merge:
+                pipe.fuse_lora()
+                export_pipeline(pipe, out / "model")
+        else:
+            export_pipeline(pipe, out / "model")
         _save_prompt_grid(pipe, prompts, cfg, out / "samples" / "final.png")
         results = evaluate_pipeline(pipe, val_images, cfg)
     return finish_run(accelerator, out, results)

@@ -8,13 +8,15 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ldm.data.buckets import BucketBatchSampler
 from ldm.training.sampler import ResumableSampler
 
 
 class TrainBatches:
     """``next(batches)`` gives the next training batch, forever; ``state_dict()`` says where it is.
 
-    Map-style datasets are walked in ``ResumableSampler`` order (``position`` = items consumed
+    Map-style datasets are walked in ``ResumableSampler`` order (``BucketBatchSampler`` when the
+    dataset has ``bucket_of``) (``position`` = items consumed
     by all processes together). A streamed dataset is re-read epoch after epoch, reshuffled by
     ``set_epoch``; its state is (epoch, items this process consumed in it). Either way a resumed
     run sees the same batches as an uninterrupted one.
@@ -55,6 +57,14 @@ class TrainBatches:
             self.dataset.set_epoch(self.state["epoch"])
             self.dataset.skip = self.state["offset"]
             return iter(DataLoader(self.dataset, **self._loader_args))
+        bucket_of = getattr(self.dataset, "bucket_of", None)
+        if bucket_of is not None:  # aspect-ratio buckets: one bucket per batch
+            start = self.state["position"] // self.batch_size  # global batches done
+            batches = BucketBatchSampler(
+                bucket_of, self.batch_size, self.seed, start, self.rank, self.world_size
+            )
+            args = {k: v for k, v in self._loader_args.items() if k not in ("batch_size", "drop_last")}
+            return iter(DataLoader(self.dataset, batch_sampler=batches, **args))
         sampler = ResumableSampler(
             len(self.dataset), self.seed, self.state["position"], self.rank, self.world_size
         )

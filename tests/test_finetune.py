@@ -1,0 +1,180 @@
+"""Fine-tuning a tiny Stable Diffusion folder built with diffusers classes: full and LoRA, buckets."""
+
+import json
+import logging
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from conditioning import build_clip_tokenizer
+from ldm.config import load_config
+from ldm.data import build_dataset
+from ldm.data.shapes import ShapesDataset
+from ldm.diffusion.config import LDMRunConfig
+from ldm.diffusion.train import train_ldm
+from ldm.pipeline import LatentDiffusionPipeline
+from ldm.samplers import make_scheduler
+from ldm.training.loader import TrainBatches
+
+SIZES = [(64, 32), (32, 64), (48, 48), (96, 40), (40, 96), (50, 50), (70, 36), (36, 70), (64, 64), (80, 44),
+         (44, 80), (56, 56)]  # fmt: skip
+PROMPT = "a red circle on a black background"
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    """A tiny SD 1.x-style pipeline (f=2 VAE, scaled_linear epsilon schedule), saved by diffusers."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=[8, 8],
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=48,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            pad_token_id=0,
+            bos_token_id=49406,
+            eos_token_id=49407,
+        )  # fmt: skip
+    )
+    unet = UNet2DConditionModel(
+        sample_size=24,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        attention_head_dim=8,
+    )
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    folder = tmp_path_factory.mktemp("sd") / "tiny-sd"
+    StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=build_clip_tokenizer(77), unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(folder)  # fmt: skip
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory):
+    """12 shapes images stretched to mixed sizes and aspect ratios, captions in metadata.jsonl."""
+    root = tmp_path_factory.mktemp("mixed")
+    shapes = ShapesDataset(len(SIZES), resolution=64, split="val")
+    lines = []
+    for i, size in enumerate(SIZES):
+        spec, image = shapes.image(i)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).resize(size).save(root / f"{i:02d}.png")
+        lines.append(json.dumps({"file_name": f"{i:02d}.png", "text": spec.caption}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def finetune_config(out, sd, data, *extra) -> LDMRunConfig:
+    return load_config(
+        LDMRunConfig,
+        None,
+        [f"output_dir={out}", f"pretrained={sd}", "data.dataset=folder", f"data.path={data}",
+         "data.resolution=48", "data.buckets=true", "data.repeats=2", "train.batch_size=2", "train.max_steps=5",
+         "train.lr=1e-2", "train.lr_warmup_steps=0", "train.ema_decay=0", "train.log_every=1",
+         "train.sample_every=0", "train.checkpoint_every=0", "sample.steps=2", "sample.grid_prompts=1",
+         "sample.grid_seeds=1", "eval.num_samples=2", "eval.batch_size=2", *extra],
+    )  # fmt: skip
+
+
+def test_buckets_give_batches_of_one_shape_each(mixed_folder):
+    cfg = finetune_config("unused", "unused", mixed_folder).data
+    data = build_dataset(cfg, "train", seed=0, bucket_step=16)  # f=2: sides multiples of 16
+    assert len(data) == 2 * 11  # 12 images, 1 held out for validation, repeated twice
+    assert len(set(data.bucket_of)) == 3
+    batches = TrainBatches(data, 2, seed=0)
+    shapes = {tuple(next(batches)["pixel_values"].shape[2:]) for _ in range(12)}  # one shape per batch
+    assert shapes == {(64, 32), (48, 48), (32, 64)}  # (H, W) of the three buckets
+    resumed = TrainBatches(data, 2, seed=0, state=batches.state_dict())
+    torch.testing.assert_close(next(resumed)["pixel_values"], next(batches)["pixel_values"])
+
+
+def test_full_finetune_from_a_diffusers_folder(tmp_path, sd_folder, mixed_folder, caplog):
+    caplog.set_level(logging.INFO, logger="ldm")
+    out = train_ldm(finetune_config(tmp_path / "full", sd_folder, mixed_folder))
+    assert "aspect-ratio buckets" in caplog.text and "scaled_linear" in caplog.text
+    assert (out / "model" / "model_index.json").exists()
+    tuned = StableDiffusionPipeline.from_pretrained(out / "model")
+    base = StableDiffusionPipeline.from_pretrained(sd_folder)
+    assert tuned.scheduler.config.beta_schedule == "scaled_linear"  # the pretrained schedule, kept
+    changed = [
+        not torch.equal(a, b) for a, b in zip(tuned.unet.parameters(), base.unet.parameters(), strict=True)
+    ]
+    assert all(changed[:3])
+    for a, b in zip(tuned.vae.parameters(), base.vae.parameters(), strict=True):  # frozen
+        assert torch.equal(a, b)
+
+
+def test_lora_file_loads_into_diffusers_and_ours(tmp_path, sd_folder, mixed_folder):
+    cfg = finetune_config(tmp_path / "lora", sd_folder, mixed_folder, "lora.rank=4", "lora.alpha=8",
+                          "lora.text_encoder=true", "lora.merge=true")  # fmt: skip
+    out = train_ldm(cfg)
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+    def diffusers_image(pipe):
+        latents = torch.randn(1, 4, 24, 24, generator=torch.Generator().manual_seed(0))
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)  # the same sampler as ours
+        return pipe(
+            PROMPT, num_inference_steps=3, guidance_scale=3.0, latents=latents, output_type="pt"
+        ).images
+
+    theirs = StableDiffusionPipeline.from_pretrained(sd_folder)
+    before = diffusers_image(theirs)
+    theirs.load_lora_weights(out / "lora")
+    after = diffusers_image(theirs)
+    assert (after - before).abs().max() > 1e-3  # the adapters change the output
+
+    ours = LatentDiffusionPipeline.from_pretrained(sd_folder, channels_last=False)
+    ours.load_lora_weights(out / "lora")
+    latents = torch.randn(1, 4, 24, 24, generator=torch.Generator().manual_seed(0))
+    mine = ours(
+        PROMPT, num_inference_steps=3, guidance_scale=3.0, sampler="ddim", latents=latents, output_type="pt"
+    )
+    torch.testing.assert_close((mine.images + 1) / 2, after, rtol=0, atol=1e-4)  # theirs is in [0, 1]
+
+    merged = StableDiffusionPipeline.from_pretrained(out / "model")  # lora.merge=true: adapters fused
+    torch.testing.assert_close(diffusers_image(merged), after, rtol=0, atol=1e-4)
+
+
+def test_csv_source_with_a_missing_file_and_hf_buckets(tmp_path, mixed_folder, caplog):
+    import datasets
+
+    rows = (
+        ["file,caption"] + [f"{mixed_folder}/{i:02d}.png,caption {i}" for i in range(12)] + ["gone.png,lost"]
+    )
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    cfg = finetune_config("unused", "unused", tmp_path / "data.csv", "data.dataset=csv", "data.image_column=file",
+                          "data.caption_column=caption", "data.repeats=1").data  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        data = build_dataset(cfg, "train", seed=0, bucket_step=16)
+    assert "skipped 1 of 13 rows" in caplog.text
+    assert len(data) == 11 and data[0]["caption"].startswith("caption ")
+    bad = finetune_config("unused", "unused", tmp_path / "data.csv", "data.dataset=csv").data
+    with pytest.raises(ValueError, match="columns: file, caption"):
+        build_dataset(bad, "train", seed=0)
+
+    images = [Image.open(mixed_folder / f"{i:02d}.png").convert("RGB") for i in range(12)]
+    datasets.Dataset.from_dict({"image": images, "text": ["x"] * 12}).save_to_disk(tmp_path / "hf")
+    hf = finetune_config("unused", "unused", tmp_path / "hf", "data.dataset=hf").data
+    data = build_dataset(hf, "train", seed=0, bucket_step=16)
+    assert len(set(data.bucket_of)) == 3 and len(data) == 22
