@@ -59,11 +59,27 @@ class VAEEvalConfig:
 
 
 @dataclass
+class VAETrainConfig(TrainConfig):
+    """``TrainConfig`` plus what only stage 1 has."""
+
+    decoder_only: bool = False  # train the decoder (and post_quant_conv) only: latents stay as they are
+
+
+@dataclass
 class VAERunConfig:
     output_dir: str = "runs/vae-shapes"
     seed: int = 0
+    pretrained: str | None = None  # an AutoencoderKL folder (or a pipeline folder with vae/) to start from
     data: DataConfig = field(default_factory=DataConfig)
     model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     loss: VAELossConfig = field(default_factory=VAELossConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=3200, lr=1e-3, log_every=50))
+    train: VAETrainConfig = field(
+        default_factory=lambda: VAETrainConfig(max_steps=3200, lr=1e-3, log_every=50)
+    )
     eval: VAEEvalConfig = field(default_factory=VAEEvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.decoder_only and not self.pretrained:
+            raise ConfigError(
+                "train.decoder_only=true needs pretrained=PATH: the autoencoder whose decoder to fine-tune"
+            )

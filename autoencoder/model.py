@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL
 
@@ -24,6 +26,30 @@ def build_autoencoder(cfg: AutoencoderConfig, sample_size: int) -> AutoencoderKL
         mid_block_add_attention=cfg.mid_block_attention,
         scaling_factor=1.0,
     )
+
+
+def load_pretrained_autoencoder(path: str | Path) -> AutoencoderKL:
+    """An ``AutoencoderKL`` folder, or a diffusers pipeline folder with one in ``vae/``."""
+    folder = Path(path)
+    if (folder / "vae" / "config.json").exists():
+        folder = folder / "vae"
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(
+            f"pretrained={path}: no AutoencoderKL there (a folder with config.json, or a pipeline folder with vae/)"
+        )
+    return AutoencoderKL.from_pretrained(folder, use_safetensors=True)
+
+
+def trainable_parameters(vae: AutoencoderKL, decoder_only: bool) -> list[torch.nn.Parameter]:
+    """All parameters, or with ``decoder_only`` those of post_quant_conv and the decoder; the rest
+    (encoder, quant_conv) is frozen, so that the latent space and its scaling factor stay as they are."""
+    if not decoder_only:
+        return list(vae.parameters())
+    vae.requires_grad_(False)
+    parts = [vae.decoder] + ([vae.post_quant_conv] if vae.post_quant_conv is not None else [])
+    for part in parts:
+        part.requires_grad_(True)
+    return [p for part in parts for p in part.parameters()]
 
 
 def decoder_last_layer(vae: AutoencoderKL):

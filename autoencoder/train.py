@@ -21,7 +21,13 @@ from autoencoder.config import VAERunConfig
 from autoencoder.discriminator import NLayerDiscriminator
 from autoencoder.evaluate import evaluate_autoencoder
 from autoencoder.export import export_autoencoder, measure_scaling_factor
-from autoencoder.model import AutoencoderTrainingForward, build_autoencoder, decoder_last_layer
+from autoencoder.model import (
+    AutoencoderTrainingForward,
+    build_autoencoder,
+    decoder_last_layer,
+    load_pretrained_autoencoder,
+    trainable_parameters,
+)
 from autoencoder.objective import autoencoder_objective, discriminator_objective
 from autoencoder.perceptual import load_lpips
 from ldm.data import build_dataset
@@ -40,14 +46,21 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     accelerator, out = start_run(cfg, tc)
     main = accelerator.is_main_process
 
-    # --- data --------------------------------------------------------------------------------
-    train_set = build_dataset(cfg.data, "train", cfg.seed)
-    val_set = build_dataset(cfg.data, "val", cfg.seed)
-
     # --- models and optimizers ---------------------------------------------------------------
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
-    vae = build_autoencoder(cfg.model, cfg.data.resolution).to(memory_format=memory_format)
-    disc = NLayerDiscriminator(cfg.model.in_channels, cfg.loss.disc_channels, cfg.loss.disc_layers)
+    if cfg.pretrained:
+        vae = load_pretrained_autoencoder(cfg.pretrained).to(memory_format=memory_format)
+    else:
+        vae = build_autoencoder(cfg.model, cfg.data.resolution).to(memory_format=memory_format)
+    params = trainable_parameters(vae, tc.decoder_only)
+
+    # --- data --------------------------------------------------------------------------------
+    bucket_step = 8 * 2 ** (len(vae.config.block_out_channels) - 1)  # sides for data.buckets
+    train_set = build_dataset(cfg.data, "train", cfg.seed, bucket_step=bucket_step)
+    val_set = build_dataset(cfg.data, "val", cfg.seed)
+
+    # --- discriminator, perceptual loss, optimizers ------------------------------------------
+    disc = NLayerDiscriminator(vae.config.in_channels, cfg.loss.disc_channels, cfg.loss.disc_layers)
     disc = disc.to(memory_format=memory_format)
     lpips = None
     if cfg.loss.lpips_weights and not Path(cfg.loss.lpips_weights).is_file():
@@ -60,13 +73,13 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
         if lpips is not None:
             lpips = lpips.to(accelerator.device)
     betas = (tc.adam_beta1, tc.adam_beta2)
-    opt_ae = adamw(vae.parameters(), tc.lr, betas, tc.weight_decay)
+    opt_ae = adamw(params, tc.lr, betas, tc.weight_decay)
     opt_d = adamw(disc.parameters(), cfg.loss.disc_lr or tc.lr, (0.5, 0.9), 0.0)
     model, disc, opt_ae, opt_d = accelerator.prepare(AutoencoderTrainingForward(vae), disc, opt_ae, opt_d)
     disc_for_g = accelerator.unwrap_model(disc)  # the adversarial term: no DDP (D gets no gradient there)
     ema = None
     if tc.ema_decay > 0:
-        ema = EMAModel(vae.parameters(), decay=tc.ema_decay, foreach=True)
+        ema = EMAModel(params, decay=tc.ema_decay, foreach=True)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     last_layer = decoder_last_layer(vae)
@@ -77,9 +90,11 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     metrics = metrics_writer(accelerator, out, step)
     fixed = torch.stack([val_set[i]["pixel_values"] for i in range(min(8, len(val_set)))])
     logger.info(
-        "training %.2fM-parameter autoencoder (f=%d) for %d steps, batch %d x %d processes x %d accumulation",
+        "training %.2fM of %.2fM autoencoder parameters (%s, f=%d) for %d steps, batch %d x %d processes x %d accumulation",
+        sum(p.numel() for p in params) / 1e6,
         sum(p.numel() for p in vae.parameters()) / 1e6,
-        cfg.model.downsample_factor,
+        "decoder only" if tc.decoder_only else "all",
+        2 ** (len(vae.config.block_out_channels) - 1),
         tc.max_steps,
         tc.batch_size,
         accelerator.num_processes,
@@ -112,9 +127,7 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tc.grad_clip > 0:
-                    terms["grad_norm"] = accelerator.clip_grad_norm_(
-                        model.parameters(), tc.grad_clip
-                    ).detach()
+                    terms["grad_norm"] = accelerator.clip_grad_norm_(params, tc.grad_clip).detach()
                 opt_ae.step()
                 opt_ae.zero_grad(set_to_none=True)
                 # 2. discriminator step
@@ -129,7 +142,7 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
                 sums[key] = sums.get(key, 0) + value
                 counts[key] = counts.get(key, 0) + 1
         if ema is not None:
-            ema.step(vae.parameters())
+            ema.step(params)
         step += 1
         count += 1
         progress.update(1)
@@ -154,13 +167,18 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
 
     # --- export and evaluation ---------------------------------------------------------------
     if ema is not None:
-        ema.copy_to(vae.parameters())
+        ema.copy_to(params)
     results = None
     if main:
         vae.eval()
         # scaling_factor from training images (unaugmented); a stream has no index: its validation items then
         scale_set = val_set if isinstance(train_set, IterableDataset) else train_set
-        factor = measure_scaling_factor(vae, scale_set, cfg.eval.scale_samples, tc.batch_size * 4)
+        if (
+            tc.decoder_only
+        ):  # the encoder did not change: keep the factor the diffusion model was trained with
+            factor = vae.config.scaling_factor
+        else:
+            factor = measure_scaling_factor(vae, scale_set, cfg.eval.scale_samples, tc.batch_size * 4)
         export_autoencoder(vae, out / "model", factor)
         _save_reconstructions(vae, fixed, out / "samples" / "final.png")
         results = evaluate_autoencoder(vae, val_set, cfg.eval, batch_size=tc.batch_size * 4)

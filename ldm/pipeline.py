@@ -136,6 +136,7 @@ class LatentDiffusionPipeline:
         attention: str = "auto",
         compile: bool = False,
         channels_last: bool = True,
+        vae: str | Path | AutoencoderKL | None = None,
     ) -> LatentDiffusionPipeline:
         """Load our exported folder or a diffusers Stable Diffusion 1.x/2.x folder (safetensors only).
 
@@ -143,13 +144,17 @@ class LatentDiffusionPipeline:
         ``compile``: ``torch.compile`` the UNet (pays off on GPUs over many calls).
         ``channels_last``: UNet and VAE convolutions in NHWC, which oneDNN and cuDNN run faster
         (5% per UNet call on the shapes model on the CPU; same images to float rounding).
+        ``vae``: another autoencoder (a folder or a model) with the same latent space, e.g. one
+        whose decoder was fine-tuned (``train_vae.py train.decoder_only=true``).
         """
         from diffusers import DDPMScheduler
 
         root = check_pipeline_folder(path)
         kw = {"use_safetensors": True}
+        if vae is None or isinstance(vae, (str, Path)):
+            vae = AutoencoderKL.from_pretrained(Path(vae) if vae is not None else root / "vae", **kw)
         pipe = cls(
-            vae=AutoencoderKL.from_pretrained(root / "vae", **kw),
+            vae=vae,
             text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder", **kw),
             tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
             unet=UNet2DConditionModel.from_pretrained(root / "unet", **kw),

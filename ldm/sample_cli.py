@@ -2,7 +2,8 @@
 
     ldm-sample --model runs/ldm-shapes/model --prompt "a red circle on a black background" \\
         [--negative-prompt TEXT] [-n 4] [--steps 30] [--guidance 7.5] [--sampler dpm++2m] [--seed 0] \\
-        [--size 32] [--device cpu] [--dtype float32] --out samples/
+        [--size 32] [--device cpu] [--dtype float32] [--lora PATH] [--lora-scale 1] [--vae PATH] \\
+        [--tiled-decode] --out samples/
 
 Writes one PNG per image (``<out>/<prompt index>-<image index>.png``) and ``<out>/grid.png``.
 """
@@ -42,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--lora", default=None, help="LoRA folder or .safetensors to apply")
+    parser.add_argument("--lora-scale", type=float, default=1.0)
+    parser.add_argument("--vae", default=None, help="another autoencoder folder with the same latents")
+    parser.add_argument("--tiled-decode", action="store_true", help="decode in tiles (large images)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     args = parser.parse_args(argv)
     setup_logging()
@@ -49,8 +54,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         pipe = LatentDiffusionPipeline.from_pretrained(
-            args.model, device=args.device, dtype=DTYPES[args.dtype]
+            args.model, device=args.device, dtype=DTYPES[args.dtype], vae=args.vae
         )
+        if args.lora:
+            pipe.load_lora_weights(args.lora, scale=args.lora_scale)
+        if args.tiled_decode:
+            pipe.enable_vae_tiling()
         out = pipe(
             args.prompt,
             negative_prompt=args.negative_prompt,

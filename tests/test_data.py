@@ -492,3 +492,26 @@ def test_hf_streaming_shuffle_and_skip(tmp_path):
     train.set_epoch(1)
     train.skip = 0
     assert [it["caption"] for it in train] != train_caps
+
+
+def test_export_folder_in_a_new_color_reads_back(tmp_path):
+    import argparse
+
+    from ldm.data.export_folder import export_folder, parse_color
+    from ldm.shapes_eval import caption_accuracy
+
+    orange = parse_color("orange=240,140,30")
+    assert orange == ("orange", (240, 140, 30))
+    with pytest.raises(argparse.ArgumentTypeError, match="NAME=R,G,B"):
+        parse_color("orange")
+    root = export_folder(tmp_path / "orange", count=12, color=orange)
+    data = build_dataset(
+        DataConfig(dataset="folder", path=str(root), val_size=0, flip=False), "train", seed=0
+    )
+    items = [data[i] for i in range(len(data))]
+    assert all(it["caption"].startswith("an orange ") for it in items)
+    images = torch.stack([it["pixel_values"] for it in items])
+    result = caption_accuracy(
+        images, [it["caption"] for it in items], colors={**COLORS, "orange": (240, 140, 30)}
+    )
+    assert result["accuracy"] == 1.0  # the evaluator reads the new color once its palette has it

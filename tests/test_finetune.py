@@ -110,7 +110,7 @@ def test_buckets_give_batches_of_one_shape_each(mixed_folder):
 
 def test_full_finetune_from_a_diffusers_folder(tmp_path, sd_folder, mixed_folder, caplog):
     caplog.set_level(logging.INFO, logger="ldm")
-    out = train_ldm(finetune_config(tmp_path / "full", sd_folder, mixed_folder))
+    out = train_ldm(finetune_config(tmp_path / "full", sd_folder, mixed_folder, "text.train=true"))
     assert "aspect-ratio buckets" in caplog.text and "scaled_linear" in caplog.text
     assert (out / "model" / "model_index.json").exists()
     tuned = StableDiffusionPipeline.from_pretrained(out / "model")
@@ -122,6 +122,8 @@ def test_full_finetune_from_a_diffusers_folder(tmp_path, sd_folder, mixed_folder
     assert all(changed[:3])
     for a, b in zip(tuned.vae.parameters(), base.vae.parameters(), strict=True):  # frozen
         assert torch.equal(a, b)
+    text_changed = [not torch.equal(a, b) for a, b in zip(tuned.text_encoder.parameters(), base.text_encoder.parameters(), strict=True)]  # fmt: skip
+    assert any(text_changed)  # text.train=true
 
 
 def test_lora_file_loads_into_diffusers_and_ours(tmp_path, sd_folder, mixed_folder):
@@ -178,3 +180,18 @@ def test_csv_source_with_a_missing_file_and_hf_buckets(tmp_path, mixed_folder, c
     hf = finetune_config("unused", "unused", tmp_path / "hf", "data.dataset=hf").data
     data = build_dataset(hf, "train", seed=0, bucket_step=16)
     assert len(set(data.bucket_of)) == 3 and len(data) == 22
+
+
+def test_noise_schedule_comes_from_the_pretrained_folder(tmp_path):
+    from ldm.diffusion.config import NoiseConfig
+    from ldm.diffusion.models import pretrained_noise
+
+    DDPMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction").save_pretrained(
+        tmp_path / "sd2" / "scheduler"
+    )
+    noise = pretrained_noise(tmp_path / "sd2", NoiseConfig())  # ours defaults to squaredcos epsilon
+    assert (noise.beta_schedule, noise.prediction_type) == ("scaled_linear", "v_prediction")
+    with pytest.raises(FileNotFoundError, match="scheduler"):
+        pretrained_noise(tmp_path / "nothing", NoiseConfig())
+    with pytest.raises(ValueError, match="lora.text_encoder"):
+        load_config(LDMRunConfig, None, ["lora.rank=4", "text.train=true"])

@@ -175,3 +175,27 @@ def test_compiled_unet_gives_the_same_images(pipe, tmp_path):  # noqa: F811
     b = compiled(PROMPTS, num_inference_steps=3, guidance_scale=3.0, seed=0, output_type="pt").images
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
     assert (compiled.save_pretrained(tmp_path / "again") / "unet" / "config.json").exists()
+
+
+def test_swapped_vae_and_caption_eval_cli(pipe, tmp_path, capsys):  # noqa: F811
+    import json
+
+    from conftest import tiny_autoencoder
+
+    from ldm.diffusion.caption_eval import main as caption_eval
+
+    folder = pipe.save_pretrained(tmp_path / "model")
+    other = tiny_autoencoder(scaling_factor=0.7)
+    torch.nn.init.normal_(other.decoder.conv_out.weight)  # a different decoder, same latents
+    other.save_pretrained(tmp_path / "vae")
+    swapped = LatentDiffusionPipeline.from_pretrained(folder, vae=tmp_path / "vae")
+    assert torch.equal(swapped.vae.decoder.conv_out.weight, other.decoder.conv_out.weight)
+    assert not torch.equal(swapped.vae.decoder.conv_out.weight, pipe.vae.decoder.conv_out.weight)
+
+    out = tmp_path / "eval.json"
+    args = ["--model", str(folder), "--color", "orange=240,140,30", "--seeds", "1", "--val", "3",
+            "--resolution", "16", "--steps", "2", "--out", str(out)]  # fmt: skip
+    assert caption_eval(args) == 0
+    results = json.loads(out.read_text())
+    assert results["orange_captions"]["n"] == 9 and results["original_captions"]["n"] == 3
+    assert 0.0 <= results["orange_captions"]["accuracy"] <= 1.0

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_autoencoder
 from diffusers import AutoencoderKL
 
 from autoencoder.config import VAELossConfig, VAERunConfig
@@ -19,7 +20,7 @@ from autoencoder.export import latent_std
 from autoencoder.model import AutoencoderTrainingForward, build_autoencoder, decoder_last_layer
 from autoencoder.objective import autoencoder_objective, discriminator_objective
 from autoencoder.train import train_autoencoder
-from ldm.config import load_config
+from ldm.config import ConfigError, load_config
 from ldm.data import build_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,6 +116,27 @@ def test_trains_on_a_folder_of_mixed_images_and_counts_the_corrupt_one(tmp_path,
         train_autoencoder(cfg)
     assert any("skipped 1 unreadable" in r.getMessage() for r in caplog.records), caplog.text
     assert AutoencoderKL.from_pretrained(tmp_path / "run" / "model").config.scaling_factor > 0
+
+
+def test_decoder_only_finetuning_keeps_the_encoder_bit_identical(tmp_path):
+    from ldm.data.export_folder import export_folder
+
+    base = tmp_path / "base" / "model"
+    tiny_autoencoder(scaling_factor=0.77).save_pretrained(base)
+    root = export_folder(tmp_path / "images", count=30, resolution=24, mixed=True)
+    cfg = tiny_config(tmp_path / "ft", f"pretrained={base}", "train.decoder_only=true", "data.dataset=folder",
+                      f"data.path={root}", "train.max_steps=4", "train.lr=1e-2")  # fmt: skip
+    train_autoencoder(cfg)
+    before, after = _weights(base), _weights(tmp_path / "ft" / "model")
+    assert before.keys() == after.keys()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert (
+        AutoencoderKL.from_pretrained(tmp_path / "ft" / "model").config.scaling_factor == 0.77
+    )  # latents as before
+    with pytest.raises(ConfigError, match="pretrained"):
+        tiny_config(tmp_path / "x", "train.decoder_only=true")
 
 
 def test_sigkill_then_resume_latest_finishes_like_an_uninterrupted_run(tmp_path):

@@ -1,21 +1,24 @@
 """Write shapes items as an image folder with ``metadata.jsonl``, the layout ``data.dataset=folder`` reads.
 
     python -m ldm.data.export_folder DIR [--count 36] [--resolution 32] [--mixed] [--corrupt 1]
+        [--color orange=240,140,30]
 
 ``--mixed`` saves the images at assorted sizes, modes and formats (RGB PNG, RGBA PNG, L PNG,
 palette GIF, CMYK JPEG, WebP); ``--corrupt N`` adds N unreadable files, to see how a
-training run reports them.
+training run reports them. ``--color NAME=R,G,B`` paints every shape in a new color (the
+captions say so), e.g. to teach a trained model a color it has never seen.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 from PIL import Image
 
-from ldm.data.shapes import ShapesDataset
+from ldm.data.shapes import COLORS, ShapesDataset, render
 
 # (mode, extension, size multiplier): the mix --mixed cycles through
 MIXED_FORMATS = [
@@ -37,14 +40,19 @@ def export_folder(
     split: str = "train",
     mixed: bool = False,
     corrupt: int = 0,
+    color: tuple[str, tuple[int, int, int]] | None = None,
 ) -> Path:
-    """Write ``count`` shapes items under ``root`` (half in a subfolder) and their captions."""
+    """Write ``count`` shapes items under ``root`` (half in a subfolder) and their captions;
+    ``color`` = (name, rgb) repaints every shape in that color."""
     root = Path(root)
     (root / "more").mkdir(parents=True, exist_ok=True)
     dataset = ShapesDataset(count, resolution, seed, split)
     rows = []
     for i in range(count):
         spec, pixels = dataset.image(i)  # (3, R, R) uint8
+        if color is not None:
+            spec = dataclasses.replace(spec, color=color[0])
+            pixels = render([spec], resolution, colors={**COLORS, color[0]: color[1]})[0]
         image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
         mode, ext, scale = MIXED_FORMATS[i % len(MIXED_FORMATS)] if mixed else ("RGB", "png", 1.0)
         if scale != 1.0:
@@ -60,6 +68,18 @@ def export_folder(
     return root
 
 
+def parse_color(text: str) -> tuple[str, tuple[int, int, int]]:
+    """``"orange=240,140,30"`` -> ``("orange", (240, 140, 30))``."""
+    try:
+        name, rgb = text.split("=")
+        r, g, b = (int(v) for v in rgb.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=R,G,B, e.g. orange=240,140,30") from None
+    if not name.isalpha() or not all(0 <= v <= 255 for v in (r, g, b)):
+        raise argparse.ArgumentTypeError(f"{text!r}: a one-word name and values in 0..255")
+    return name.lower(), (r, g, b)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ldm.data.export_folder", description=__doc__.splitlines()[0]
@@ -71,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="train", choices=["train", "val"])
     parser.add_argument("--mixed", action="store_true", help="assorted sizes, modes and formats")
     parser.add_argument("--corrupt", type=int, default=0, help="unreadable files to add")
+    parser.add_argument("--color", type=parse_color, default=None, help="NAME=R,G,B: paint every shape so")
     args = parser.parse_args(argv)
-    export_folder(args.root, args.count, args.resolution, args.seed, args.split, args.mixed, args.corrupt)
+    export_folder(
+        args.root, args.count, args.resolution, args.seed, args.split, args.mixed, args.corrupt, args.color
+    )
     return 0
 
 

@@ -47,8 +47,9 @@ CACHE_MAX_BYTES = 1 << 30  # keep rendered items in memory when the whole split 
 
 
 def caption(color: str, shape: str, background: str) -> str:
-    """The caption of an item: ``"a {color} {shape} on a {background} background"``."""
-    return f"a {color} {shape} on a {background} background"
+    """The caption of an item: ``"a {color} {shape} on a {background} background"`` ("an" before a vowel)."""
+    article = "an" if color[:1] in "aeiou" else "a"
+    return f"{article} {color} {shape} on a {background} background"
 
 
 @dataclass(frozen=True)
@@ -198,8 +199,14 @@ def _coverage(specs: Sequence[ShapeSpec], resolution: int, supersample: int) -> 
     return per_row.sum(dim=2, dtype=torch.int32)  # (N, R, R)
 
 
-def render(specs: Sequence[ShapeSpec], resolution: int, supersample: int = SUPERSAMPLE) -> torch.Tensor:
-    """Draw ``specs`` as uint8 images (N, 3, R, R), anti-aliased by supersampling.
+def render(
+    specs: Sequence[ShapeSpec],
+    resolution: int,
+    supersample: int = SUPERSAMPLE,
+    colors: dict[str, tuple[int, int, int]] | None = None,
+) -> torch.Tensor:
+    """Draw ``specs`` as uint8 images (N, 3, R, R), anti-aliased by supersampling; ``colors``
+    (default ``COLORS``) may add colors, e.g. ``{**COLORS, "orange": (240, 140, 30)}``.
 
     Each pixel blends shape color over background by the fraction of its
     ``supersample**2`` sample points inside the shape, in exact integer arithmetic, so
@@ -212,7 +219,7 @@ def render(specs: Sequence[ShapeSpec], resolution: int, supersample: int = SUPER
     for start in range(0, n, chunk):
         part = specs[start : start + chunk]
         covered = _coverage(part, resolution, supersample)[:, None]  # (B, 1, R, R)
-        fg = torch.tensor([COLORS[s.color] for s in part])[:, :, None, None]  # (B, 3, 1, 1) int64
+        fg = torch.tensor([(colors or COLORS)[s.color] for s in part])[:, :, None, None]  # (B, 3, 1, 1) int64
         bg = torch.tensor([BACKGROUNDS[s.background] for s in part])[:, :, None, None]
         blended = (fg * covered.long() + bg * (samples - covered) + samples // 2) // samples  # (B, 3, R, R)
         out[start : start + chunk] = blended.to(torch.uint8)
