@@ -15,11 +15,11 @@ from ldm.training.sampler import ResumableSampler
 class TrainBatches:
     """``next(batches)`` gives the next training batch, forever; ``state_dict()`` says where it is.
 
-    Map-style datasets are walked in ``ResumableSampler`` order (``BucketBatchSampler`` when the
-    dataset has ``bucket_of``) (``position`` = items consumed
-    by all processes together). A streamed dataset is re-read epoch after epoch, reshuffled by
-    ``set_epoch``; its state is (epoch, items this process consumed in it). Either way a resumed
-    run sees the same batches as an uninterrupted one.
+    Map-style datasets are walked in ``ResumableSampler`` order, or ``BucketBatchSampler``'s when
+    the dataset has ``bucket_of`` (``position`` = items consumed by all processes together). A
+    streamed dataset is re-read epoch after epoch, reshuffled by ``set_epoch``; its state is
+    (epoch, items this process consumed in it). Either way a resumed run sees the same batches as
+    an uninterrupted one.
     """
 
     def __init__(
