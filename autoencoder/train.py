@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers.training_utils import EMAModel
 from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 
@@ -33,7 +32,8 @@ from autoencoder.perceptual import load_lpips
 from ldm.data import build_dataset
 from ldm.images import save_grid
 from ldm.training.checkpoint import save_checkpoint
-from ldm.training.optim import adamw
+from ldm.training.ema import EMA
+from ldm.training.optim import adamw, clip_gradients
 from ldm.training.run import finish_run, metrics_writer, resume_run, set_lr, start_run, train_batches
 from ldm.training.schedule import lr_multiplier
 
@@ -79,7 +79,7 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     disc_for_g = accelerator.unwrap_model(disc)  # the adversarial term: no DDP (D gets no gradient there)
     ema = None
     if tc.ema_decay > 0:
-        ema = EMAModel(params, decay=tc.ema_decay, foreach=True)
+        ema = EMA(params, decay=tc.ema_decay)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     last_layer = decoder_last_layer(vae)
@@ -127,7 +127,7 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tc.grad_clip > 0:
-                    terms["grad_norm"] = accelerator.clip_grad_norm_(params, tc.grad_clip).detach()
+                    terms["grad_norm"] = clip_gradients(accelerator, params, tc.grad_clip).detach()
                 opt_ae.step()
                 opt_ae.zero_grad(set_to_none=True)
                 # 2. discriminator step

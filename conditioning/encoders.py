@@ -91,8 +91,17 @@ class TextEncoder(nn.Module):
         )
         return batch.input_ids  # (B, L)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """Token ids (B, L) -> context (B, L, D): the last hidden state, after ``final_layer_norm``."""
+    def forward(self, input_ids: Tensor, deduplicate: bool = False) -> Tensor:
+        """Token ids (B, L) -> context (B, L, D): the last hidden state, after ``final_layer_norm``.
+
+        ``deduplicate``: encode each distinct row once and gather, context = f(unique rows)[inverse]:
+        the same values and (summed through the gather) the same gradients, fewer FLOPs when captions
+        repeat within a batch, as the dropped caption "" always does.
+        """
+        if deduplicate:
+            unique, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
+            if len(unique) < len(input_ids):
+                return self(unique)[inverse]  # (B, L, D)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             return self.model(input_ids=input_ids).last_hidden_state  # (B, L, D)
 

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from conditioning import drop_captions
@@ -30,7 +29,8 @@ from ldm.diffusion.unet import set_attention_backend
 from ldm.images import save_grid
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.training.checkpoint import save_checkpoint
-from ldm.training.optim import adamw
+from ldm.training.ema import EMA
+from ldm.training.optim import adamw, clip_gradients
 from ldm.training.run import finish_run, metrics_writer, resume_run, set_lr, start_run, train_batches
 from ldm.training.schedule import lr_multiplier
 
@@ -91,7 +91,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     text_cache = None if train_text else CaptionCache(accelerator.unwrap_model(text_encoder).encode)
     ema = None
     if tc.ema_decay > 0:
-        ema = EMAModel(trainable, decay=tc.ema_decay, foreach=True)
+        ema = EMA(trainable, decay=tc.ema_decay)
         ema.to(device)
         accelerator.register_for_checkpointing(ema)
 
@@ -136,11 +136,11 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
                     context = text_cache(captions)  # (B, L, D), frozen encoder
                 else:
                     ids = token_cache(captions).to(device)  # (B, L)
-                    context = text_encoder(ids)  # (B, L, D)
+                    context = text_encoder(ids, deduplicate=True)  # (B, L, D), each distinct caption once
                 loss = denoising_loss(unet, z0, context, alphas_cumprod, cfg.noise)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tc.grad_clip > 0:
-                    accelerator.clip_grad_norm_(trainable, tc.grad_clip)
+                    clip_gradients(accelerator, trainable, tc.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
