@@ -310,3 +310,27 @@ def test_config_checks_name_the_key():
     assert TextEncoderConfig(kind="clip", name_or_path="x/y", train=True).trainable
     cfg = load_config(TextEncoderConfig, overrides=["p_uncond=0.2", "train=false"])
     assert cfg.p_uncond == 0.2 and not cfg.trainable
+
+
+def test_deduplicated_encoding_gives_the_same_context_and_gradients():
+    import torch
+
+    from conditioning import TextEncoderConfig, build_text_encoder
+
+    torch.manual_seed(0)
+    encoder = build_text_encoder(
+        TextEncoderConfig(hidden_size=32, num_heads=2, intermediate_size=64, max_length=8)
+    )
+    ids = encoder.tokenize(["a red circle", "", "a red circle", "a blue square", ""])
+    grads = []
+    weights = torch.randn(5, 8, 32, generator=torch.Generator().manual_seed(1))
+    for dedup in (False, True):
+        encoder.zero_grad()
+        context = encoder(ids, deduplicate=dedup)
+        (context * weights).sum().backward()
+        grads.append([p.grad.clone() for p in encoder.parameters()])
+        if dedup:
+            torch.testing.assert_close(context, plain)
+        plain = context.detach()
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)  # float32 sums in another order

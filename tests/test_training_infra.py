@@ -42,3 +42,44 @@ def test_resume_errors_say_what_to_do(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         resolve_checkpoint(tmp_path, str(tmp_path / "half"))
+
+
+def test_one_pass_ema_equals_diffusers_ema():
+    import torch
+    from diffusers.training_utils import EMAModel
+
+    from ldm.training.ema import EMA
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    params[1].requires_grad_(False)  # frozen parameters are copied, as diffusers does
+    ours, theirs = EMA(params, decay=0.99), EMAModel(params, decay=0.99, foreach=True)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p))
+        ours.step(params)
+        theirs.step(params)
+    for a, b in zip(ours.shadow_params, theirs.shadow_params, strict=True):
+        torch.testing.assert_close(a, b)
+    assert ours.cur_decay_value == theirs.cur_decay_value  # the same warm-up of the decay
+
+
+def test_clip_gradients_matches_torch_and_skips_only_a_no_op():
+    import torch
+    from accelerate import Accelerator
+
+    from ldm.training.optim import clip_gradients
+
+    accelerator = Accelerator(cpu=True)
+    for scale in (1e-3, 10.0):  # below and above max_norm
+        torch.manual_seed(0)
+        ours = [torch.nn.Parameter(torch.randn(4, 4)) for _ in range(3)]
+        ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+        for a, b in zip(ours, ref, strict=True):
+            a.grad = torch.randn_like(a) * scale
+            b.grad = a.grad.clone()
+        norm = clip_gradients(accelerator, ours, 1.0)
+        torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(ref, 1.0))
+        for a, b in zip(ours, ref, strict=True):
+            torch.testing.assert_close(a.grad, b.grad)
