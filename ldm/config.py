@@ -97,6 +97,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"  # no | fp16 | bf16
     channels_last: bool = True  # memory format of conv weights and inputs
+    tf32: bool = True  # CUDA: TF32 tensor cores for fp32 matmuls and convolutions (Ampere and newer)
     ema_decay: float = 0.0  # EMA of the weights; 0 disables
     log_every: int = 25  # steps between metrics.jsonl lines
     sample_every: int = 500  # steps between sample grids; 0 disables

@@ -166,11 +166,14 @@ def test_sample_cli_writes_images_and_a_grid(pipe, tmp_path):  # noqa: F811
         main([*args, "--size", "15", "--device", "cpu", "--out", str(tmp_path / "bad")])
 
 
-def test_compiled_unet_gives_the_same_images(pipe, tmp_path):  # noqa: F811
-    """``compile=True`` runs the UNet through torch.compile (inductor; ~40 s to compile on the CPU)."""
+def test_compiled_unet_and_decoder_give_the_same_images(pipe, tmp_path):  # noqa: F811
+    """``compile=True, compile_vae=True`` run the UNet and the decoder through torch.compile (inductor;
+    about a minute to compile on the CPU)."""
     folder = pipe.save_pretrained(tmp_path / "model")
-    compiled = LatentDiffusionPipeline.from_pretrained(folder, compile=True)
-    assert hasattr(compiled.unet, "_orig_mod")
+    compiled = LatentDiffusionPipeline.from_pretrained(folder, compile=True, compile_vae=True)
+    assert (
+        compiled.unet._compiled_call_impl is not None and compiled.vae.decoder._compiled_call_impl is not None
+    )
     a = pipe(PROMPTS, num_inference_steps=3, guidance_scale=3.0, seed=0, output_type="pt").images
     b = compiled(PROMPTS, num_inference_steps=3, guidance_scale=3.0, seed=0, output_type="pt").images
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)

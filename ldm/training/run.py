@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import Dataset, IterableDataset
@@ -27,6 +28,9 @@ def start_run(cfg: Any, train: TrainConfig) -> tuple[Accelerator, Path]:
         mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.gradient_accumulation_steps
     )
     set_seed(cfg.seed, device_specific=True)
+    if accelerator.device.type == "cuda":  # fp32 matmuls and convolutions on TF32 tensor cores, or not
+        torch.backends.cuda.matmul.allow_tf32 = train.tf32
+        torch.backends.cudnn.allow_tf32 = train.tf32
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
