@@ -36,6 +36,7 @@ from ldm.training.ema import EMA
 from ldm.training.optim import adamw, clip_gradients
 from ldm.training.run import finish_run, metrics_writer, resume_run, set_lr, start_run, train_batches
 from ldm.training.schedule import lr_multiplier
+from ldm.training.signals import GracefulStop
 
 logger = logging.getLogger("ldm")
 
@@ -103,65 +104,75 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
 
     # --- loop --------------------------------------------------------------------------------
     stop = min(tc.max_steps, tc.stop_at) if tc.stop_at else tc.max_steps
-    progress = tqdm(total=tc.max_steps, initial=step, disable=not main, desc="train_vae", dynamic_ncols=True)
-    sums: dict[str, torch.Tensor] = {}  # summed on the device; read back only when logging
-    counts: dict[str, int] = {}
-    count, t_log = 0, time.perf_counter()
-    model.train()
-    disc.train()
-    while step < stop:
-        lr = tc.lr * lr_multiplier(step, tc.lr_warmup_steps, tc.max_steps, tc.lr_schedule, tc.min_lr_ratio)
-        set_lr(opt_ae, lr)
-        set_lr(opt_d, (cfg.loss.disc_lr or tc.lr) * lr / tc.lr)
-        gan_on = step >= cfg.loss.disc_start
-        for _ in range(tc.gradient_accumulation_steps):
-            batch = next(batches)
-            x = batch["pixel_values"].to(accelerator.device, non_blocking=True)
-            x = x.contiguous(memory_format=memory_format)  # (B, 3, H, W)
-            with accelerator.accumulate(model, disc):
-                # 1. autoencoder (generator) step; D is frozen so that no gradient leaks into it
-                disc.requires_grad_(False)
-                scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
-                loss, x_rec, terms = autoencoder_objective(
-                    model, disc_for_g, x, cfg.loss, last_layer, gan_on, lpips, scale
-                )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and tc.grad_clip > 0:
-                    terms["grad_norm"] = clip_gradients(accelerator, params, tc.grad_clip).detach()
-                opt_ae.step()
-                opt_ae.zero_grad(set_to_none=True)
-                # 2. discriminator step
-                if gan_on:
-                    disc.requires_grad_(True)
-                    d_loss, d_terms = discriminator_objective(disc, x, x_rec, cfg.loss)
-                    accelerator.backward(d_loss)
-                    opt_d.step()
-                    opt_d.zero_grad(set_to_none=True)
-                    terms.update(d_terms)
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0) + value
-                counts[key] = counts.get(key, 0) + 1
-        if ema is not None:
-            ema.step(params)
-        step += 1
-        count += 1
-        progress.update(1)
+    with GracefulStop() as stopper:  # SIGTERM / SIGINT end the loop at a step, with a checkpoint
+        progress = tqdm(
+            total=tc.max_steps, initial=step, disable=not main, desc="train_vae", dynamic_ncols=True
+        )
+        sums: dict[str, torch.Tensor] = {}  # summed on the device; read back only when logging
+        counts: dict[str, int] = {}
+        count, t_log = 0, time.perf_counter()
+        model.train()
+        disc.train()
+        while step < stop:
+            lr = tc.lr * lr_multiplier(
+                step, tc.lr_warmup_steps, tc.max_steps, tc.lr_schedule, tc.min_lr_ratio
+            )
+            set_lr(opt_ae, lr)
+            set_lr(opt_d, (cfg.loss.disc_lr or tc.lr) * lr / tc.lr)
+            gan_on = step >= cfg.loss.disc_start
+            for _ in range(tc.gradient_accumulation_steps):
+                batch = next(batches)
+                x = batch["pixel_values"].to(accelerator.device, non_blocking=True)
+                x = x.contiguous(memory_format=memory_format)  # (B, 3, H, W)
+                with accelerator.accumulate(model, disc):
+                    # 1. autoencoder (generator) step; D is frozen so that no gradient leaks into it
+                    disc.requires_grad_(False)
+                    scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
+                    loss, x_rec, terms = autoencoder_objective(
+                        model, disc_for_g, x, cfg.loss, last_layer, gan_on, lpips, scale
+                    )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and tc.grad_clip > 0:
+                        terms["grad_norm"] = clip_gradients(accelerator, params, tc.grad_clip).detach()
+                    opt_ae.step()
+                    opt_ae.zero_grad(set_to_none=True)
+                    # 2. discriminator step
+                    if gan_on:
+                        disc.requires_grad_(True)
+                        d_loss, d_terms = discriminator_objective(disc, x, x_rec, cfg.loss)
+                        accelerator.backward(d_loss)
+                        opt_d.step()
+                        opt_d.zero_grad(set_to_none=True)
+                        terms.update(d_terms)
+                for key, value in terms.items():
+                    sums[key] = sums.get(key, 0) + value
+                    counts[key] = counts.get(key, 0) + 1
+            if ema is not None:
+                ema.step(params)
+            step += 1
+            count += 1
+            progress.update(1)
+            if stopper.should_stop(accelerator):  # SIGTERM / SIGINT: checkpoint this step, then stop
+                stop = step
 
-        if step % tc.log_every == 0 or step == stop:
-            values = {f"train/{k}": float(v) / counts[k] for k, v in sums.items()}
-            values.update({"train/lr": lr, "train/step_time": (time.perf_counter() - t_log) / count})
-            metrics.write(step, values)
-            progress.set_postfix(rec=f"{values['train/rec_loss']:.4f}")
-            sums, counts, count, t_log = {}, {}, 0, time.perf_counter()
-        if main and tc.sample_every and step % tc.sample_every == 0:
-            _save_reconstructions(vae, fixed, out / "samples" / f"step-{step:06d}.png")
-        if step == stop or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
-            save_checkpoint(accelerator, out, step, {"data": batches.state_dict()}, tc.keep_checkpoints)
+            if step % tc.log_every == 0 or step == stop:
+                values = {f"train/{k}": float(v) / counts[k] for k, v in sums.items()}
+                values.update({"train/lr": lr, "train/step_time": (time.perf_counter() - t_log) / count})
+                metrics.write(step, values)
+                progress.set_postfix(rec=f"{values['train/rec_loss']:.4f}")
+                sums, counts, count, t_log = {}, {}, 0, time.perf_counter()
+            if main and tc.sample_every and step % tc.sample_every == 0:
+                _save_reconstructions(vae, fixed, out / "samples" / f"step-{step:06d}.png")
+            if step == stop or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
+                save_checkpoint(accelerator, out, step, {"data": batches.state_dict()}, tc.keep_checkpoints)
     progress.close()
 
     if step < tc.max_steps:
         logger.info(
-            "stopped at step %d of %d (train.stop_at); resume with --resume latest", step, tc.max_steps
+            "stopped at step %d of %d (%s); resume with --resume latest",
+            step,
+            tc.max_steps,
+            stopper.signal_name or "train.stop_at",
         )
         return out
 

@@ -167,6 +167,32 @@ def test_sigkill_then_resume_latest_finishes_like_an_uninterrupted_run(tmp_path)
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_sigint_saves_a_checkpoint_and_exits_0(tmp_path, sig):
+    args = [f"{a}" for a in TINY if not a.startswith(("train.max_steps", "train.checkpoint_every"))]
+    args += [
+        "train.max_steps=100000",
+        "train.checkpoint_every=0",
+        "train.sample_every=0",
+        "train.log_every=1",
+    ]
+    cmd = [sys.executable, str(ROOT / "train_vae.py"), f"output_dir={tmp_path / 'run'}", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "stopped at step" in stderr and sig.name in stderr
+    checkpoints = tmp_path / "run" / "checkpoints"
+    state = checkpoints / (checkpoints / "latest").read_text().strip() / "trainer_state.json"
+    step = json.loads(state.read_text())["step"]
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert step == logged[-1] >= 3  # the checkpoint holds the last step it trained
+
+
 @pytest.fixture()
 def fresh_accelerate_state():
     """accelerate keeps one process-wide state: reset it around a run with another precision."""

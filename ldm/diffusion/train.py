@@ -33,6 +33,7 @@ from ldm.training.ema import EMA
 from ldm.training.optim import adamw, clip_gradients
 from ldm.training.run import finish_run, metrics_writer, resume_run, set_lr, start_run, train_batches
 from ldm.training.schedule import lr_multiplier
+from ldm.training.signals import GracefulStop
 
 logger = logging.getLogger("ldm")
 
@@ -119,60 +120,70 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
 
     # --- loop --------------------------------------------------------------------------------
     stop = min(tc.max_steps, tc.stop_at) if tc.stop_at else tc.max_steps
-    progress = tqdm(total=tc.max_steps, initial=step, disable=not main, desc="train_ldm", dynamic_ncols=True)
-    loss_sum, count, t_log = torch.zeros((), device=device), 0, time.perf_counter()
-    unet.train()
-    text_encoder.train(train_text)
-    while step < stop:
-        lr = tc.lr * lr_multiplier(step, tc.lr_warmup_steps, tc.max_steps, tc.lr_schedule, tc.min_lr_ratio)
-        set_lr(optimizer, lr)
-        for _ in range(tc.gradient_accumulation_steps):
-            batch = next(batches)
-            with accelerator.accumulate(unet, text_encoder):
-                z = sample_latents(batch, vae, device)  # (B, C, h, w)
-                z0 = (z * scaling_factor).contiguous(memory_format=memory_format)
-                captions = drop_captions(list(batch["caption"]), cfg.text.p_uncond)
-                if text_cache is not None:
-                    context = text_cache(captions)  # (B, L, D), frozen encoder
-                else:
-                    ids = token_cache(captions).to(device)  # (B, L)
-                    context = text_encoder(ids, deduplicate=True)  # (B, L, D), each distinct caption once
-                loss = denoising_loss(unet, z0, context, alphas_cumprod, cfg.noise)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and tc.grad_clip > 0:
-                    clip_gradients(accelerator, trainable, tc.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-        if ema is not None:
-            ema.step(trainable)
-        step += 1
-        count += 1
-        progress.update(1)
-
-        if step % tc.log_every == 0 or step == stop:
-            values = {
-                "train/loss": loss_sum.item() / (count * tc.gradient_accumulation_steps),
-                "train/lr": lr,
-                "train/step_time": (time.perf_counter() - t_log) / count,
-            }
-            metrics.write(step, values)
-            progress.set_postfix(loss=f"{values['train/loss']:.4f}")
-            loss_sum.zero_()
-            count, t_log = 0, time.perf_counter()
-        if main and tc.sample_every and step % tc.sample_every == 0:
-            _save_prompt_grid(
-                make_pipeline(), prompts, cfg, out / "samples" / f"step-{step:06d}.png", ema, trainable
+    with GracefulStop() as stopper:  # SIGTERM / SIGINT end the loop at a step, with a checkpoint
+        progress = tqdm(
+            total=tc.max_steps, initial=step, disable=not main, desc="train_ldm", dynamic_ncols=True
+        )
+        loss_sum, count, t_log = torch.zeros((), device=device), 0, time.perf_counter()
+        unet.train()
+        text_encoder.train(train_text)
+        while step < stop:
+            lr = tc.lr * lr_multiplier(
+                step, tc.lr_warmup_steps, tc.max_steps, tc.lr_schedule, tc.min_lr_ratio
             )
-        if step == stop or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
-            save_checkpoint(accelerator, out, step, {"data": batches.state_dict()}, tc.keep_checkpoints)
+            set_lr(optimizer, lr)
+            for _ in range(tc.gradient_accumulation_steps):
+                batch = next(batches)
+                with accelerator.accumulate(unet, text_encoder):
+                    z = sample_latents(batch, vae, device)  # (B, C, h, w)
+                    z0 = (z * scaling_factor).contiguous(memory_format=memory_format)
+                    captions = drop_captions(list(batch["caption"]), cfg.text.p_uncond)
+                    if text_cache is not None:
+                        context = text_cache(captions)  # (B, L, D), frozen encoder
+                    else:
+                        ids = token_cache(captions).to(device)  # (B, L)
+                        context = text_encoder(ids, deduplicate=True)  # (B, L, D), each distinct caption once
+                    loss = denoising_loss(unet, z0, context, alphas_cumprod, cfg.noise)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and tc.grad_clip > 0:
+                        clip_gradients(accelerator, trainable, tc.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+            if ema is not None:
+                ema.step(trainable)
+            step += 1
+            count += 1
+            progress.update(1)
+            if stopper.should_stop(accelerator):  # SIGTERM / SIGINT: checkpoint this step, then stop
+                stop = step
+
+            if step % tc.log_every == 0 or step == stop:
+                values = {
+                    "train/loss": loss_sum.item() / (count * tc.gradient_accumulation_steps),
+                    "train/lr": lr,
+                    "train/step_time": (time.perf_counter() - t_log) / count,
+                }
+                metrics.write(step, values)
+                progress.set_postfix(loss=f"{values['train/loss']:.4f}")
+                loss_sum.zero_()
+                count, t_log = 0, time.perf_counter()
+            if main and tc.sample_every and step % tc.sample_every == 0:
+                _save_prompt_grid(
+                    make_pipeline(), prompts, cfg, out / "samples" / f"step-{step:06d}.png", ema, trainable
+                )
+            if step == stop or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
+                save_checkpoint(accelerator, out, step, {"data": batches.state_dict()}, tc.keep_checkpoints)
     progress.close()
     if text_cache is not None:
         logger.info("text cache: %d distinct captions encoded once", len(text_cache))
 
     if step < tc.max_steps:
         logger.info(
-            "stopped at step %d of %d (train.stop_at); resume with --resume latest", step, tc.max_steps
+            "stopped at step %d of %d (%s); resume with --resume latest",
+            step,
+            tc.max_steps,
+            stopper.signal_name or "train.stop_at",
         )
         return out
 
