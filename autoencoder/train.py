@@ -33,6 +33,7 @@ from ldm.data import build_dataset
 from ldm.images import save_grid
 from ldm.training.checkpoint import save_checkpoint
 from ldm.training.ema import EMA
+from ldm.training.nonfinite import NonFiniteGuard
 from ldm.training.optim import adamw, clip_gradients
 from ldm.training.run import finish_run, metrics_writer, resume_run, set_lr, start_run, train_batches
 from ldm.training.schedule import lr_multiplier
@@ -86,6 +87,8 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     last_layer = decoder_last_layer(vae)
 
     # --- resume ------------------------------------------------------------------------------
+    guard = NonFiniteGuard(tc.max_nonfinite_steps, accelerator.device)
+    guard_d = NonFiniteGuard(tc.max_nonfinite_steps, accelerator.device)
     step, data_state = resume_run(accelerator, out, resume, ema)
     batches = train_batches(accelerator, train_set, tc, cfg.data, cfg.seed, data_state)
     metrics = metrics_writer(accelerator, out, step)
@@ -134,14 +137,14 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and tc.grad_clip > 0:
                         terms["grad_norm"] = clip_gradients(accelerator, params, tc.grad_clip).detach()
-                    opt_ae.step()
+                    guard.step(opt_ae, loss, accelerator.scaler, accelerator.sync_gradients)  # skips NaN/Inf
                     opt_ae.zero_grad(set_to_none=True)
                     # 2. discriminator step
                     if gan_on:
                         disc.requires_grad_(True)
                         d_loss, d_terms = discriminator_objective(disc, x, x_rec, cfg.loss)
                         accelerator.backward(d_loss)
-                        opt_d.step()
+                        guard_d.step(opt_d, d_loss, accelerator.scaler, accelerator.sync_gradients)
                         opt_d.zero_grad(set_to_none=True)
                         terms.update(d_terms)
                 for key, value in terms.items():
@@ -158,6 +161,9 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
             if step % tc.log_every == 0 or step == stop:
                 values = {f"train/{k}": float(v) / counts[k] for k, v in sums.items()}
                 values.update({"train/lr": lr, "train/step_time": (time.perf_counter() - t_log) / count})
+                values["train/skipped_steps"] = (
+                    guard.check() + guard_d.check()
+                )  # raise after too many in a row
                 metrics.write(step, values)
                 progress.set_postfix(rec=f"{values['train/rec_loss']:.4f}")
                 sums, counts, count, t_log = {}, {}, 0, time.perf_counter()

@@ -98,6 +98,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16
     channels_last: bool = True  # memory format of conv weights and inputs
     tf32: bool = True  # CUDA: TF32 tensor cores for fp32 matmuls and convolutions (Ampere and newer)
+    max_nonfinite_steps: int = 10  # NaN/Inf-loss steps are skipped; this many in a row stop the run
     ema_decay: float = 0.0  # EMA of the weights; 0 disables
     log_every: int = 25  # steps between metrics.jsonl lines
     sample_every: int = 500  # steps between sample grids; 0 disables
@@ -114,6 +115,7 @@ class TrainConfig:
             "gradient_accumulation_steps",
             "keep_checkpoints",
             "log_every",
+            "max_nonfinite_steps",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key 'train.{name}' is {getattr(self, name)}; it must be >= 1")

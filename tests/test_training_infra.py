@@ -83,3 +83,43 @@ def test_clip_gradients_matches_torch_and_skips_only_a_no_op():
         torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(ref, 1.0))
         for a, b in zip(ours, ref, strict=True):
             torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_nonfinite_losses_are_skipped_counted_and_stop_the_run():
+    import torch
+
+    from ldm.training.nonfinite import NonFiniteGuard, NonFiniteLossError
+    from ldm.training.optim import adamw
+
+    p = torch.nn.Parameter(torch.ones(3))
+    optimizer = adamw([p], 0.1, (0.9, 0.999), 0.0)
+    guard = NonFiniteGuard(max_consecutive=3, device=torch.device("cpu"))
+    for loss in (torch.tensor(float("nan")), torch.tensor(float("inf"))):
+        p.grad = torch.full_like(p, float("nan"))
+        guard.step(optimizer, loss)
+        assert torch.equal(p.data, torch.ones(3))  # skipped: weights stay finite and unchanged
+    assert guard.check() == 2
+    p.grad = torch.ones(3)
+    guard.step(optimizer, torch.tensor(1.0))
+    assert p.data.lt(1).all() and guard.check() == 0  # a good step updates and resets the run
+    for _ in range(3):
+        p.grad = torch.ones(3)
+        guard.step(optimizer, torch.tensor(float("nan")))
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
+        guard.check()
+
+    class Accumulating:  # as accelerate's wrapper: steps only when gradients are synchronised
+        def __init__(self, inner):
+            self.optimizer, self.sync = inner, False
+
+        def step(self):
+            if self.sync:
+                self.optimizer.step()
+
+    wrapped = Accumulating(optimizer)
+    guard = NonFiniteGuard(max_consecutive=3, device=torch.device("cpu"))
+    before = p.data.clone()
+    guard.step(wrapped, torch.tensor(float("nan")), sync=False)  # a bad micro-batch spoils the update
+    wrapped.sync = True
+    guard.step(wrapped, torch.tensor(1.0), sync=True)
+    assert torch.equal(p.data, before) and guard.check() == 1

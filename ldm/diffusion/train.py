@@ -30,6 +30,7 @@ from ldm.images import save_grid
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.training.checkpoint import save_checkpoint
 from ldm.training.ema import EMA
+from ldm.training.nonfinite import NonFiniteGuard
 from ldm.training.optim import adamw, clip_gradients
 from ldm.training.run import finish_run, metrics_writer, resume_run, set_lr, start_run, train_batches
 from ldm.training.schedule import lr_multiplier
@@ -96,6 +97,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         ema.to(device)
         accelerator.register_for_checkpointing(ema)
 
+    guard = NonFiniteGuard(tc.max_nonfinite_steps, device)
     step, data_state = resume_run(accelerator, out, resume, ema)
     batches = train_batches(accelerator, train_set, tc, cfg.data, cfg.seed, data_state)
     metrics = metrics_writer(accelerator, out, step)
@@ -147,9 +149,11 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and tc.grad_clip > 0:
                         clip_gradients(accelerator, trainable, tc.grad_clip)
-                    optimizer.step()
+                    guard.step(
+                        optimizer, loss, accelerator.scaler, accelerator.sync_gradients
+                    )  # skips NaN/Inf
                     optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach()
+                loss_sum += torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0)
             if ema is not None:
                 ema.step(trainable)
             step += 1
@@ -163,6 +167,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
                     "train/loss": loss_sum.item() / (count * tc.gradient_accumulation_steps),
                     "train/lr": lr,
                     "train/step_time": (time.perf_counter() - t_log) / count,
+                    "train/skipped_steps": guard.check(),  # raises after too many NaN/Inf losses in a row
                 }
                 metrics.write(step, values)
                 progress.set_postfix(loss=f"{values['train/loss']:.4f}")
