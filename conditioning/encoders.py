@@ -64,6 +64,7 @@ class TextEncoder(nn.Module):
         self.tokenizer.model_max_length = max_length  # diffusers pads prompts to model_max_length
         self.max_length = max_length
         self.trainable = trainable
+        self._warned_long = False
         if not trainable:
             self.model.requires_grad_(False)
             self.model.eval()
@@ -89,6 +90,18 @@ class TextEncoder(nn.Module):
         batch = self.tokenizer(
             texts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         )
+        if not self._warned_long:
+            long = [
+                t
+                for t, ids in zip(texts, self.tokenizer(texts).input_ids, strict=True)
+                if len(ids) > self.max_length
+            ]
+            if long:
+                self._warned_long = True
+                logger.warning(
+                    "%d caption(s) are longer than the text encoder's %d tokens and are truncated (warned once), "
+                    "e.g. %r", len(long), self.max_length, long[0][:120],
+                )  # fmt: skip
         return batch.input_ids  # (B, L)
 
     def forward(self, input_ids: Tensor, deduplicate: bool = False) -> Tensor:

@@ -333,3 +333,19 @@ def test_deduplicated_encoding_gives_the_same_context_and_gradients():
     torch.testing.assert_close(contexts[0], contexts[1])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)  # float32 sums in another order
+
+
+def test_captions_over_the_context_are_truncated_with_one_warning(caplog):
+    import logging
+
+    from conditioning import TextEncoderConfig, build_text_encoder
+
+    encoder = build_text_encoder(
+        TextEncoderConfig(hidden_size=32, num_heads=2, intermediate_size=64, max_length=8)
+    )
+    long = "a red circle on a black background with a blue square beside it"
+    with caplog.at_level(logging.WARNING):
+        ids = encoder.tokenize([long, "a red circle"])
+        encoder.tokenize([long])
+    assert ids.shape == (2, 8)
+    assert caplog.text.count("truncated") == 1 and "1 caption(s)" in caplog.text

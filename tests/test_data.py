@@ -515,3 +515,33 @@ def test_export_folder_in_a_new_color_reads_back(tmp_path):
         images, [it["caption"] for it in items], colors={**COLORS, "orange": (240, 140, 30)}
     )
     assert result["accuracy"] == 1.0  # the evaluator reads the new color once its palette has it
+
+
+def test_decompression_bombs_are_refused_and_counted(tmp_path, monkeypatch, caplog):
+    from ldm.data.folder import scan_folder
+    from ldm.data.transforms import ImageTooLargeError
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL alone would only warn below 2x this
+    Image.new("RGB", (40, 40)).save(tmp_path / "big.png")  # 1,600 pixels
+    Image.new("RGB", (20, 20)).save(tmp_path / "small.png")
+    with caplog.at_level(logging.WARNING):
+        items = scan_folder(tmp_path)
+    assert [it.path.name for it in items] == ["small.png"]
+    assert "skipped 1 unreadable" in caplog.text and "decompression bomb" in caplog.text
+    with pytest.raises(ImageTooLargeError, match="over the limit"):
+        load_rgb(tmp_path / "big.png")
+
+
+def test_captions_that_are_not_utf8(tmp_path, caplog):
+    from ldm.data.folder import read_metadata, scan_folder
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))  # not UTF-8
+    with caplog.at_level(logging.WARNING):
+        items = scan_folder(tmp_path)
+    assert items[0].caption == "caf\ufffd au lait" and "not UTF-8" in caplog.text
+    (tmp_path / "metadata.jsonl").write_bytes(
+        b'{"file_name": "a.png", "text": "ok"}\n{"file_name": "a.png", "text": "\xe9"}\n'
+    )
+    with pytest.raises(ValueError, match="line 2: not UTF-8"):
+        read_metadata(tmp_path / "metadata.jsonl")

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ldm.data.transforms import ImageTransform, load_rgb, split_key
+from ldm.data.transforms import ImageTransform, check_pixels, load_rgb, split_key
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,14 @@ def read_metadata(jsonl: Path, caption_column: str = "text") -> dict[Path, str |
     with a ``file_name``, or whose ``file_name`` escapes the folder.
     """
     captions: dict[Path, str | None] = {}
-    with open(jsonl, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(jsonl, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{jsonl}, line {line_no}: not UTF-8 ({err.reason}); save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -98,6 +104,7 @@ def _readable(path: Path) -> str | tuple[int, int]:
     try:
         with Image.open(path) as image:  # parses the header only; pixels are decoded on first use
             w, h = image.size
+            check_pixels(w, h)
             if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that turn 90 degrees
                 w, h = h, w
     except Exception as err:  # PIL plugins raise many kinds of errors for malformed files
@@ -144,18 +151,30 @@ def scan_folder(root: str | Path, caption_column: str = "text") -> list[FolderIt
 
     items: list[FolderItem] = []
     missing = 0
+    not_utf8: list[Path] = []
     for path, why in zip(images, problems, strict=True):
         if isinstance(why, str):
             continue
         text = metadata.get(Path(os.path.normpath(path)))
         if text is None:
             sidecar = path.with_suffix(".txt")
-            text = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else None
+            if sidecar.is_file():
+                raw = sidecar.read_bytes()
+                try:
+                    text = raw.decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    text = raw.decode("utf-8", errors="replace").strip()
+                    not_utf8.append(sidecar)
         if text is None:
             missing += 1
         items.append(FolderItem(path, text or "", why))
     if not items:
         raise ValueError(f"none of the {len(images)} image files under {root} could be read")
+    if not_utf8:
+        logger.warning(
+            "%d caption file(s) under %s are not UTF-8; their undecodable bytes became U+FFFD, e.g. %s",
+            len(not_utf8), root, ", ".join(str(p) for p in not_utf8[:3]),
+        )  # fmt: skip
     if missing:
         logger.warning(
             "%d of %d images under %s have no caption (no %s entry with %r, no .txt file); they get \"\"",

@@ -82,12 +82,28 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
 
 
+class ImageTooLargeError(OSError):
+    """More pixels than ``PIL.Image.MAX_IMAGE_PIXELS``: refused as a possible decompression bomb."""
+
+
+def check_pixels(width: int, height: int) -> None:
+    """Refuse images over PIL's pixel limit (PIL itself only warns up to twice the limit)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise ImageTooLargeError(
+            f"{width}x{height} = {width * height} pixels is over the limit of {limit} "
+            "(a possible decompression bomb; raise PIL.Image.MAX_IMAGE_PIXELS if the image is real)"
+        )
+
+
 def load_rgb(path_or_file: str | Path | IO[bytes]) -> Image.Image:
     """Open an image file, apply its EXIF orientation and return it as 8-bit RGB.
 
-    Raises what PIL raises for unreadable files (``OSError`` and friends).
+    Raises what PIL raises for unreadable files (``OSError`` and friends), and
+    ``ImageTooLargeError`` before decoding an image over ``PIL.Image.MAX_IMAGE_PIXELS``.
     """
     with Image.open(path_or_file) as image:
+        check_pixels(*image.size)
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
         return to_rgb(image)  # a copy, detached from the file
