@@ -137,7 +137,8 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and tc.grad_clip > 0:
                         terms["grad_norm"] = clip_gradients(accelerator, params, tc.grad_clip).detach()
-                    guard.step(opt_ae, loss, accelerator.scaler, accelerator.sync_gradients)  # skips NaN/Inf
+                    # the optimizer step, skipped on the device when the loss is NaN or Inf
+                    guard.step(opt_ae, loss, accelerator.scaler, accelerator.sync_gradients)
                     opt_ae.zero_grad(set_to_none=True)
                     # 2. discriminator step
                     if gan_on:
@@ -155,15 +156,16 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
             step += 1
             count += 1
             progress.update(1)
-            if stopper.should_stop(accelerator):  # SIGTERM / SIGINT: checkpoint this step, then stop
+            if stopper.should_stop(
+                accelerator, step % tc.log_every == 0
+            ):  # SIGTERM / SIGINT: checkpoint here
                 stop = step
 
             if step % tc.log_every == 0 or step == stop:
                 values = {f"train/{k}": float(v) / counts[k] for k, v in sums.items()}
                 values.update({"train/lr": lr, "train/step_time": (time.perf_counter() - t_log) / count})
-                values["train/skipped_steps"] = (
-                    guard.check() + guard_d.check()
-                )  # raise after too many in a row
+                # NaN/Inf steps since the last log; too many in a row raise
+                values["train/skipped_steps"] = guard.check() + guard_d.check()
                 metrics.write(step, values)
                 progress.set_postfix(rec=f"{values['train/rec_loss']:.4f}")
                 sums, counts, count, t_log = {}, {}, 0, time.perf_counter()

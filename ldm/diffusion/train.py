@@ -149,9 +149,8 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and tc.grad_clip > 0:
                         clip_gradients(accelerator, trainable, tc.grad_clip)
-                    guard.step(
-                        optimizer, loss, accelerator.scaler, accelerator.sync_gradients
-                    )  # skips NaN/Inf
+                    # the optimizer step, skipped on the device when the loss is NaN or Inf
+                    guard.step(optimizer, loss, accelerator.scaler, accelerator.sync_gradients)
                     optimizer.zero_grad(set_to_none=True)
                 loss_sum += torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0)
             if ema is not None:
@@ -159,7 +158,9 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
             step += 1
             count += 1
             progress.update(1)
-            if stopper.should_stop(accelerator):  # SIGTERM / SIGINT: checkpoint this step, then stop
+            if stopper.should_stop(
+                accelerator, step % tc.log_every == 0
+            ):  # SIGTERM / SIGINT: checkpoint here
                 stop = step
 
             if step % tc.log_every == 0 or step == stop:

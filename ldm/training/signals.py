@@ -43,10 +43,16 @@ class GracefulStop:
         self.signal_name = name
         logger.warning("%s: stopping after this step with a checkpoint (send it again to stop at once)", name)
 
-    def should_stop(self, accelerator: Accelerator) -> bool:
+    def should_stop(self, accelerator: Accelerator, sync_point: bool) -> bool:
+        """Whether to stop after this step. With several processes they agree only at ``sync_point``
+        steps (the logging steps, which read values back anyway), so other steps never wait."""
         requested = self.signal_name is not None
-        if accelerator.num_processes > 1:
-            flag = torch.tensor(float(requested), device=accelerator.device)
-            requested = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
-            self.signal_name = self.signal_name or "a signal to another process"
-        return requested
+        if accelerator.num_processes == 1:
+            return requested
+        if not sync_point:
+            return False
+        flag = torch.tensor(float(requested), device=accelerator.device)
+        anyone = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        if anyone and not requested:
+            self.signal_name = "a signal to another process"
+        return anyone
