@@ -70,6 +70,7 @@ class VAERunConfig:
     output_dir: str = "runs/vae-shapes"
     seed: int = 0
     pretrained: str | None = None  # an AutoencoderKL folder (or a pipeline folder with vae/) to start from
+    allow_pickle: bool = False  # let pretrained, LPIPS and Inception weights be pickle files (weights_only)
     data: DataConfig = field(default_factory=DataConfig)
     model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     loss: VAELossConfig = field(default_factory=VAELossConfig)

@@ -17,7 +17,11 @@ logger = logging.getLogger("ldm")
 
 @torch.no_grad()
 def evaluate_autoencoder(
-    vae: AutoencoderKL, dataset: Dataset, cfg: VAEEvalConfig, batch_size: int = 128
+    vae: AutoencoderKL,
+    dataset: Dataset,
+    cfg: VAEEvalConfig,
+    batch_size: int = 128,
+    allow_pickle: bool = False,
 ) -> dict:
     """Reconstruct through the posterior mean; mean PSNR (dB) and SSIM over ``cfg.num_samples`` items."""
     device = next(vae.parameters()).device
@@ -49,6 +53,6 @@ def evaluate_autoencoder(
         from ldm.fid import frechet_distance_from_images
 
         results["rfid"] = frechet_distance_from_images(
-            torch.cat(originals), torch.cat(recs), cfg.inception_weights
+            torch.cat(originals), torch.cat(recs), cfg.inception_weights, allow_pickle
         )
     return results

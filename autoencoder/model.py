@@ -8,6 +8,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from autoencoder.config import AutoencoderConfig
+from ldm.safe_load import check_model_folder, from_pretrained_kwargs
 
 
 def build_autoencoder(cfg: AutoencoderConfig, sample_size: int) -> AutoencoderKL:
@@ -28,8 +29,9 @@ def build_autoencoder(cfg: AutoencoderConfig, sample_size: int) -> AutoencoderKL
     )
 
 
-def load_pretrained_autoencoder(path: str | Path) -> AutoencoderKL:
-    """An ``AutoencoderKL`` folder, or a diffusers pipeline folder with one in ``vae/``."""
+def load_pretrained_autoencoder(path: str | Path, allow_pickle: bool = False) -> AutoencoderKL:
+    """An ``AutoencoderKL`` folder, or a diffusers pipeline folder with one in ``vae/`` (safetensors,
+    or pickle weights read with weights_only=True when ``allow_pickle``)."""
     folder = Path(path)
     if (folder / "vae" / "config.json").exists():
         folder = folder / "vae"
@@ -37,7 +39,8 @@ def load_pretrained_autoencoder(path: str | Path) -> AutoencoderKL:
         raise FileNotFoundError(
             f"pretrained={path}: no AutoencoderKL there (a folder with config.json, or a pipeline folder with vae/)"
         )
-    return AutoencoderKL.from_pretrained(folder, use_safetensors=True)
+    check_model_folder(folder, allow_pickle, "autoencoder")
+    return AutoencoderKL.from_pretrained(folder, **from_pretrained_kwargs(allow_pickle))
 
 
 def trainable_parameters(vae: AutoencoderKL, decoder_only: bool) -> list[torch.nn.Parameter]:

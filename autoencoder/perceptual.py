@@ -12,6 +12,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from ldm.safe_load import load_state_dict
+
 VGG16_FILENAME = "vgg16-397923af.pth"  # torchvision's IMAGENET1K_V1 weights, as its cache names them
 
 
@@ -37,12 +39,16 @@ class LPIPSDistance(nn.Module):
         return self.net(x, y).flatten()  # (B, 1, 1, 1) -> (B,)
 
 
-def load_lpips(backbone_weights: str | None = None) -> tuple[nn.Module | None, str]:
+def load_lpips(
+    backbone_weights: str | None = None, allow_pickle: bool = False
+) -> tuple[nn.Module | None, str]:
     """Build the frozen LPIPS-VGG module, or say in one line why LPIPS is off.
 
-    backbone_weights: a torchvision VGG16 state dict (.pth read with weights_only=True, or
-    .safetensors); by default torchvision's cache file, when it exists. Returns (module, message)
-    or (None, message); never downloads anything.
+    backbone_weights: a torchvision VGG16 state dict in .safetensors, or torchvision's own
+    download (``vgg16-397923af.pth``, checked against the hash in its name), or with
+    ``allow_pickle`` any torch file, read with weights_only=True (``ldm.safe_load``); by default
+    torchvision's cache file, when it exists. Returns (module, message) or (None, message); never
+    downloads anything.
     """
     try:
         import lpips
@@ -63,21 +69,13 @@ def load_lpips(backbone_weights: str | None = None) -> tuple[nn.Module | None, s
         warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
         # pretrained=True: the packaged linear heads (a local file); pnet_rand=True: random backbone, no download
         net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
-    _load_vgg16_backbone(net.net, _read_state_dict(path), path)
+    _load_vgg16_backbone(net.net, load_state_dict(path, allow_pickle), path)
     return LPIPSDistance(net), f"LPIPS perceptual loss is on (VGG16 backbone from {path})"
 
 
 def perceptual_loss(module: nn.Module, x: Tensor, x_rec: Tensor) -> Tensor:
     """Mean LPIPS distance between x and x_rec, both (B, 3, H, W) in [-1, 1]."""
     return module(x, x_rec).mean()
-
-
-def _read_state_dict(path: str) -> dict[str, Tensor]:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path, device="cpu")
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _load_vgg16_backbone(backbone: nn.Module, state: dict[str, Tensor], path: str) -> None:

@@ -51,7 +51,7 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     # --- models and optimizers ---------------------------------------------------------------
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
     if cfg.pretrained:
-        vae = load_pretrained_autoencoder(cfg.pretrained).to(memory_format=memory_format)
+        vae = load_pretrained_autoencoder(cfg.pretrained, cfg.allow_pickle).to(memory_format=memory_format)
     else:
         vae = build_autoencoder(cfg.model, cfg.data.resolution).to(memory_format=memory_format)
     params = trainable_parameters(vae, tc.decoder_only)
@@ -70,7 +70,7 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
             f"loss.lpips_weights={cfg.loss.lpips_weights}: no such file (a VGG16 state dict)"
         )
     if cfg.loss.perceptual_weight > 0:
-        lpips, message = load_lpips(cfg.loss.lpips_weights)
+        lpips, message = load_lpips(cfg.loss.lpips_weights, cfg.allow_pickle)
         logger.info(message)
         if lpips is not None:
             lpips = lpips.to(accelerator.device)
@@ -83,7 +83,6 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     if tc.ema_decay > 0:
         ema = EMA(params, decay=tc.ema_decay)
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
     last_layer = decoder_last_layer(vae)
 
     # --- resume ------------------------------------------------------------------------------
@@ -172,7 +171,9 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
             if main and tc.sample_every and step % tc.sample_every == 0:
                 _save_reconstructions(vae, fixed, out / "samples" / f"step-{step:06d}.png")
             if step == stop or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
-                save_checkpoint(accelerator, out, step, {"data": batches.state_dict()}, tc.keep_checkpoints)
+                save_checkpoint(
+                    accelerator, out, step, {"data": batches.state_dict()}, tc.keep_checkpoints, ema
+                )
     progress.close()
 
     if step < tc.max_steps:
@@ -200,7 +201,9 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
             factor = measure_scaling_factor(vae, scale_set, cfg.eval.scale_samples, tc.batch_size * 4)
         export_autoencoder(vae, out / "model", factor)
         _save_reconstructions(vae, fixed, out / "samples" / "final.png")
-        results = evaluate_autoencoder(vae, val_set, cfg.eval, batch_size=tc.batch_size * 4)
+        results = evaluate_autoencoder(
+            vae, val_set, cfg.eval, batch_size=tc.batch_size * 4, allow_pickle=cfg.allow_pickle
+        )
         results["scaling_factor"] = factor
     return finish_run(accelerator, out, results)
 

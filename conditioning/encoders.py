@@ -36,6 +36,7 @@ from conditioning.tokenizer import (
     clean_caption,
 )
 from ldm.config import ConfigError
+from ldm.safe_load import PICKLE_SUFFIXES, from_pretrained_kwargs, pickle_refused
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def _has_tokenizer(folder: Path) -> bool:
     return any((folder / f).is_file() for f in TOKENIZER_FILES)
 
 
-def _local_model_dir(folder: Path) -> Path:
+def _local_model_dir(folder: Path, allow_pickle: bool = False) -> Path:
     """``folder`` or ``folder/text_encoder``, whichever holds a CLIPTextModel; else a clear error."""
     if not folder.is_dir():
         raise FileNotFoundError(f"no CLIP text encoder at {folder}: the folder does not exist")
@@ -180,11 +181,11 @@ def _local_model_dir(folder: Path) -> Path:
         if _has_model(candidate):
             return candidate
     pickles = [p for c in candidates for p in c.glob("pytorch_model*.bin")]
-    hint = (
-        f"; found only pickle weights {[str(p) for p in pickles]}: save them as safetensors"
-        if pickles
-        else " (a diffusers pipeline folder, or a CLIPTextModel saved with save_pretrained)"
-    )
+    if pickles and allow_pickle:
+        return pickles[0].parent
+    if pickles:
+        raise pickle_refused(pickles[0])
+    hint = " (a diffusers pipeline folder, or a CLIPTextModel saved with save_pretrained)"
     looked = " and ".join(f"{c}/{{config.json, {' | '.join(MODEL_FILES)}}}" for c in candidates)
     raise FileNotFoundError(f"no CLIP text encoder in {folder}: looked for {looked}{hint}")
 
@@ -219,20 +220,22 @@ def _hub_first(load: Callable[..., Any], repo: str, subfolders: tuple[str, ...],
     )
 
 
-def _load_clip(cfg: TextEncoderConfig) -> tuple[CLIPTextModel, CLIPTokenizer]:
-    """A pretrained ``CLIPTextModel`` and its tokenizer from a local folder or a hub id (safetensors only)."""
+def _load_clip(cfg: TextEncoderConfig, allow_pickle: bool = False) -> tuple[CLIPTextModel, CLIPTokenizer]:
+    """A pretrained ``CLIPTextModel`` and its tokenizer from a local folder or a hub id (safetensors,
+    or pickle weights read with weights_only=True when ``allow_pickle``)."""
     source = str(cfg.name_or_path)
+    weights = from_pretrained_kwargs(allow_pickle)
     if _is_local(source):
         folder = Path(source).expanduser()
-        model_dir = _local_model_dir(folder)
-        model = CLIPTextModel.from_pretrained(model_dir, local_files_only=True, use_safetensors=True)
+        model_dir = _local_model_dir(folder, allow_pickle)
+        model = CLIPTextModel.from_pretrained(model_dir, local_files_only=True, **weights)
         tokenizer = _local_tokenizer(folder, model_dir, cfg.max_length)
         logger.info("loaded the CLIP text encoder from %s", model_dir)
         return model, tokenizer
     offline = _offline()
 
     def load_model(repo: str, **kwargs: Any) -> CLIPTextModel:
-        return CLIPTextModel.from_pretrained(repo, use_safetensors=True, **kwargs)
+        return CLIPTextModel.from_pretrained(repo, **weights, **kwargs)
 
     model = _hub_first(load_model, source, ("", PIPELINE_TEXT_ENCODER), offline)
     try:
@@ -244,7 +247,7 @@ def _load_clip(cfg: TextEncoderConfig) -> tuple[CLIPTextModel, CLIPTokenizer]:
     return model, tokenizer
 
 
-def _build_scratch(cfg: TextEncoderConfig) -> tuple[CLIPTextModel, CLIPTokenizer]:
+def _build_scratch(cfg: TextEncoderConfig, allow_pickle: bool = False) -> tuple[CLIPTextModel, CLIPTokenizer]:
     """A small CLIP text transformer with random init and the CLIP BPE tokenizer (pad '!' = id 0)."""
     config = CLIPTextConfig(
         vocab_size=VOCAB_SIZE,
@@ -262,21 +265,25 @@ def _build_scratch(cfg: TextEncoderConfig) -> tuple[CLIPTextModel, CLIPTokenizer
     return CLIPTextModel(config), build_clip_tokenizer(cfg.max_length)
 
 
-def _load_openclip(cfg: TextEncoderConfig) -> tuple[CLIPTextModel, CLIPTokenizer]:
-    """An OpenCLIP text tower converted to ``CLIPTextModel``, with the CLIP BPE tokenizer (pad '!', as OpenCLIP)."""
+def _load_openclip(cfg: TextEncoderConfig, allow_pickle: bool = False) -> tuple[CLIPTextModel, CLIPTokenizer]:
+    """An OpenCLIP text tower converted to ``CLIPTextModel``, with the CLIP BPE tokenizer (pad '!', as OpenCLIP).
+    A local weights file must be safetensors unless ``allow_pickle`` (open_clip reads it with weights_only=True)."""
+    if cfg.pretrained and Path(cfg.pretrained).suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise pickle_refused(cfg.pretrained)
     return load_open_clip_text(str(cfg.name_or_path), cfg.pretrained), build_clip_tokenizer(cfg.max_length)
 
 
-TEXT_ENCODERS: dict[str, Callable[[TextEncoderConfig], tuple[CLIPTextModel, CLIPTokenizer]]] = {
+TEXT_ENCODERS: dict[str, Callable[[TextEncoderConfig, bool], tuple[CLIPTextModel, CLIPTokenizer]]] = {
     "scratch": _build_scratch,
     "clip": _load_clip,
     "openclip": _load_openclip,
 }
 
 
-def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
-    """The text encoder ``cfg`` describes, on the CPU in float32; frozen unless ``cfg.trainable``."""
-    model, tokenizer = TEXT_ENCODERS[cfg.kind](cfg)
+def build_text_encoder(cfg: TextEncoderConfig, allow_pickle: bool = False) -> TextEncoder:
+    """The text encoder ``cfg`` describes, on the CPU in float32; frozen unless ``cfg.trainable``.
+    ``allow_pickle``: pretrained pickle weights may be read (with weights_only=True); see ``ldm.safe_load``."""
+    model, tokenizer = TEXT_ENCODERS[cfg.kind](cfg, allow_pickle)
     if cfg.layer == "penultimate":
         drop_last_layer(model)
     encoder = TextEncoder(model.float(), tokenizer, max_length=cfg.max_length, trainable=cfg.trainable)

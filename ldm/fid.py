@@ -11,23 +11,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ldm.safe_load import load_state_dict
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def load_inception(weights: str | Path) -> torch.nn.Module:
-    """torchvision's Inception-v3 with the given weights (safetensors or a weights-only torch file)."""
+def load_inception(weights: str | Path, allow_pickle: bool = False) -> torch.nn.Module:
+    """torchvision's Inception-v3 with the given weights: safetensors, torchvision's own download
+    (``inception_v3_google-0cc3c7bd.pth``, checked against its hash), or with ``allow_pickle`` any
+    torch file read with weights_only=True (``ldm.safe_load``)."""
     from torchvision.models import inception_v3  # torchvision comes with open_clip_torch
 
     path = Path(weights)
     if not path.is_file():
         raise FileNotFoundError(f"no Inception weights at {path}; set eval.inception_weights to a local file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_state_dict(path, allow_pickle)
     model = inception_v3(weights=None, aux_logits=True, init_weights=False)
     model.load_state_dict(state)
     model.fc = torch.nn.Identity()
@@ -66,6 +65,8 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     return float(value)
 
 
-def frechet_distance_from_images(real: torch.Tensor, fake: torch.Tensor, weights: str | Path) -> float:
-    model = load_inception(weights)
+def frechet_distance_from_images(
+    real: torch.Tensor, fake: torch.Tensor, weights: str | Path, allow_pickle: bool = False
+) -> float:
+    model = load_inception(weights, allow_pickle)
     return frechet_distance(inception_features(model, real), inception_features(model, fake))

@@ -28,6 +28,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from conditioning.tokenizer import clean_caption
 from ldm.images import to_uint8
+from ldm.safe_load import PICKLE_SUFFIXES, check_model_folder, from_pretrained_kwargs, pickle_refused
 from ldm.samplers import make_scheduler
 
 logger = logging.getLogger("ldm")
@@ -138,8 +139,9 @@ class LatentDiffusionPipeline:
         compile_vae: bool = False,
         channels_last: bool = True,
         vae: str | Path | AutoencoderKL | None = None,
+        allow_pickle: bool = False,
     ) -> LatentDiffusionPipeline:
-        """Load our exported folder or a diffusers Stable Diffusion 1.x/2.x folder (safetensors only).
+        """Load our exported folder or a diffusers Stable Diffusion 1.x/2.x folder.
 
         ``attention``: auto (xformers when installed on CUDA, else PyTorch SDPA) | sdpa | xformers | math.
         ``compile``: ``torch.compile`` the UNet, in place (pays off on GPUs over many calls);
@@ -148,18 +150,26 @@ class LatentDiffusionPipeline:
         (5% per UNet call on the shapes model on the CPU; same images to float rounding).
         ``vae``: another autoencoder (a folder or a model) with the same latent space, e.g. one
         whose decoder was fine-tuned (``train_vae.py train.decoder_only=true``).
+        ``allow_pickle``: weights are read from safetensors; a part with only pickle weights
+        (``.bin``) raises ``PickleRefusedError`` unless this is True, and is then read with
+        ``weights_only=True`` (``ldm.safe_load``).
         """
         from diffusers import DDPMScheduler
 
         root = check_pipeline_folder(path)
-        kw = {"use_safetensors": True}
-        if vae is None or isinstance(vae, (str, Path)):
-            vae = AutoencoderKL.from_pretrained(Path(vae) if vae is not None else root / "vae", **kw)
+        vae_dir = Path(vae) if isinstance(vae, (str, Path)) else root / "vae"
+        parts = {"unet": root / "unet", "text_encoder": root / "text_encoder"}
+        checks = parts if isinstance(vae, AutoencoderKL) else {"vae": vae_dir, **parts}
+        for what, folder in checks.items():
+            check_model_folder(folder, allow_pickle, what)
+        kw = from_pretrained_kwargs(allow_pickle)
+        if not isinstance(vae, AutoencoderKL):
+            vae = AutoencoderKL.from_pretrained(vae_dir, **kw)
         pipe = cls(
             vae=vae,
-            text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder", **kw),
+            text_encoder=CLIPTextModel.from_pretrained(parts["text_encoder"], **kw),
             tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
-            unet=UNet2DConditionModel.from_pretrained(root / "unet", **kw),
+            unet=UNet2DConditionModel.from_pretrained(parts["unet"], **kw),
             scheduler_config=DDPMScheduler.load_config(root / "scheduler"),
         )
         pipe.to(device, dtype)
@@ -206,13 +216,24 @@ class LatentDiffusionPipeline:
 
     # ------------------------------------------------------------------------------ LoRA
     def load_lora_weights(
-        self, path: str | Path, scale: float = 1.0, adapter_name: str | None = None
+        self,
+        path: str | Path,
+        scale: float = 1.0,
+        adapter_name: str | None = None,
+        allow_pickle: bool = False,
     ) -> None:
         """Add the LoRA adapters of a diffusers LoRA folder or ``.safetensors`` file (ours from
-        ``train_ldm.py lora.rank=R``, or any SD 1.x/2.x LoRA) to the UNet and text encoder, at ``scale``."""
+        ``train_ldm.py lora.rank=R``, or any SD 1.x/2.x LoRA) to the UNet and text encoder, at ``scale``.
+        A pickle file (``.bin``) needs ``allow_pickle=True`` (diffusers reads it with weights_only=True)."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no LoRA weights at {path}")
+        if not allow_pickle and path.is_file() and path.suffix != ".safetensors":
+            raise pickle_refused(path)
+        if not allow_pickle and path.is_dir() and not any(path.glob("*.safetensors")):
+            pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise pickle_refused(pickles[0])
         sd = self.as_diffusers()
         kw = {"weight_name": path.name} if path.is_file() else {}
         name = adapter_name or f"lora{len(getattr(self.unet, 'peft_config', {}) or {})}"

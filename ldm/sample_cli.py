@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-scale", type=float, default=1.0)
     parser.add_argument("--vae", default=None, help="another autoencoder folder with the same latents")
     parser.add_argument("--tiled-decode", action="store_true", help="decode in tiles (large images)")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="let model and LoRA weights be pickle files (.bin), read with weights_only=True",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     args = parser.parse_args(argv)
     setup_logging()
@@ -54,10 +59,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         pipe = LatentDiffusionPipeline.from_pretrained(
-            args.model, device=args.device, dtype=DTYPES[args.dtype], vae=args.vae
+            args.model,
+            device=args.device,
+            dtype=DTYPES[args.dtype],
+            vae=args.vae,
+            allow_pickle=args.allow_pickle,
         )
         if args.lora:
-            pipe.load_lora_weights(args.lora, scale=args.lora_scale)
+            pipe.load_lora_weights(args.lora, scale=args.lora_scale, allow_pickle=args.allow_pickle)
         if args.tiled_decode:
             pipe.enable_vae_tiling()
         out = pipe(

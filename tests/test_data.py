@@ -545,3 +545,28 @@ def test_captions_that_are_not_utf8(tmp_path, caplog):
     )
     with pytest.raises(ValueError, match="line 2: not UTF-8"):
         read_metadata(tmp_path / "metadata.jsonl")
+
+
+def test_tiny_images_are_skipped_and_empty_captions_counted(tmp_path, caplog):
+    from ldm.data.hf import decode_image
+    from ldm.data.transforms import ImageTooSmallError
+
+    for name, size in [("a.png", (32, 32)), ("b.png", (20, 24)), ("c.png", (24, 20)), ("pixel.gif", (1, 1)),
+                       ("thin.png", (64, 4))]:  # fmt: skip
+        Image.new("RGB", size, (200, 10, 10)).save(tmp_path / name)
+    lines = [{"file_name": "a.png", "text": "a red square"}, {"file_name": "b.png", "text": ""}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+    (tmp_path / "c.txt").write_text("  \n")
+    with caplog.at_level(logging.WARNING, logger="ldm.data"):
+        items = scan_folder(tmp_path)
+    assert [(i.path.name, i.caption) for i in items] == [
+        ("a.png", "a red square"),
+        ("b.png", ""),
+        ("c.png", ""),
+    ]
+    messages = [r.getMessage() for r in caplog.records]
+    skipped = [m for m in messages if m.startswith("skipped 2 unreadable or unusable")]
+    assert len(skipped) == 1 and "1x1 pixels is too small" in skipped[0] and "64x4" in skipped[0]
+    assert sum(m.startswith("2 of 3 images") and "empty" in m for m in messages) == 1
+    with pytest.raises(ImageTooSmallError, match="at least 8"):
+        decode_image(str(tmp_path / "pixel.gif"))  # how the hf source decodes: it skips the item

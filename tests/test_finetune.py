@@ -5,11 +5,10 @@ import logging
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from conftest import save_tiny_sd_pipeline
+from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel
 
-from conditioning import build_clip_tokenizer
 from ldm.config import load_config
 from ldm.data import build_dataset
 from ldm.data.shapes import ShapesDataset
@@ -26,48 +25,7 @@ PROMPT = "a red circle on a black background"
 
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
-    """A tiny SD 1.x-style pipeline (f=2 VAE, scaled_linear epsilon schedule), saved by diffusers."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=[8, 8],
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=48,
-    )
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            pad_token_id=0,
-            bos_token_id=49406,
-            eos_token_id=49407,
-        )  # fmt: skip
-    )
-    unet = UNet2DConditionModel(
-        sample_size=24,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=8,
-        attention_head_dim=8,
-    )
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    folder = tmp_path_factory.mktemp("sd") / "tiny-sd"
-    StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=build_clip_tokenizer(77), unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(folder)  # fmt: skip
-    return folder
+    return save_tiny_sd_pipeline(tmp_path_factory.mktemp("sd") / "tiny-sd")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Stage-1 objective: losses, adaptive weight, PatchGAN shapes, offline LPIPS loading."""
 
+import hashlib
 import math
 import socket
 import sys
@@ -18,6 +19,7 @@ from autoencoder.losses import (
     vanilla_d_loss,
 )
 from autoencoder.perceptual import load_lpips, perceptual_loss
+from ldm.safe_load import PickleRefusedError
 
 
 def test_reconstruction_loss():
@@ -138,20 +140,33 @@ def _no_network(*args, **kwargs):
     raise AssertionError("LPIPS loading tried to open a network connection")
 
 
-@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def _torchvision_named(state, folder):
+    """``state`` saved the way torchvision names its downloads: vgg16-<first 8 hex of its SHA-256>.pth."""
+    tmp = folder / "vgg16.tmp"
+    torch.save(state, tmp)
+    path = folder / f"vgg16-{hashlib.sha256(tmp.read_bytes()).hexdigest()[:8]}.pth"
+    tmp.rename(path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["torchvision-pth", "pth-allowed", "safetensors"])
 def test_lpips_loads_backbone_offline(fmt, vgg16_state, tmp_path, monkeypatch):
     pytest.importorskip("lpips")
-    path = tmp_path / f"vgg16.{fmt}"
-    if fmt == "pth":
+    allow_pickle = fmt == "pth-allowed"
+    if fmt == "torchvision-pth":  # hash in the name checked: no allow_pickle needed
+        path = _torchvision_named(vgg16_state, tmp_path)
+    elif fmt == "pth-allowed":
+        path = tmp_path / "vgg16.pth"
         torch.save(vgg16_state, path)
     else:
         from safetensors.torch import save_file
 
+        path = tmp_path / "vgg16.safetensors"
         save_file(vgg16_state, str(path))
     monkeypatch.setattr(socket.socket, "connect", _no_network)
     monkeypatch.setattr(socket, "create_connection", _no_network)
 
-    module, message = load_lpips(str(path))
+    module, message = load_lpips(str(path), allow_pickle=allow_pickle)
     assert module is not None, message
     # torchvision features.{i} -> lpips net.slice{k}.{i}: first and last conv of the backbone
     loaded = module.net.net.state_dict()
@@ -187,4 +202,16 @@ def test_lpips_rejects_a_wrong_file(vgg16_state, tmp_path):
     path = tmp_path / "not-vgg.pth"
     torch.save({k: v for k, v in vgg16_state.items() if k != "features.28.weight"}, path)
     with pytest.raises(ValueError, match="features.28.weight"):
-        load_lpips(str(path))
+        load_lpips(str(path), allow_pickle=True)
+
+
+def test_lpips_refuses_pickles_that_are_not_allowed_or_not_verified(vgg16_state, tmp_path):
+    pytest.importorskip("lpips")
+    plain = tmp_path / "vgg16.pth"
+    torch.save(vgg16_state, plain)
+    with pytest.raises(PickleRefusedError, match="allow_pickle=True"):
+        load_lpips(str(plain))
+    forged = tmp_path / "vgg16-397923af.pth"  # torchvision's name, other content
+    torch.save(vgg16_state, forged)
+    with pytest.raises(PickleRefusedError):
+        load_lpips(str(forged))

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ldm.data.transforms import ImageTransform, check_pixels, load_rgb, split_key
+from ldm.data.transforms import MIN_IMAGE_SIDE, ImageTransform, check_pixels, load_rgb, split_key
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def _readable(path: Path) -> str | tuple[int, int]:
     try:
         with Image.open(path) as image:  # parses the header only; pixels are decoded on first use
             w, h = image.size
-            check_pixels(w, h)
+            check_pixels(w, h, MIN_IMAGE_SIDE)
             if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that turn 90 degrees
                 w, h = h, w
     except Exception as err:  # PIL plugins raise many kinds of errors for malformed files
@@ -115,8 +115,10 @@ def _readable(path: Path) -> str | tuple[int, int]:
 def scan_folder(root: str | Path, caption_column: str = "text") -> list[FolderItem]:
     """Every readable image under ``root`` with its caption, sorted by path.
 
-    Unreadable files are skipped with one warning; images without a caption get ""
-    with one warning giving their count. Raises ``ValueError`` for a missing or empty
+    Unreadable or unusable files (corrupt, zero bytes, not an image, a side under 8 px, a
+    decompression bomb) are skipped with one warning giving their count; images without a
+    caption, or with an empty one, get "" (trained as unconditional) with one warning giving
+    their count. Raises ``ValueError`` for a missing or empty
     folder or a broken metadata.jsonl.
     """
     root = Path(root)
@@ -144,7 +146,7 @@ def scan_folder(root: str | Path, caption_column: str = "text") -> list[FolderIt
     skipped = [(p, why) for p, why in zip(images, problems, strict=True) if isinstance(why, str)]
     if skipped:
         logger.warning(
-            "skipped %d unreadable image file(s) under %s: %s%s",
+            "skipped %d unreadable or unusable image file(s) under %s: %s%s",
             len(skipped), root, "; ".join(f"{p} ({why})" for p, why in skipped[:5]),
             ", ..." if len(skipped) > 5 else "",
         )  # fmt: skip
@@ -165,7 +167,7 @@ def scan_folder(root: str | Path, caption_column: str = "text") -> list[FolderIt
                 except UnicodeDecodeError:
                     text = raw.decode("utf-8", errors="replace").strip()
                     not_utf8.append(sidecar)
-        if text is None:
+        if not text:
             missing += 1
         items.append(FolderItem(path, text or "", why))
     if not items:
@@ -177,7 +179,8 @@ def scan_folder(root: str | Path, caption_column: str = "text") -> list[FolderIt
         )  # fmt: skip
     if missing:
         logger.warning(
-            "%d of %d images under %s have no caption (no %s entry with %r, no .txt file); they get \"\"",
+            "%d of %d images under %s have no caption or an empty one (no %s entry with %r, no .txt "
+            "file); they are trained with the empty caption",
             missing, len(items), root, METADATA_FILE, caption_column,
         )  # fmt: skip
     return items

@@ -22,7 +22,7 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, IterableDataset
 
-from ldm.data.transforms import ImageTransform, load_rgb, split_key, to_rgb
+from ldm.data.transforms import MIN_IMAGE_SIDE, ImageTransform, check_pixels, load_rgb, split_key, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -99,19 +99,21 @@ def _undecoded(dataset: Any, image_column: str, caption_column: str) -> Any:
 
 
 def decode_image(value: Any) -> Image.Image:
-    """An image cell (PIL image, bytes/path dict, bytes or path) -> 8-bit RGB PIL image."""
+    """An image cell (PIL image, bytes/path dict, bytes or path) -> 8-bit RGB PIL image; an image
+    with a side under ``MIN_IMAGE_SIDE`` raises ``ImageTooSmallError`` (the dataset skips it)."""
     if isinstance(value, Image.Image):
+        check_pixels(*value.size, MIN_IMAGE_SIDE)
         return to_rgb(ImageOps.exif_transpose(value))
     if isinstance(value, dict):
         if value.get("bytes") is not None:
-            return load_rgb(io.BytesIO(value["bytes"]))
+            return load_rgb(io.BytesIO(value["bytes"]), MIN_IMAGE_SIDE)
         if value.get("path"):
-            return load_rgb(value["path"])
+            return load_rgb(value["path"], MIN_IMAGE_SIDE)
         raise ValueError(f"image cell has neither bytes nor path: keys {sorted(value)}")
     if isinstance(value, (bytes, bytearray)):
-        return load_rgb(io.BytesIO(value))
+        return load_rgb(io.BytesIO(value), MIN_IMAGE_SIDE)
     if isinstance(value, (str, Path)):
-        return load_rgb(value)
+        return load_rgb(value, MIN_IMAGE_SIDE)
     raise TypeError(f"cannot read an image from a cell of type {type(value).__name__}")
 
 

@@ -82,12 +82,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
 
 
+MIN_IMAGE_SIDE = 8  # pixels: smaller files are icons or tracking pixels, not pictures to learn from
+
+
 class ImageTooLargeError(OSError):
     """More pixels than ``PIL.Image.MAX_IMAGE_PIXELS``: refused as a possible decompression bomb."""
 
 
-def check_pixels(width: int, height: int) -> None:
-    """Refuse images over PIL's pixel limit (PIL itself only warns up to twice the limit)."""
+class ImageTooSmallError(OSError):
+    """A side under ``MIN_IMAGE_SIDE`` pixels (e.g. a 1x1 tracking pixel): nothing to learn from."""
+
+
+def check_pixels(width: int, height: int, min_side: int = 0) -> None:
+    """Refuse images over PIL's pixel limit (PIL itself only warns up to twice the limit), and
+    images with a side under ``min_side`` (training data passes ``MIN_IMAGE_SIDE``)."""
+    if min(width, height) < min_side:
+        raise ImageTooSmallError(
+            f"{width}x{height} pixels is too small to train on (sides must be at least {min_side})"
+        )
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and width * height > limit:
         raise ImageTooLargeError(
@@ -96,14 +108,15 @@ def check_pixels(width: int, height: int) -> None:
         )
 
 
-def load_rgb(path_or_file: str | Path | IO[bytes]) -> Image.Image:
+def load_rgb(path_or_file: str | Path | IO[bytes], min_side: int = 0) -> Image.Image:
     """Open an image file, apply its EXIF orientation and return it as 8-bit RGB.
 
-    Raises what PIL raises for unreadable files (``OSError`` and friends), and
-    ``ImageTooLargeError`` before decoding an image over ``PIL.Image.MAX_IMAGE_PIXELS``.
+    Raises what PIL raises for unreadable files (``OSError`` and friends), and before decoding
+    ``ImageTooLargeError`` for an image over ``PIL.Image.MAX_IMAGE_PIXELS`` or
+    ``ImageTooSmallError`` for one with a side under ``min_side``.
     """
     with Image.open(path_or_file) as image:
-        check_pixels(*image.size)
+        check_pixels(*image.size, min_side)
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
         return to_rgb(image)  # a copy, detached from the file

@@ -105,6 +105,7 @@ class LDMRunConfig:
     vae: str = "runs/vae-shapes/model"  # a stage-1 export (AutoencoderKL folder)
     pretrained: str | None = None  # a diffusers StableDiffusionPipeline folder to start from: its vae,
     # text encoder, UNet and noise schedule (ours, or Stable Diffusion 1.x/2.x); overrides vae, unet, text, noise
+    allow_pickle: bool = False  # let pretrained weights be pickle files (read with weights_only=True)
     data: DataConfig = field(default_factory=lambda: DataConfig(train_size=20_000, val_size=324, flip=False))
     unet: UNetConfig = field(default_factory=UNetConfig)
     text: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(max_length=16))

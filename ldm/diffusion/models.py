@@ -18,6 +18,7 @@ from conditioning import TextEncoder, build_text_encoder
 from ldm.diffusion.config import BETA_SCHEDULES, PREDICTION_TYPES, LDMRunConfig, NoiseConfig
 from ldm.diffusion.unet import build_unet
 from ldm.pipeline import check_pipeline_folder
+from ldm.safe_load import check_model_folder, from_pretrained_kwargs
 
 PIPELINE_PARTS = ("vae", "unet", "text_encoder", "tokenizer")
 logger = logging.getLogger("ldm")
@@ -61,13 +62,15 @@ def load_autoencoder(cfg: LDMRunConfig) -> tuple[AutoencoderKL, Path]:
         if cfg.pretrained:
             raise FileNotFoundError(f"pretrained={cfg.pretrained} has no vae/ folder with a config.json")
         raise FileNotFoundError(f"no autoencoder at {folder}: run python train_vae.py first, or set vae=PATH")
-    return AutoencoderKL.from_pretrained(folder, use_safetensors=True), folder
+    check_model_folder(folder, cfg.allow_pickle, "autoencoder")
+    return AutoencoderKL.from_pretrained(folder, **from_pretrained_kwargs(cfg.allow_pickle)), folder
 
 
 def build_models(cfg: LDMRunConfig) -> tuple[AutoencoderKL, Path, TextEncoder, UNet2DConditionModel]:
     """(autoencoder, its folder, text encoder, UNet), checked to fit together."""
     if cfg.pretrained:
         check_pipeline_folder(cfg.pretrained, PIPELINE_PARTS)
+        check_model_folder(Path(cfg.pretrained) / "unet", cfg.allow_pickle, "UNet")
     vae, vae_dir = load_autoencoder(cfg)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if cfg.data.resolution % factor:
@@ -85,12 +88,14 @@ def build_models(cfg: LDMRunConfig) -> tuple[AutoencoderKL, Path, TextEncoder, U
             layer="last",
             max_length=max_length,
         )
-        text_encoder = build_text_encoder(text_cfg)
-        unet = UNet2DConditionModel.from_pretrained(Path(cfg.pretrained) / "unet", use_safetensors=True)
+        text_encoder = build_text_encoder(text_cfg, cfg.allow_pickle)
+        unet = UNet2DConditionModel.from_pretrained(
+            Path(cfg.pretrained) / "unet", **from_pretrained_kwargs(cfg.allow_pickle)
+        )
         if cfg.unet.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
     else:
-        text_encoder = build_text_encoder(cfg.text)
+        text_encoder = build_text_encoder(cfg.text, cfg.allow_pickle)
         unet = build_unet(
             cfg.unet, vae.config.latent_channels, cfg.data.resolution // factor, text_encoder.hidden_size
         )

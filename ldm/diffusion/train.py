@@ -95,7 +95,6 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     if tc.ema_decay > 0:
         ema = EMA(trainable, decay=tc.ema_decay)
         ema.to(device)
-        accelerator.register_for_checkpointing(ema)
 
     guard = NonFiniteGuard(tc.max_nonfinite_steps, device)
     step, data_state = resume_run(accelerator, out, resume, ema)
@@ -179,7 +178,9 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
                     make_pipeline(), prompts, cfg, out / "samples" / f"step-{step:06d}.png", ema, trainable
                 )
             if step == stop or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
-                save_checkpoint(accelerator, out, step, {"data": batches.state_dict()}, tc.keep_checkpoints)
+                save_checkpoint(
+                    accelerator, out, step, {"data": batches.state_dict()}, tc.keep_checkpoints, ema
+                )
     progress.close()
     if text_cache is not None:
         logger.info("text cache: %d distinct captions encoded once", len(text_cache))

@@ -2,17 +2,25 @@
 
 Layout, under ``<output_dir>/checkpoints/``::
 
-    step-000500/          accelerate state (models, optimizers, RNG, registered objects)
-      trainer_state.json  step and data position, written last
+    step-000500/          accelerate state (models as safetensors, optimizers, RNG)
+      ema.safetensors     EMA weights, when EMA is on
+      trainer_state.json  step, data position and EMA counters, written last
     latest                name of the newest complete checkpoint
 
 A checkpoint is written into ``.tmp-step-XXXXXX`` and renamed into place, and only then
 does ``latest`` move (itself written to a temporary file and renamed): a crash at any
-moment leaves ``latest`` naming a complete checkpoint.
+moment leaves ``latest`` naming a complete checkpoint. A write that fails (a full disk)
+removes the partial folder and raises ``CheckpointWriteError``; older checkpoints and
+``latest`` are untouched.
+
+Nothing here unpickles code: accelerate reads its files with ``weights_only=True``, and the
+EMA (which accelerate's ``register_for_checkpointing`` would unpickle without that guard) is
+kept as safetensors plus JSON.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -20,12 +28,20 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger("ldm")
 
 STATE_FILE = "trainer_state.json"
+EMA_FILE = "ema.safetensors"
 LATEST = "latest"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the previous one and ``latest`` are intact."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -41,10 +57,30 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def ema_state(ema: EMAModel) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, JSON counters) of diffusers' ``EMAModel.state_dict()``."""
+    state = ema.state_dict()
+    tensors = {f"shadow.{i}": p.detach().contiguous() for i, p in enumerate(state.pop("shadow_params"))}
+    return tensors, state
+
+
+def load_ema_state(ema: EMAModel, tensors: dict[str, torch.Tensor], counters: dict[str, Any]) -> None:
+    shadow = [tensors[f"shadow.{i}"] for i in range(len(tensors))]
+    ema.load_state_dict({**counters, "shadow_params": shadow})
+
+
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: Path, step: int, state: dict[str, Any], keep: int
+    accelerator: Accelerator,
+    output_dir: Path,
+    step: int,
+    state: dict[str, Any],
+    keep: int,
+    ema: EMAModel | None = None,
 ) -> Path:
-    """Save the accelerator's state plus ``state`` (JSON) as ``step-XXXXXX``; keep the newest ``keep``."""
+    """Save the accelerator's state, ``ema`` and ``state`` (JSON) as ``step-XXXXXX``; keep the newest ``keep``.
+
+    Raises ``CheckpointWriteError`` (after removing the partial folder) when the write fails.
+    """
     root = Path(output_dir) / "checkpoints"
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}"
@@ -52,10 +88,19 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if ema is not None:
+                tensors, counters = ema_state(ema)
+                save_file(tensors, str(tmp / EMA_FILE))
+                state = {**state, "ema": counters}
+            _write_atomic(tmp / STATE_FILE, json.dumps({"step": step, **state}, indent=2))
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(err, final, root) from err
     if accelerator.is_main_process:
-        _write_atomic(tmp / STATE_FILE, json.dumps({"step": step, **state}, indent=2))
         if final.exists():  # a resumed run redoing a step it had already saved
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -64,6 +109,18 @@ def save_checkpoint(
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_error(err: OSError, final: Path, root: Path) -> CheckpointWriteError:
+    pointer = root / LATEST
+    previous = f"{pointer.read_text().strip()} (named by {pointer})" if pointer.exists() else "none yet"
+    why = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "the write failed"
+    return CheckpointWriteError(
+        err.errno,
+        f"could not save checkpoint {final.name} in {root}: {why} ({err.strerror or err}). "
+        f"The partial folder was removed; the last complete checkpoint is {previous}. "
+        "Free space (or lower train.keep_checkpoints), then resume with --resume latest",
+    )
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -88,7 +145,16 @@ def resolve_checkpoint(output_dir: Path, resume: str) -> Path:
     return path
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
-    """Restore the accelerator's state from ``path``; return its trainer state (step, data position...)."""
+def load_checkpoint(accelerator: Accelerator, path: Path, ema: EMAModel | None = None) -> dict[str, Any]:
+    """Restore the accelerator's state (and ``ema``) from ``path``; return its trainer state."""
     accelerator.load_state(str(path))
-    return json.loads((Path(path) / STATE_FILE).read_text())
+    state = json.loads((Path(path) / STATE_FILE).read_text())
+    if ema is not None:
+        if not (Path(path) / EMA_FILE).exists() or "ema" not in state:
+            raise FileNotFoundError(
+                f"{path} has no {EMA_FILE}: it was saved without EMA (or by an older ldm); "
+                "resume with train.ema_decay=0, or start a new run"
+            )
+        load_ema_state(ema, load_file(str(Path(path) / EMA_FILE)), state["ema"])
+        ema.to(accelerator.device)
+    return state

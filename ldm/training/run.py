@@ -42,9 +42,7 @@ def resume_run(accelerator: Accelerator, out: Path, resume: str | None, ema=None
     if not resume:
         return 0, None
     path = resolve_checkpoint(out, resume)
-    state = load_checkpoint(accelerator, path)
-    if ema is not None:
-        ema.to(accelerator.device)  # accelerate loads registered state onto the CPU
+    state = load_checkpoint(accelerator, path, ema)
     logger.info("resumed from %s at step %d", path, state["step"])
     return state["step"], state["data"]
 
