@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from autoencoder.config import VAERunConfig
 from autoencoder.discriminator import NLayerDiscriminator
-from autoencoder.evaluate import evaluate_autoencoder
+from autoencoder.evaluate import evaluate_autoencoder, save_reconstructions
 from autoencoder.export import export_autoencoder, measure_scaling_factor
 from autoencoder.model import (
     AutoencoderTrainingForward,
@@ -29,8 +29,8 @@ from autoencoder.model import (
 )
 from autoencoder.objective import autoencoder_objective, discriminator_objective
 from autoencoder.perceptual import load_lpips
+from autoencoder.report import autoencoder_report
 from ldm.data import build_dataset
-from ldm.images import save_grid
 from ldm.training.checkpoint import save_checkpoint
 from ldm.training.ema import EMA
 from ldm.training.nonfinite import NonFiniteGuard
@@ -169,7 +169,7 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
                 progress.set_postfix(rec=f"{values['train/rec_loss']:.4f}")
                 sums, counts, count, t_log = {}, {}, 0, time.perf_counter()
             if main and tc.sample_every and step % tc.sample_every == 0:
-                _save_reconstructions(vae, fixed, out / "samples" / f"step-{step:06d}.png")
+                save_reconstructions(vae, fixed, out / "samples" / f"step-{step:06d}.png")
             if step == stop or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
                 save_checkpoint(
                     accelerator, out, step, {"data": batches.state_dict()}, tc.keep_checkpoints, ema
@@ -200,21 +200,12 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
         else:
             factor = measure_scaling_factor(vae, scale_set, cfg.eval.scale_samples, tc.batch_size * 4)
         export_autoencoder(vae, out / "model", factor)
-        _save_reconstructions(vae, fixed, out / "samples" / "final.png")
+        save_reconstructions(vae, fixed, out / "samples" / "final.png")
+        if lpips is None:  # LPIPS as a metric even when it is not in the loss, if its weights are present
+            lpips = load_lpips(cfg.loss.lpips_weights, cfg.allow_pickle)[0]
         results = evaluate_autoencoder(
-            vae, val_set, cfg.eval, batch_size=tc.batch_size * 4, allow_pickle=cfg.allow_pickle
+            vae, val_set, cfg.eval, batch_size=tc.batch_size * 4, allow_pickle=cfg.allow_pickle, lpips=lpips
         )
         results["scaling_factor"] = factor
+        autoencoder_report(out, results, f"Report: {out.name}")
     return finish_run(accelerator, out, results)
-
-
-@torch.no_grad()
-def _save_reconstructions(vae, images: torch.Tensor, path: Path) -> None:
-    """Top row: originals; bottom row: reconstructions from the posterior mean."""
-    was_training = vae.training
-    vae.eval()
-    param = next(vae.parameters())
-    x = images.to(param.device)
-    rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
-    save_grid(torch.cat([x, rec]).cpu(), path, nrow=len(images))
-    vae.train(was_training)

@@ -1,4 +1,4 @@
-"""Loss curves from ``metrics.jsonl`` to a PNG."""
+"""Plots to PNG: loss curves from ``metrics.jsonl``, the loss and bound per timestep, the guidance sweep."""
 
 from __future__ import annotations
 
@@ -28,8 +28,45 @@ def plot_losses(metrics_path: Path, png_path: Path, prefix: str = "train/") -> l
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
+    _save(fig, png_path)
+    return keys
+
+
+def _save(fig, png_path: Path) -> None:
     fig.tight_layout()
     Path(png_path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
-    return keys
+
+
+def plot_timestep_curves(
+    timesteps: list[int], loss: list[float], kl_t: list[int], kl_bpd: list[float], png_path: Path
+) -> None:
+    """Denoising loss against the timestep (left) and the bound's L_{t-1} terms in bits/dim (right)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.plot(timesteps, loss, marker="o", ms=3, lw=1)
+    left.set_xlabel("timestep t")
+    left.set_ylabel("denoising loss (MSE)")
+    left.set_yscale("log")
+    right.plot(kl_t, kl_bpd, marker="o", ms=2, lw=1, color="tab:red")
+    right.set_xlabel("timestep t")
+    right.set_ylabel("L_{t-1} (bits/dim)")
+    right.set_yscale("log")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    _save(fig, png_path)
+
+
+def plot_guidance_sweep(rows: list[dict], png_path: Path) -> None:
+    """Caption accuracy (when measured) and sample diversity against the guidance scale."""
+    scales = [r["guidance"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    if all(r.get("accuracy") is not None for r in rows):
+        ax.plot(scales, [100 * r["accuracy"] for r in rows], marker="o", label="caption accuracy (%)")
+    ax.set_xlabel("guidance scale")
+    ax.set_ylabel("caption accuracy (%)")
+    ax.grid(alpha=0.3)
+    twin = ax.twinx()
+    twin.plot(scales, [r["diversity"] for r in rows], marker="s", color="tab:orange", label="diversity")
+    twin.set_ylabel("diversity (RMS pixel distance)", color="tab:orange")
+    _save(fig, png_path)

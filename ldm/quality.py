@@ -1,4 +1,4 @@
-"""Image-quality figures: PSNR and SSIM, as pure functions on batches in [-1, 1]."""
+"""Image-quality figures: PSNR, SSIM and sample diversity, as pure functions on batches in [-1, 1]."""
 
 from __future__ import annotations
 
@@ -37,3 +37,19 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5)
     cov = F.conv2d(a * b, w, groups=c) - mu_a * mu_b
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return s.flatten(1).mean(1)
+
+
+def pairwise_diversity(images: torch.Tensor, groups: list[str]) -> float:
+    """Mean RMS pixel distance (on [0, 1] intensities) between the images of each group (e.g. one
+    prompt under different seeds), averaged over all same-group pairs. 0 when every seed gives the
+    same image; groups with a single image are ignored."""
+    x = ((images.float() + 1) / 2).clamp(0, 1).flatten(1)  # (N, D)
+    distances = []
+    for name in dict.fromkeys(groups):
+        members = x[[i for i, g in enumerate(groups) if g == name]]
+        if len(members) > 1:
+            d = torch.cdist(members, members) / members.shape[1] ** 0.5  # (k, k) RMS distances
+            distances.append(d[torch.triu_indices(len(members), len(members), 1).unbind()])
+    if not distances:
+        raise ValueError("pairwise_diversity needs at least one group with two or more images")
+    return float(torch.cat(distances).mean())

@@ -2,10 +2,44 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def inception_file(tmp_path_factory):
+    """A randomly initialised torchvision Inception-v3 saved as safetensors (no download)."""
+    import torch
+    from safetensors.torch import save_file
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(0)
+    model = inception_v3(weights=None, aux_logits=True, init_weights=True)
+    path = tmp_path_factory.mktemp("inception") / "inception.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_folder(tmp_path_factory):
+    """A tiny random transformers CLIPModel (32 px images, CLIP vocabulary) saved to disk."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    torch.manual_seed(0)
+    text = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=77)  # fmt: skip
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8)  # fmt: skip
+    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
+    CLIPModel(
+        CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
+    ).save_pretrained(folder)
+    return folder
 
 
 def tiny_autoencoder(scaling_factor: float):

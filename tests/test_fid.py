@@ -1,21 +1,15 @@
-"""FID from a local Inception file: a randomly initialised Inception-v3 saved to disk, no download."""
+"""FID and KID from a local Inception file: a randomly initialised Inception-v3 saved to disk, no download."""
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from ldm.fid import frechet_distance, frechet_distance_from_images, load_inception
-
-
-@pytest.fixture(scope="module")
-def inception_file(tmp_path_factory):
-    from torchvision.models import inception_v3
-
-    torch.manual_seed(0)
-    model = inception_v3(weights=None, aux_logits=True, init_weights=True)
-    path = tmp_path_factory.mktemp("inception") / "inception.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+from ldm.fid import (
+    frechet_distance,
+    frechet_distance_from_images,
+    inception_features,
+    kernel_inception_distance,
+    load_inception,
+)
 
 
 def test_frechet_distance_of_gaussians():
@@ -36,3 +30,20 @@ def test_fid_runs_on_a_random_inception_saved_to_disk(inception_file):
     assert load_inception(inception_file).fc.__class__.__name__ == "Identity"
     with pytest.raises(FileNotFoundError, match="eval.inception_weights"):
         load_inception(inception_file.parent / "missing.safetensors")
+
+
+def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift(inception_file):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 8, generator=g), torch.randn(300, 8, generator=g)
+    same, _ = kernel_inception_distance(a, b, subsets=20, subset_size=200)
+    shifted, _ = kernel_inception_distance(a, b + 1.0, subsets=20, subset_size=200)
+    assert abs(same) < 0.02 < shifted  # unbiased: two samples of one distribution give ~0
+    with pytest.raises(ValueError, match="at least 2"):
+        kernel_inception_distance(a[:1], b)
+    net = load_inception(inception_file)
+    real = torch.rand(6, 3, 32, 32, generator=g) * 2 - 1
+    fake = (real + torch.randn(6, 3, 32, 32, generator=g)).clamp(-1, 1)
+    kid, std = kernel_inception_distance(
+        inception_features(net, real), inception_features(net, fake), subsets=5
+    )
+    assert kid == kid and std >= 0  # runs on the random network's features, finite

@@ -56,7 +56,10 @@ def tiny(out, vae, *extra) -> LDMRunConfig:
             "sample.grid_prompts=2",
             "sample.grid_seeds=2",
             "eval.num_samples=4",
+            "eval.seeds_per_prompt=2",
             "eval.batch_size=4",
+            "eval.bound_strata=5",
+            "eval.timestep_points=4",
             *extra,
         ],
     )
@@ -68,7 +71,15 @@ def test_run_exports_a_pipeline_diffusers_loads_and_resume_is_exact(tmp_path, ti
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert (full / "samples" / "step-000003.png").exists() and (full / "losses.png").exists()
     results = json.loads((full / "eval.json").read_text())
-    assert set(results) >= {"guidance_1", "guidance_4"} and results["num_samples"] == 4
+    assert (
+        set(results) >= {"guidance_1", "guidance_4", "bpd", "loss_per_timestep"}
+        and results["num_samples"] == 4
+    )
+    assert [r["guidance"] for r in results["guidance_sweep"]] == [1, 2, 4, 8]
+    report = (full / "report.md").read_text()
+    assert "## Guidance sweep" in report and "## Variational bound" in report and "FID/KID skipped" in report
+    for png in ("guidance_sweep.png", "guidance_grid.png", "timestep_curves.png", "losses.png"):
+        assert (full / png).exists(), png
 
     pipe = StableDiffusionPipeline.from_pretrained(full / "model", safety_checker=None)
     assert pipe.scheduler.config.clip_sample is False

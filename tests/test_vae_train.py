@@ -87,6 +87,9 @@ def test_run_exports_and_resume_is_exact(tmp_path):
     assert (full / "samples" / "step-000003.png").exists() and (full / "losses.png").exists()
     results = json.loads((full / "eval.json").read_text())
     assert results["psnr"] > 0 and 0 < results["ssim"] <= 1
+    report = (full / "report.md").read_text()
+    assert "## Reconstruction" in report and "## Latents" in report and "](losses.png)" in report
+    assert "rFID skipped" in report and results["skipped"][-1].startswith("rFID skipped")
 
     # diffusers itself loads the export, and scaling_factor = 1 / std(z) on fresh images
     vae = AutoencoderKL.from_pretrained(full / "model")

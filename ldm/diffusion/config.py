@@ -94,8 +94,25 @@ class LoRAConfig:
 
 @dataclass
 class LDMEvalConfig:
-    num_samples: int = 324  # validation captions sampled for caption accuracy (shapes)
+    """The end-of-run evaluation and report (``ldm.eval``); ``ldm-eval`` takes the same keys."""
+
+    num_samples: int = 324  # images per guidance scale: distinct validation captions x seeds_per_prompt; 0: no evaluation
+    seeds_per_prompt: int = 6  # images per caption (sample diversity compares them)
     batch_size: int = 108
+    guidance_scales: list[float] = field(
+        default_factory=lambda: [1.0, 2.0, 4.0, 8.0]
+    )  # + sample.guidance_scale
+    bound_samples: int = 128  # held-out latents for the variational bound and the loss per timestep
+    bound_strata: int = 50  # timesteps sampled for the bound's sum over t (one per stratum)
+    timestep_points: int = 20  # timesteps of the loss-per-timestep curve
+    inception_weights: str | None = None  # local Inception-v3 weights: FID and KID; None: skipped
+    clip_model: str | None = None  # local CLIPModel folder: CLIP score; None: skipped
+
+    def __post_init__(self) -> None:
+        if self.seeds_per_prompt < 1 or self.num_samples < 0 or self.batch_size < 1:
+            raise ConfigError("eval.seeds_per_prompt and eval.batch_size must be >= 1, eval.num_samples >= 0")
+        if self.bound_strata < 1 or self.timestep_points < 2:
+            raise ConfigError("eval.bound_strata must be >= 1 and eval.timestep_points >= 2")
 
 
 @dataclass

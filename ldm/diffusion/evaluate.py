@@ -1,4 +1,5 @@
-"""Evaluating a text-to-image pipeline on the shapes validation captions: caption accuracy.
+"""Stage 2's evaluation: the sample-grid prompts, caption accuracy at one guidance scale, and the
+end-of-run evaluation and report (``ldm.eval``).
 
 Caption accuracy: the share of generated images whose color, shape and background, read
 from the pixels by ``ldm.shapes_eval``, all match the prompt.
@@ -7,11 +8,15 @@ from the pixels by ``ldm.shapes_eval``, all match the prompt.
 from __future__ import annotations
 
 import logging
+import time
+from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from ldm.diffusion.config import LDMRunConfig
+from ldm.eval.pipeline_eval import PipelineEvalSettings, evaluate_pipeline
+from ldm.eval.report import pipeline_report
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.shapes_eval import caption_accuracy
 
@@ -54,20 +59,38 @@ def sample_accuracy(
     return caption_accuracy(torch.cat(images), captions)
 
 
-def evaluate_pipeline(pipe: LatentDiffusionPipeline, val_set: Dataset, cfg: LDMRunConfig) -> dict:
-    """Caption accuracy at guidance 1 and at the configured guidance (shapes data only)."""
-    if cfg.data.dataset != "shapes":
-        logger.info(
-            "caption accuracy skipped: it reads shapes images only (data.dataset=%s)", cfg.data.dataset
-        )
+def eval_settings(cfg: LDMRunConfig, allow_pickle: bool | None = None) -> PipelineEvalSettings:
+    """The ``ldm.eval`` settings of a run config."""
+    e = cfg.eval
+    return PipelineEvalSettings(
+        num_samples=e.num_samples,
+        seeds_per_prompt=e.seeds_per_prompt,
+        batch_size=e.batch_size,
+        guidance_scales=list(e.guidance_scales),
+        guidance_scale=cfg.sample.guidance_scale,
+        sampler=cfg.sample.sampler,
+        steps=cfg.sample.steps,
+        bound_samples=e.bound_samples,
+        bound_strata=e.bound_strata,
+        timestep_points=e.timestep_points,
+        shapes=cfg.data.dataset == "shapes",
+        inception_weights=e.inception_weights,
+        clip_model=e.clip_model,
+        allow_pickle=cfg.allow_pickle if allow_pickle is None else allow_pickle,
+    )
+
+
+def evaluate_run(
+    pipe: LatentDiffusionPipeline, val_set: Dataset, cfg: LDMRunConfig, out: Path, run: Path | None = None
+) -> dict:
+    """Evaluate the final pipeline on the validation set and write ``out/report.md`` (with the loss
+    curves and samples of the run folder ``run``, default ``out``); returns the figures."""
+    if cfg.eval.num_samples == 0:
+        logger.info("evaluation skipped: eval.num_samples=0")
         return {}
-    n = min(cfg.eval.num_samples, len(val_set))
-    if n == 0:
-        return {}
-    captions = [val_set[i]["caption"] for i in range(n)]
-    results = {"num_samples": n, "sampler": cfg.sample.sampler, "steps": cfg.sample.steps}
-    for scale in dict.fromkeys([1.0, cfg.sample.guidance_scale]):
-        scores = sample_accuracy(pipe, captions, scale, cfg)
-        results[f"guidance_{scale:g}"] = scores
-        logger.info("caption accuracy at guidance %g: %.3f", scale, scores["accuracy"])
+    t0 = time.perf_counter()
+    results, sweep_images = evaluate_pipeline(pipe, val_set, eval_settings(cfg))
+    report = pipeline_report(out, results, sweep_images, f"Report: {(run or out).name}", run)
+    results["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    logger.info("wrote %s (evaluation took %.0f s)", report, results["eval_seconds"])
     return results

@@ -19,7 +19,7 @@ from ldm.data import build_dataset
 from ldm.data.repeat import RepeatedDataset
 from ldm.diffusion.cache import CaptionCache, cached_latents, fingerprint, sample_latents
 from ldm.diffusion.config import LDMRunConfig
-from ldm.diffusion.evaluate import evaluate_pipeline, grid_prompts
+from ldm.diffusion.evaluate import evaluate_run, grid_prompts
 from ldm.diffusion.export import export_pipeline
 from ldm.diffusion.lora import add_lora, save_lora
 from ldm.diffusion.models import build_models, pretrained_noise
@@ -211,7 +211,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         else:
             export_pipeline(pipe, out / "model")
         _save_prompt_grid(pipe, prompts, cfg, out / "samples" / "final.png")
-        results = evaluate_pipeline(pipe, val_images, cfg)
+        results = evaluate_run(pipe, val_images, cfg, out)
     return finish_run(accelerator, out, results)
 
 

@@ -1,0 +1,3 @@
+from ldm.eval.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,151 @@
+"""The variational bound of a diffusion model in bits per dimension (Ho et al. 2020, eq. 5).
+
+    -log p(z_0) <= L_T + sum_{t=2..T} L_{t-1} + L_0
+    L_T     = KL(q(z_T | z_0) || N(0, I))
+    L_{t-1} = KL(q(z_{t-1} | z_t, z_0) || p(z_{t-1} | z_t))
+    L_0     = -log p(z_0 | z_1)
+
+q(z_{t-1} | z_t, z_0) = N(mu~_t, beta~_t I), the Gaussian posterior of eq. 6-7:
+    mu~_t   = sqrt(abar_{t-1}) beta_t / (1 - abar_t) z_0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) z_t
+    beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t
+p(z_{t-1} | z_t) = N(mu~_t(z_t, z^_0), sigma_t^2 I): the posterior mean at the model's estimate z^_0,
+with the model's fixed variance sigma_t^2 = beta~_t ("fixed_small") or beta_t ("fixed_large").
+beta~_1 = 0, so as in Nichol & Dhariwal (2021) its first entry is replaced by beta~_2.
+
+Latents are continuous, so L_0 is the Gaussian density N(z_0; z^_0, sigma_1^2) of the latent itself
+(no 256-bin discretisation as for pixels): the bound is on the differential entropy of the latents,
+comparable between models on the same autoencoder, and may be negative.
+
+Index i = t - 1 is diffusers' timestep: ``alphas_cumprod[i]`` is abar_t.
+The sum over t = 2..T is estimated by stratified sampling (one random t in each of S equal strata,
+weighted by the stratum's size), which is unbiased and exact when S = T - 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+VARIANCE_TYPES = ("fixed_small", "fixed_large")
+
+
+def gaussian_kl(mean1: Tensor, var1: Tensor, mean2: Tensor, var2: Tensor) -> Tensor:
+    """KL(N(mean1, var1) || N(mean2, var2)) elementwise, in nats."""
+    return 0.5 * (torch.log(var2 / var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1)
+
+
+def gaussian_nll(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    """-log N(x; mean, var) elementwise, in nats (a density: continuous data)."""
+    return 0.5 * (torch.log(2 * math.pi * var) + (x - mean) ** 2 / var)
+
+
+def posterior(z0: Tensor, zt: Tensor, i: Tensor, alphas_cumprod: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, variance) of q(z_{t-1} | z_t, z_0) at diffusers index i = t - 1 >= 0 (eq. 6-7)."""
+    ac = alphas_cumprod.double().to(zt.device)
+    ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
+    beta = 1 - ac / ac_prev
+    shape = (-1, *([1] * (zt.ndim - 1)))
+    a, a_prev, b = ac[i].view(shape), ac_prev[i].view(shape), beta[i].view(shape)
+    mean = (a_prev.sqrt() * b / (1 - a)) * z0 + ((1 - b).sqrt() * (1 - a_prev) / (1 - a)) * zt
+    return mean, ((1 - a_prev) / (1 - a) * b).expand_as(zt)
+
+
+def model_variance(variance_type: str, alphas_cumprod: Tensor) -> Tensor:
+    """sigma_t^2 for every index: beta~_t or beta_t, the first entry replaced by beta~_2 (beta~_1 = 0)."""
+    if variance_type not in VARIANCE_TYPES:
+        raise ValueError(
+            f"variance_type {variance_type!r}: the bound needs a fixed variance ({' | '.join(VARIANCE_TYPES)})"
+        )
+    ac = alphas_cumprod.double()
+    ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
+    beta = 1 - ac / ac_prev
+    beta_tilde = (1 - ac_prev) / (1 - ac) * beta
+    var = beta_tilde if variance_type == "fixed_small" else beta.clone()
+    var[0] = beta_tilde[1]
+    return var
+
+
+def predicted_z0(kind: str, pred: Tensor, zt: Tensor, i: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """z^_0 from the model output: eps (z_t - sqrt(1 - abar) eps) / sqrt(abar), v, or z_0 itself."""
+    shape = (-1, *([1] * (zt.ndim - 1)))
+    a = alphas_cumprod.double().to(zt.device)[i].view(shape)
+    if kind == "epsilon":
+        return (zt - (1 - a).sqrt() * pred) / a.sqrt()
+    if kind == "v_prediction":
+        return a.sqrt() * zt - (1 - a).sqrt() * pred
+    if kind == "sample":
+        return pred
+    raise ValueError(f"unknown prediction type {kind!r}; allowed: epsilon | v_prediction | sample")
+
+
+def prior_kl(z0: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """L_T per sample in nats: KL(N(sqrt(abar_T) z_0, 1 - abar_T) || N(0, 1)), summed over dimensions."""
+    a = alphas_cumprod.double()[-1].to(z0.device)
+    mean, var = a.sqrt() * z0, (1 - a).expand_as(z0)
+    return gaussian_kl(mean, var, torch.zeros_like(z0), torch.ones_like(z0)).flatten(1).sum(1)
+
+
+def strata(num_timesteps: int, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """One random index in each of ``count`` near-equal strata of 1..T-1, and each stratum's size."""
+    edges = torch.linspace(1, num_timesteps, min(count, num_timesteps - 1) + 1).round().long()
+    lo, hi = edges[:-1], edges[1:]
+    offsets = (torch.rand(len(lo), generator=generator) * (hi - lo)).long()
+    return lo + offsets, (hi - lo).double()
+
+
+Model = Callable[[Tensor, Tensor], Tensor]  # (z_t, index) -> prediction
+
+
+@torch.no_grad()
+def variational_bound(
+    model: Model,
+    z0: Tensor,
+    alphas_cumprod: Tensor,
+    prediction_type: str,
+    variance_type: str = "fixed_small",
+    num_strata: int = 50,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """Per-sample bound terms of ``z0`` (B, C, h, w) in nats and the total in bits per dimension.
+
+    Returns ``prior`` (L_T), ``diffusion`` (sum of L_{t-1}, estimated), ``decoder`` (L_0), ``bpd``
+    (all (B,)), and ``timesteps`` / ``per_timestep`` ((S,), (S, B)): the sampled indices and the
+    L_{t-1} (nats) at each.
+    """
+    generator = generator or torch.Generator().manual_seed(0)
+    z0 = z0.double()
+    variance = model_variance(variance_type, alphas_cumprod).to(z0.device)
+
+    def step_terms(i: int) -> tuple[Tensor, ...]:
+        index = torch.full((z0.shape[0],), i, dtype=torch.long, device=z0.device)
+        eps = torch.randn(z0.shape, generator=generator, dtype=torch.float64).to(z0.device)
+        a = alphas_cumprod.double().to(z0.device)[i]
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        pred = model(zt.float(), index).double()
+        z0_hat = predicted_z0(prediction_type, pred, zt, index, alphas_cumprod)
+        mean_q, var_q = posterior(z0, zt, index, alphas_cumprod)
+        mean_p, _ = posterior(z0_hat, zt, index, alphas_cumprod)
+        return mean_q, var_q, mean_p, variance[i].expand_as(zt), z0_hat
+
+    indices, weights = strata(len(alphas_cumprod), num_strata, generator)
+    per_timestep = []
+    for i in indices.tolist():
+        mean_q, var_q, mean_p, var_p, _ = step_terms(i)
+        per_timestep.append(gaussian_kl(mean_q, var_q, mean_p, var_p).flatten(1).sum(1))
+    per_timestep_t = torch.stack(per_timestep)  # (S, B)
+    diffusion = (weights.to(z0.device)[:, None] * per_timestep_t).sum(0)
+    *_, var_0, z0_hat = step_terms(0)
+    decoder = gaussian_nll(z0, z0_hat, var_0).flatten(1).sum(1)
+    prior = prior_kl(z0, alphas_cumprod)
+    dims = z0[0].numel()
+    return {
+        "prior": prior,
+        "diffusion": diffusion,
+        "decoder": decoder,
+        "bpd": (prior + diffusion + decoder) / (dims * math.log(2)),
+        "timesteps": indices,
+        "per_timestep": per_timestep_t,
+    }

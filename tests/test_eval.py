@@ -1,0 +1,159 @@
+"""Evaluation on known inputs: image metrics, the variational bound, CLIP score, and ldm-eval end to end."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_autoencoder
+from diffusers import DDPMScheduler
+from test_ldm_train import tiny
+from transformers import CLIPModel
+
+from ldm.diffusion.train import train_ldm
+from ldm.eval.bound import gaussian_kl, model_variance, posterior, variational_bound
+from ldm.eval.cli import main as ldm_eval
+from ldm.eval.clip_score import clip_score as score_images
+from ldm.eval.clip_score import load_clip_scorer
+from ldm.eval.pipeline_eval import sweep_prompts
+from ldm.quality import pairwise_diversity, psnr, ssim
+
+T = 100
+
+
+def schedule(**kwargs) -> DDPMScheduler:
+    return DDPMScheduler(
+        num_train_timesteps=T, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, **kwargs
+    )
+
+
+# ------------------------------------------------------------------------------ image metrics
+def test_psnr_of_identical_images_is_capped_and_ssim_is_1():
+    x = torch.rand(3, 3, 24, 24) * 2 - 1
+    assert torch.equal(psnr(x, x), torch.full((3,), 100.0))
+    torch.testing.assert_close(ssim(x, x), torch.ones(3))
+    noisy = (x + 0.1 * torch.randn_like(x)).clamp(-1, 1)
+    assert (psnr(x, noisy) < 40).all() and (ssim(x, noisy) < 0.99).all()
+
+
+def test_pairwise_diversity():
+    a, b = torch.full((1, 3, 4, 4), -1.0), torch.full((1, 3, 4, 4), 1.0)  # black and white: RMS distance 1
+    assert pairwise_diversity(torch.cat([a, a, a]), ["p", "p", "p"]) == 0.0
+    assert pairwise_diversity(torch.cat([a, b, a, a]), ["p", "p", "q", "q"]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="two or more"):
+        pairwise_diversity(torch.cat([a, b]), ["p", "q"])
+    prompts, seeds = sweep_prompts(["x", "y", "x", "", "z"], num_samples=6, seeds_per_prompt=3)
+    assert prompts == ["x", "x", "x", "y", "y", "y"] and seeds == [0, 1, 2, 0, 1, 2]
+
+
+# ------------------------------------------------------------------------------ the bound
+def test_gaussian_kl_matches_torch_distributions():
+    m1, m2 = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    v1, v2 = torch.rand(5, dtype=torch.float64) + 0.1, torch.rand(5, dtype=torch.float64) + 0.1
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(m1, v1.sqrt()), torch.distributions.Normal(m2, v2.sqrt())
+    )
+    torch.testing.assert_close(gaussian_kl(m1, v1, m2, v2), expected)
+
+
+def test_posterior_equals_diffusers_ddpm_step():
+    """q(z_{t-1} | z_t, z_0): diffusers' DDPM step from the true z_0 draws mean + sqrt(beta~) noise."""
+    sched = schedule(prediction_type="sample", variance_type="fixed_small", clip_sample=False)
+    sched.alphas_cumprod = sched.alphas_cumprod.double()  # float64 throughout: compare the formulas
+    z0, zt = torch.randn(2, 4, 3, 3, dtype=torch.float64), torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    for t in (1, 37, 99):
+        prev = sched.step(z0, t, zt, generator=torch.Generator().manual_seed(t)).prev_sample
+        noise = torch.randn(zt.shape, generator=torch.Generator().manual_seed(t), dtype=torch.float64)
+        mean, var = posterior(z0, zt, torch.full((2,), t), sched.alphas_cumprod)
+        torch.testing.assert_close(prev, mean + var.sqrt() * noise, rtol=1e-10, atol=1e-10)
+    var = model_variance("fixed_small", sched.alphas_cumprod)
+    assert var[0] == var[1] > 0  # beta~_1 = 0 replaced by beta~_2
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_bound_of_an_oracle_denoiser_is_lower_than_that_of_a_zero_predictor(kind):
+    ac = schedule().alphas_cumprod
+    z0 = torch.randn(4, 2, 4, 4)
+
+    def oracle(zt, i):  # knows z_0: predicts the exact eps, v or z_0
+        a = ac[i].view(-1, 1, 1, 1)
+        eps = (zt - a.sqrt() * z0) / (1 - a).sqrt()
+        return {"epsilon": eps, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * z0, "sample": z0}[kind]
+
+    def zero(zt, i):
+        return torch.zeros_like(zt)
+
+    exact = variational_bound(oracle, z0, ac, kind, num_strata=T - 1)
+    assert exact["timesteps"].tolist() == list(range(1, T))  # every t once: the sum is exact
+    assert exact["diffusion"].abs().max() < 1e-6  # each L_{t-1} is a KL between equal Gaussians
+    worse = variational_bound(zero, z0, ac, kind, num_strata=20)
+    assert (exact["bpd"] < worse["bpd"]).all() and (worse["diffusion"] > 0).all()
+    assert (exact["prior"] > 0).all() and torch.equal(exact["prior"], worse["prior"])  # L_T: no model
+
+
+# ------------------------------------------------------------------------------ CLIP score
+def test_clip_score_from_a_local_clip_model(tiny_clip_folder):
+    model, tokenizer = load_clip_scorer(tiny_clip_folder)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1  # the vision tower's size: no resizing
+    captions = ["a red circle", "a blue square", "a green triangle", "a gray background"]
+    scores = score_images(model, tokenizer, images, captions, batch_size=3)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    clip = CLIPModel.from_pretrained(tiny_clip_folder)
+    logits = clip(
+        input_ids=tokenizer(captions, padding="max_length", return_tensors="pt").input_ids,
+        pixel_values=((images + 1) / 2 - mean) / std,
+    ).logits_per_image  # logit_scale * cosine, (images, captions)
+    cosine = logits.diagonal() / clip.logit_scale.exp()
+    torch.testing.assert_close(scores, 100 * cosine.clamp_min(0), rtol=1e-4, atol=1e-4)
+    assert ((scores >= 0) & (scores <= 100)).all()
+
+
+# ------------------------------------------------------------------------------ ldm-eval
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    vae = root / "vae"
+    tiny_autoencoder(scaling_factor=0.8).save_pretrained(vae)
+    run = train_ldm(
+        tiny(root / "run", vae, "train.max_steps=2", "train.sample_every=0", "eval.guidance_scales=[1]")
+    )
+    return run, vae
+
+
+def test_ldm_eval_pipeline_with_fid_kid_and_clip_score(tiny_run, inception_file, tiny_clip_folder, tmp_path):
+    run, _ = tiny_run
+    out = tmp_path / "eval"
+    code = ldm_eval([str(run), "--out", str(out), f"eval.inception_weights={inception_file}",
+                     f"eval.clip_model={tiny_clip_folder}", "eval.guidance_scales=[1,2]"])  # fmt: skip
+    assert code == 0
+    results = json.loads((out / "eval.json").read_text())
+    assert [r["guidance"] for r in results["guidance_sweep"]] == [1, 2, 4]  # + sample.guidance_scale
+    assert all(0 <= r["clip_score"] <= 100 and r["diversity"] >= 0 for r in results["guidance_sweep"])
+    assert results["fid"] == results["fid"] and results["kid_std"] >= 0 and results["skipped"] == []
+    assert results["num_latents"] == 8 and len(results["loss_per_timestep"]) == 4
+    report = (out / "report.md").read_text()
+    assert "## FID and KID" in report and "Not measured" not in report and "](../" in report  # run's losses
+    for png in ("guidance_sweep.png", "guidance_grid.png", "timestep_curves.png", "losses.png"):
+        assert (out / png).exists(), png
+
+
+def test_ldm_eval_autoencoder_and_bad_folders(tiny_run, tmp_path, capsys):
+    _, vae = tiny_run
+    out = tmp_path / "vae-eval"
+    assert (
+        ldm_eval([str(vae), "--out", str(out), "data.resolution=16", "data.val_size=8", "eval.num_samples=8"])
+        == 0
+    )
+    results = json.loads((out / "eval.json").read_text())
+    assert results["num_samples"] == 8 and results["scaling_factor"] == 0.8 and len(results["skipped"]) == 2
+    report = (out / "report.md").read_text()
+    assert (
+        "## Reconstruction" in report and "LPIPS skipped" in report and (out / "reconstructions.png").exists()
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        ldm_eval([str(tmp_path / "nothing-here")])
+    assert exit_info.value.code == 1 and "neither a diffusers pipeline" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ldm_eval([str(vae)])  # not a run folder: --out is needed
+    assert "give --out" in capsys.readouterr().err
