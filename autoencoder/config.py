@@ -44,11 +44,13 @@ class VAELossConfig:
     disc_loss: str = "hinge"  # hinge | vanilla
     disc_layers: int = 2  # PatchGAN depth (3 for 256 px)
     disc_channels: int = 32
+    disc_norm: str = "batch"  # batch (SyncBatchNorm on several GPUs) | group | none
     disc_lr: float | None = None  # None: same as train.lr
 
     def __post_init__(self) -> None:
         check_choice("loss.rec_loss", self.rec_loss, ("l1", "l2"))
         check_choice("loss.disc_loss", self.disc_loss, ("hinge", "vanilla"))
+        check_choice("loss.disc_norm", self.disc_norm, ("batch", "group", "none"))
 
 
 @dataclass

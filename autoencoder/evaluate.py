@@ -16,7 +16,10 @@ from ldm.images import save_grid
 from ldm.quality import psnr, ssim
 
 logger = logging.getLogger("ldm")
-LPIPS_SKIPPED = "LPIPS skipped: no VGG16 backbone weights (loss.lpips_weights=PATH, or vgg16-397923af.pth in torch's hub cache)"
+LPIPS_SKIPPED = (
+    "LPIPS skipped: needs the lpips package (pip install 'ldm[lpips]') and VGG16 weights "
+    "(loss.lpips_weights=PATH, or vgg16-397923af.pth in torch's hub cache)"
+)
 RFID_SKIPPED = "rFID skipped: no Inception weights (set eval.inception_weights=PATH to a local file)"
 
 

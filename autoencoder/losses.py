@@ -70,6 +70,7 @@ def adaptive_weight(
     last_layer: torch.nn.Parameter,
     max_weight: float = 1e4,
     eps: float = 1e-4,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Adaptive GAN weight (Esser et al. 2021, Taming Transformers, eq. 7):
 
@@ -77,7 +78,8 @@ def adaptive_weight(
 
     clamped to [0, max_weight] and detached. rec_loss is the term the GAN loss is balanced against
     (reconstruction, plus perceptual when on). Both graphs are retained, so the caller can still
-    backpropagate through rec_loss and g_loss.
+    backpropagate through rec_loss and g_loss. ``reduce`` maps each gradient to its mean over
+    processes first, so that with N processes lambda is the one of the global batch.
     """
     for name, loss in (("rec_loss", rec_loss), ("g_loss", g_loss)):
         if not loss.requires_grad:
@@ -86,5 +88,7 @@ def adaptive_weight(
             )
     (rec_grad,) = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
     (g_grad,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+    if reduce is not None:
+        rec_grad, g_grad = reduce(rec_grad), reduce(g_grad)
     weight = rec_grad.norm() / (g_grad.norm() + eps)
     return weight.clamp(0.0, max_weight).detach()

@@ -71,7 +71,11 @@ class AutoencoderTrainingForward(torch.nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``noise`` (B, C, H/f, W/f): the eps of z = mean + std * eps (default: drawn here)."""
         posterior = self.vae.encode(x).latent_dist  # mean, logvar: (B, C, H/f, W/f)
-        x_rec = self.vae.decode(posterior.sample()).sample  # (B, 3, H, W)
+        z = posterior.sample() if noise is None else posterior.mean + posterior.std * noise.to(posterior.mean)
+        x_rec = self.vae.decode(z).sample  # (B, 3, H, W)
         return x_rec, posterior.mean, posterior.logvar

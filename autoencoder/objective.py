@@ -8,6 +8,8 @@ lambda is the adaptive weight at the decoder's last layer (Esser et al. 2021, eq
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -25,14 +27,18 @@ def autoencoder_objective(
     gan_on: bool,
     lpips: torch.nn.Module | None = None,
     grad_scale: float = 1.0,
+    noise: Tensor | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """(loss_ae, x_rec, detached terms) for images ``x`` (B, 3, H, W) in [-1, 1].
 
     ``model``: an ``AutoencoderTrainingForward`` (possibly wrapped by accelerate); ``disc``: the
     discriminator for the adversarial term, not DDP-wrapped (its weights get no gradient here);
-    ``grad_scale``: the fp16 loss scale, so the adaptive weight's gradients do not underflow.
+    ``grad_scale``: the fp16 loss scale, so the adaptive weight's gradients do not underflow;
+    ``noise``: the posterior's eps (B, C, h, w); ``reduce``: averages a gradient over processes, so
+    that the adaptive weight is that of the global batch (``accelerator.reduce(g, "mean")``).
     """
-    x_rec, mean, logvar = model(x)  # (B, 3, H, W), (B, C, h, w) x 2
+    x_rec, mean, logvar = model(x, noise)  # (B, 3, H, W), (B, C, h, w) x 2
     rec = reconstruction_loss(x, x_rec, cfg.rec_loss)
     kl = kl_loss(mean, logvar)
     terms = {"rec_loss": rec, "kl_loss": kl}
@@ -44,7 +50,9 @@ def autoencoder_objective(
     loss = nll + cfg.kl_weight * kl
     if gan_on:
         g_loss = generator_loss(disc(x_rec))
-        weight = cfg.disc_weight * adaptive_weight(nll * grad_scale, g_loss * grad_scale, last_layer)
+        weight = cfg.disc_weight * adaptive_weight(
+            nll * grad_scale, g_loss * grad_scale, last_layer, reduce=reduce
+        )
         loss = loss + weight * g_loss
         terms.update(g_loss=g_loss, disc_weight=weight)
     terms["loss"] = loss

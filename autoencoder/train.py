@@ -35,7 +35,17 @@ from ldm.training.checkpoint import save_checkpoint
 from ldm.training.ema import EMA
 from ldm.training.nonfinite import NonFiniteGuard
 from ldm.training.optim import adamw, clip_gradients
-from ldm.training.run import finish_run, metrics_writer, resume_run, set_lr, start_run, train_batches
+from ldm.training.randomness import StepRandom
+from ldm.training.run import (
+    averaged,
+    finish_run,
+    global_batch_line,
+    metrics_writer,
+    resume_run,
+    set_lr,
+    start_run,
+    train_batches,
+)
 from ldm.training.schedule import lr_multiplier
 from ldm.training.signals import GracefulStop
 
@@ -62,7 +72,19 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     val_set = build_dataset(cfg.data, "val", cfg.seed)
 
     # --- discriminator, perceptual loss, optimizers ------------------------------------------
-    disc = NLayerDiscriminator(vae.config.in_channels, cfg.loss.disc_channels, cfg.loss.disc_layers)
+    disc = NLayerDiscriminator(
+        vae.config.in_channels, cfg.loss.disc_channels, cfg.loss.disc_layers, cfg.loss.disc_norm
+    )
+    if accelerator.num_processes > 1 and cfg.loss.disc_norm == "batch":
+        if accelerator.device.type in ("cuda", "xpu"):  # batch statistics of the global batch
+            disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(disc)
+        else:
+            logger.warning(
+                "loss.disc_norm=batch on %d CPU processes: PyTorch has no SyncBatchNorm on the CPU, so the "
+                "discriminator normalises with each process's own batch; set loss.disc_norm=group for "
+                "results that do not depend on the process count",
+                accelerator.num_processes,
+            )
     disc = disc.to(memory_format=memory_format)
     lpips = None
     if cfg.loss.lpips_weights and not Path(cfg.loss.lpips_weights).is_file():
@@ -93,19 +115,23 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     metrics = metrics_writer(accelerator, out, step)
     fixed = torch.stack([val_set[i]["pixel_values"] for i in range(min(8, len(val_set)))])
     logger.info(
-        "training %.2fM of %.2fM autoencoder parameters (%s, f=%d) for %d steps, batch %d x %d processes x %d accumulation",
+        "training %.2fM of %.2fM autoencoder parameters (%s, f=%d) for %d steps, %s",
         sum(p.numel() for p in params) / 1e6,
         sum(p.numel() for p in vae.parameters()) / 1e6,
         "decoder only" if tc.decoder_only else "all",
         2 ** (len(vae.config.block_out_channels) - 1),
         tc.max_steps,
-        tc.batch_size,
-        accelerator.num_processes,
-        tc.gradient_accumulation_steps,
+        global_batch_line(tc.batch_size, accelerator.num_processes, tc.gradient_accumulation_steps),
     )
 
     # --- loop --------------------------------------------------------------------------------
     stop = min(tc.max_steps, tc.stop_at) if tc.stop_at else tc.max_steps
+    rng = StepRandom(cfg.seed, accelerator.process_index, accelerator.num_processes, accelerator.device)
+    latent_channels, factor = vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def average(grad: torch.Tensor) -> torch.Tensor:  # over processes: the global batch's gradient
+        return accelerator.reduce(grad, "mean") if accelerator.num_processes > 1 else grad
+
     with GracefulStop() as stopper:  # SIGTERM / SIGINT end the loop at a step, with a checkpoint
         progress = tqdm(
             total=tc.max_steps, initial=step, disable=not main, desc="train_vae", dynamic_ncols=True
@@ -122,16 +148,18 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
             set_lr(opt_ae, lr)
             set_lr(opt_d, (cfg.loss.disc_lr or tc.lr) * lr / tc.lr)
             gan_on = step >= cfg.loss.disc_start
-            for _ in range(tc.gradient_accumulation_steps):
+            for micro in range(tc.gradient_accumulation_steps):
                 batch = next(batches)
                 x = batch["pixel_values"].to(accelerator.device, non_blocking=True)
                 x = x.contiguous(memory_format=memory_format)  # (B, 3, H, W)
+                rng.reseed(step, micro)  # this step's draws, the same on any number of processes
+                noise = rng.randn(x.shape[0], latent_channels, x.shape[2] // factor, x.shape[3] // factor)
                 with accelerator.accumulate(model, disc):
                     # 1. autoencoder (generator) step; D is frozen so that no gradient leaks into it
                     disc.requires_grad_(False)
                     scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
                     loss, x_rec, terms = autoencoder_objective(
-                        model, disc_for_g, x, cfg.loss, last_layer, gan_on, lpips, scale
+                        model, disc_for_g, x, cfg.loss, last_layer, gan_on, lpips, scale, noise, average
                     )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and tc.grad_clip > 0:
@@ -161,7 +189,8 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
                 stop = step
 
             if step % tc.log_every == 0 or step == stop:
-                values = {f"train/{k}": float(v) / counts[k] for k, v in sums.items()}
+                means = averaged(accelerator, {k: v / counts[k] for k, v in sums.items()})
+                values = {f"train/{k}": v for k, v in means.items()}
                 values.update({"train/lr": lr, "train/step_time": (time.perf_counter() - t_log) / count})
                 # NaN/Inf steps since the last log; too many in a row raise
                 values["train/skipped_steps"] = guard.check() + guard_d.check()

@@ -16,22 +16,32 @@ NULL_CAPTION = ""  # the unconditional caption
 
 
 def uncond_mask(
-    batch: int, p: float, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    batch: int,
+    p: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    uniform: Tensor | None = None,
 ) -> Tensor:
-    """(B,) bool, True where the condition is dropped: independent Bernoulli(p) draws.
+    """(B,) bool, True where the condition is dropped: independent Bernoulli(p) draws, u < p.
 
-    Drawn on the generator's device (reproducible for a given generator state), then moved to ``device``.
+    u is ``uniform`` (B,) when given (e.g. the training loop's process-count-independent draws),
+    else drawn on the generator's device (reproducible for a given generator state); the mask is
+    then moved to ``device``.
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"condition dropout probability must be in [0, 1), got {p}")
-    draw_device = generator.device if generator is not None else "cpu"
-    mask = torch.rand(batch, generator=generator, device=draw_device) < p  # (B,)
+    if uniform is None:
+        draw_device = generator.device if generator is not None else "cpu"
+        uniform = torch.rand(batch, generator=generator, device=draw_device)
+    mask = uniform.cpu() < p  # (B,)
     return mask.to(device) if device is not None else mask
 
 
-def drop_captions(captions: list[str], p: float, generator: torch.Generator | None = None) -> list[str]:
+def drop_captions(
+    captions: list[str], p: float, generator: torch.Generator | None = None, uniform: Tensor | None = None
+) -> list[str]:
     """Each caption replaced by "" with probability ``p`` (Ho & Salimans 2022, Algorithm 1)."""
-    mask = uncond_mask(len(captions), p, generator)
+    mask = uncond_mask(len(captions), p, generator, uniform=uniform)
     return [NULL_CAPTION if drop else caption for caption, drop in zip(captions, mask.tolist(), strict=True)]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -39,6 +40,9 @@ def parse_and_load(
 
 
 def setup_logging(level: int = logging.INFO) -> None:
+    """Log to stderr; under ``accelerate launch`` only rank 0 logs below WARNING."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        level = max(level, logging.WARNING)
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )

@@ -494,6 +494,45 @@ def test_hf_streaming_shuffle_and_skip(tmp_path):
     assert [it["caption"] for it in train] != train_caps
 
 
+def write_tar_shards(folder: Path, shards: int, per_shard: int) -> None:
+    """webdataset tar shards: <key>.png and <key>.txt per sample."""
+    import tarfile
+
+    k = 0
+    for shard in range(shards):
+        with tarfile.open(folder / f"shard-{shard:03d}.tar", "w") as tar:
+            for _ in range(per_shard):
+                image = io.BytesIO()
+                Image.fromarray(np.full((20, 24, 3), 10 * k, dtype=np.uint8)).save(image, "PNG")
+                for name, data in (
+                    (f"{k:05d}.png", image.getvalue()),
+                    (f"{k:05d}.txt", f"item {k}".encode()),
+                ):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                k += 1
+
+
+@pytest.mark.parametrize("shards", [3, 4])  # 4 shards split by shard, 3 by example
+def test_streaming_tar_shards_split_across_ranks(tmp_path, shards):
+    write_tar_shards(tmp_path, shards, per_shard=6)
+    n = shards * 6
+    cfg = DataConfig(dataset="hf", path=str(tmp_path), streaming=True, image_column="png", caption_column="txt",
+                     resolution=16, val_size=0, shuffle_buffer=8)  # fmt: skip
+    per_rank = []
+    for rank in range(2):
+        stream = build_dataset(cfg, "train", seed=0)
+        assert isinstance(stream, HFStreamingDataset)
+        stream.rank, stream.world_size = rank, 2
+        items = list(stream)
+        assert all(it["pixel_values"].shape == (3, 16, 16) for it in items)
+        per_rank.append([it["caption"] for it in items])
+    assert not set(per_rank[0]) & set(per_rank[1])  # disjoint
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(f"item {k}" for k in range(n))  # together: all
+    assert abs(len(per_rank[0]) - len(per_rank[1])) <= 6
+
+
 def test_export_folder_in_a_new_color_reads_back(tmp_path):
     import argparse
 

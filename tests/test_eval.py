@@ -2,10 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_autoencoder
 from diffusers import DDPMScheduler
+from PIL import Image
 from test_ldm_train import tiny
 from transformers import CLIPModel
 
@@ -124,13 +126,19 @@ def tiny_run(tmp_path_factory):
 def test_ldm_eval_pipeline_with_fid_kid_and_clip_score(tiny_run, inception_file, tiny_clip_folder, tmp_path):
     run, _ = tiny_run
     out = tmp_path / "eval"
+    reference = tmp_path / "reference"  # FID/KID against a folder of images
+    reference.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((20, 24, 3), 40 * i, dtype=np.uint8)).save(reference / f"{i}.png")
     code = ldm_eval([str(run), "--out", str(out), f"eval.inception_weights={inception_file}",
-                     f"eval.clip_model={tiny_clip_folder}", "eval.guidance_scales=[1,2]"])  # fmt: skip
+                     f"eval.clip_model={tiny_clip_folder}", "eval.guidance_scales=[1,2]",
+                     f"eval.fid_reference={reference}"])  # fmt: skip
     assert code == 0
     results = json.loads((out / "eval.json").read_text())
     assert [r["guidance"] for r in results["guidance_sweep"]] == [1, 2, 4]  # + sample.guidance_scale
     assert all(0 <= r["clip_score"] <= 100 and r["diversity"] >= 0 for r in results["guidance_sweep"])
     assert results["fid"] == results["fid"] and results["kid_std"] >= 0 and results["skipped"] == []
+    assert results["fid_images"] == 4  # min(5 reference images, 4 samples)
     assert results["num_latents"] == 8 and len(results["loss_per_timestep"]) == 4
     report = (out / "report.md").read_text()
     assert "## FID and KID" in report and "Not measured" not in report and "](../" in report  # run's losses

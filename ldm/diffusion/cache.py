@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from ldm.data.batches import item_batches
 from ldm.data.transforms import split_key
+from ldm.training.randomness import StepRandom
 
 logger = logging.getLogger("ldm")
 
@@ -58,10 +59,10 @@ class LatentDataset(Dataset):
 
 
 @torch.no_grad()
-def encode_dataset(
+def encode_items(
     vae: AutoencoderKL, dataset: Dataset, batch_size: int, desc: str = "caching latents"
-) -> LatentDataset:
-    """Encode every item once (no augmentation); posterior mean and std in float32."""
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
+    """(means, stds, captions) of every item, encoded once (no augmentation), float32 on the CPU."""
     device = next(vae.parameters()).device
     means: list[torch.Tensor] = []  # (C, h, w) per item
     stds: list[torch.Tensor] = []
@@ -81,10 +82,40 @@ def encode_dataset(
         means += mean
         stds += std
         captions.extend(it["caption"] for it in items)
-    bucket_of = getattr(dataset, "bucket_of", None)
+    return means, stds, captions
+
+
+def latent_dataset(
+    means: list[torch.Tensor], stds: list[torch.Tensor], captions: list[str], bucket_of=None
+) -> LatentDataset:
+    """Stacked when every item has one shape; per-item lists otherwise (aspect-ratio buckets)."""
     if len({m.shape for m in means}) == 1:
         return LatentDataset(torch.stack(means), torch.stack(stds), captions, bucket_of)
     return LatentDataset(means, stds, captions, bucket_of)
+
+
+def encode_dataset(
+    vae: AutoencoderKL, dataset: Dataset, batch_size: int, desc: str = "caching latents"
+) -> LatentDataset:
+    """Encode every item once (no augmentation); posterior mean and std in float32."""
+    return latent_dataset(*encode_items(vae, dataset, batch_size, desc), getattr(dataset, "bucket_of", None))
+
+
+def encode_sharded(
+    vae: AutoencoderKL, dataset: Dataset, batch_size: int, rank: int, world_size: int, gather
+) -> LatentDataset:
+    """Every process encodes items rank, rank + N, ...; ``gather`` (accelerate's ``gather_object``)
+    collects the shards, and each process reassembles the whole cache in item order."""
+    indices = list(range(rank, len(dataset), world_size))
+    shard = encode_items(
+        vae, Subset(dataset, indices), batch_size, f"caching latents (shard {rank}/{world_size})"
+    )
+    gathered = gather([(i, m, s, c) for i, m, s, c in zip(indices, *shard, strict=True)])
+    ordered = sorted(gathered, key=lambda item: item[0])
+    if [i for i, *_ in ordered] != list(range(len(dataset))):
+        raise RuntimeError("latent cache shards do not cover the dataset once each")
+    _, means, stds, captions = zip(*ordered, strict=True)
+    return latent_dataset(list(means), list(stds), list(captions), getattr(dataset, "bucket_of", None))
 
 
 def fingerprint(vae_dir: str | Path, data_config: dict[str, Any], seed: int) -> str:
@@ -111,9 +142,13 @@ def cached_latents(
     cache_dir: str | Path | None,
     key: str,
     write: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    gather=None,
 ) -> LatentDataset:
     """The latent dataset from ``cache_dir/latents-<key>.safetensors`` if present, else encoded
-    (and saved there when ``write``: one process writes, the others read what it wrote)."""
+    (and saved there when ``write``, by one process). With ``world_size`` > 1 and ``gather``, the
+    processes encode one shard each and share them (``encode_sharded``)."""
     path = Path(cache_dir) / f"latents-{key}.safetensors" if cache_dir else None
     bucket_of = getattr(dataset, "bucket_of", None)
     if path is not None and path.exists():
@@ -129,7 +164,10 @@ def cached_latents(
             captions,
             bucket_of,
         )
-    latents = encode_dataset(vae, dataset, batch_size)
+    if world_size > 1 and gather is not None:
+        latents = encode_sharded(vae, dataset, batch_size, rank, world_size, gather)
+    else:
+        latents = encode_dataset(vae, dataset, batch_size)
     if path is not None and write:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -175,14 +213,20 @@ class CaptionCache:
         return len(self._store)
 
 
-def sample_latents(batch: dict[str, Any], vae: AutoencoderKL, device: torch.device) -> torch.Tensor:
-    """z ~ q(z | x) for a batch: from the cached posterior (mean + std * eps) or by encoding the images.
+def sample_latents(
+    batch: dict[str, Any], vae: AutoencoderKL, device: torch.device, rng: StepRandom | None = None
+) -> torch.Tensor:
+    """z = mean + std * eps ~ q(z | x) for a batch, from the cached posterior or by encoding the images.
 
-    Both draw eps from the global RNG the same way, so for a fixed seed they give the same z.
+    Both draw eps the same way (from ``rng`` when given, else the global RNG), so for a fixed seed
+    they give the same z.
     """
     if "mean" in batch:
         mean, std = batch["mean"].to(device), batch["std"].to(device)  # (B, C, h, w)
-        return mean + std * torch.randn_like(mean)
-    with torch.no_grad():
-        x = batch["pixel_values"].to(device, vae.dtype)  # (B, 3, H, W)
-        return vae.encode(x).latent_dist.sample().float()
+    else:
+        with torch.no_grad():
+            x = batch["pixel_values"].to(device, vae.dtype)  # (B, 3, H, W)
+            posterior = vae.encode(x).latent_dist
+            mean, std = posterior.mean.float(), posterior.std.float()
+    eps = rng.randn(*mean.shape).to(mean) if rng is not None else torch.randn_like(mean)
+    return mean + std * eps

@@ -96,7 +96,9 @@ class LoRAConfig:
 class LDMEvalConfig:
     """The end-of-run evaluation and report (``ldm.eval``); ``ldm-eval`` takes the same keys."""
 
-    num_samples: int = 324  # images per guidance scale: distinct validation captions x seeds_per_prompt; 0: no evaluation
+    num_samples: int = (
+        324  # images per guidance scale: distinct validation captions x seeds_per_prompt; 0: no evaluation
+    )
     seeds_per_prompt: int = 6  # images per caption (sample diversity compares them)
     batch_size: int = 108
     guidance_scales: list[float] = field(
@@ -106,6 +108,7 @@ class LDMEvalConfig:
     bound_strata: int = 50  # timesteps sampled for the bound's sum over t (one per stratum)
     timestep_points: int = 20  # timesteps of the loss-per-timestep curve
     inception_weights: str | None = None  # local Inception-v3 weights: FID and KID; None: skipped
+    fid_reference: str | None = None  # folder of reference images for FID/KID; None: the validation images
     clip_model: str | None = None  # local CLIPModel folder: CLIP score; None: skipped
 
     def __post_init__(self) -> None:

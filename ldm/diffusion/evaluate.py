@@ -75,6 +75,7 @@ def eval_settings(cfg: LDMRunConfig, allow_pickle: bool | None = None) -> Pipeli
         timestep_points=e.timestep_points,
         shapes=cfg.data.dataset == "shapes",
         inception_weights=e.inception_weights,
+        fid_reference=e.fid_reference,
         clip_model=e.clip_model,
         allow_pickle=cfg.allow_pickle if allow_pickle is None else allow_pickle,
     )

@@ -12,6 +12,7 @@ from diffusers import DDPMScheduler
 from torch import Tensor
 
 from ldm.diffusion.config import NoiseConfig
+from ldm.training.randomness import StepRandom
 
 
 def training_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
@@ -74,9 +75,18 @@ def min_snr_weight(kind: str, snr_t: Tensor, gamma: float) -> Tensor:
     raise ValueError(f"unknown prediction type {kind!r}; allowed: epsilon | v_prediction | sample")
 
 
-def sample_noise(z0: Tensor, offset: float) -> Tensor:
-    """eps ~ N(0, I), plus ``offset`` * N(0, 1) per (sample, channel) when offset noise is on (Guttenberg 2023)."""
-    eps = torch.randn_like(z0)
+def sample_noise(z0: Tensor, offset: float, rng: StepRandom | None = None) -> Tensor:
+    """eps ~ N(0, I), plus ``offset`` * N(0, 1) per (sample, channel) when offset noise is on (Guttenberg 2023).
+
+    Drawn from ``rng`` when given (the same numbers whatever the process count), else the global RNG.
+    """
+    b, c = z0.shape[:2]
+    if rng is None:
+        eps = torch.randn_like(z0)
+        if offset > 0:
+            eps = eps + offset * torch.randn(b, c, 1, 1, device=z0.device, dtype=z0.dtype)
+        return eps
+    eps = rng.randn(*z0.shape).to(z0)
     if offset > 0:
-        eps = eps + offset * torch.randn(z0.shape[0], z0.shape[1], 1, 1, device=z0.device, dtype=z0.dtype)
+        eps = eps + offset * rng.randn(b, c).to(z0)[:, :, None, None]
     return eps

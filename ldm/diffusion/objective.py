@@ -13,15 +13,25 @@ from torch import Tensor
 
 from ldm.diffusion.config import NoiseConfig
 from ldm.diffusion.noise import add_noise, min_snr_weight, sample_noise, snr, target
+from ldm.training.randomness import StepRandom
 
 
 def denoising_loss(
-    unet: UNet2DConditionModel, z0: Tensor, context: Tensor, alphas_cumprod: Tensor, cfg: NoiseConfig
+    unet: UNet2DConditionModel,
+    z0: Tensor,
+    context: Tensor,
+    alphas_cumprod: Tensor,
+    cfg: NoiseConfig,
+    rng: StepRandom | None = None,
 ) -> Tensor:
-    """Loss for clean latents ``z0`` (B, C, h, w) under ``context`` (B, L, D); draws t and eps from the global RNG."""
+    """Loss for clean latents ``z0`` (B, C, h, w) under ``context`` (B, L, D); draws t and eps from
+    ``rng`` (the training loop's ``StepRandom``) or else the global RNG."""
     b = z0.shape[0]
-    t = torch.randint(0, cfg.num_train_timesteps, (b,), device=z0.device)  # (B,)
-    eps = sample_noise(z0, cfg.offset_noise)  # (B, C, h, w)
+    if rng is not None:
+        t = rng.randint(cfg.num_train_timesteps, b).to(z0.device)  # (B,)
+    else:
+        t = torch.randint(0, cfg.num_train_timesteps, (b,), device=z0.device)  # (B,)
+    eps = sample_noise(z0, cfg.offset_noise, rng)  # (B, C, h, w)
     z_t = add_noise(z0, eps, t, alphas_cumprod)
     pred = unet(z_t, t, encoder_hidden_states=context).sample  # (B, C, h, w)
     per_sample = (pred.float() - target(cfg.prediction_type, z0, eps, t, alphas_cumprod).float()).square()

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from conditioning import drop_captions
@@ -32,7 +33,17 @@ from ldm.training.checkpoint import save_checkpoint
 from ldm.training.ema import EMA
 from ldm.training.nonfinite import NonFiniteGuard
 from ldm.training.optim import adamw, clip_gradients
-from ldm.training.run import finish_run, metrics_writer, resume_run, set_lr, start_run, train_batches
+from ldm.training.randomness import StepRandom
+from ldm.training.run import (
+    averaged,
+    finish_run,
+    global_batch_line,
+    metrics_writer,
+    resume_run,
+    set_lr,
+    start_run,
+    train_batches,
+)
 from ldm.training.schedule import lr_multiplier
 from ldm.training.signals import GracefulStop
 
@@ -67,8 +78,11 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         repeats = train_images.times if isinstance(train_images, RepeatedDataset) else 1
         distinct = train_images.base if repeats > 1 else train_images  # each image is encoded once
         key = fingerprint(vae_dir, dataclasses.asdict(cfg.data), cfg.seed)
-        with accelerator.main_process_first():  # the main process encodes (and writes) first
-            train_set = cached_latents(vae, distinct, 256, cfg.cache_dir, key, write=main)
+        # each process encodes a shard; all gather them; the main process writes the file
+        train_set = cached_latents(
+            vae, distinct, 256, cfg.cache_dir, key, write=main, rank=accelerator.process_index,
+            world_size=accelerator.num_processes, gather=gather_object,
+        )  # fmt: skip
         logger.info("latent cache: %d items in %.1f s", len(train_set), time.perf_counter() - t0)
         if repeats > 1:
             train_set = RepeatedDataset(train_set, repeats)
@@ -103,14 +117,12 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     prompts = grid_prompts(cfg, val_images)
     n_train = sum(p.numel() for p in trainable) / 1e6
     logger.info(
-        "training %.3fM parameters (%s; text encoder %s) for %d steps, batch %d x %d processes x %d accumulation",
+        "training %.3fM parameters (%s; text encoder %s) for %d steps, %s",
         n_train,
         f"LoRA rank {cfg.lora.rank}" if cfg.lora.rank else "full UNet",
         "trained" if train_text else "frozen",
         tc.max_steps,
-        tc.batch_size,
-        accelerator.num_processes,
-        tc.gradient_accumulation_steps,
+        global_batch_line(tc.batch_size, accelerator.num_processes, tc.gradient_accumulation_steps),
     )
 
     def make_pipeline() -> LatentDiffusionPipeline:
@@ -121,6 +133,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
 
     # --- loop --------------------------------------------------------------------------------
     stop = min(tc.max_steps, tc.stop_at) if tc.stop_at else tc.max_steps
+    rng = StepRandom(cfg.seed, accelerator.process_index, accelerator.num_processes, device)
     with GracefulStop() as stopper:  # SIGTERM / SIGINT end the loop at a step, with a checkpoint
         progress = tqdm(
             total=tc.max_steps, initial=step, disable=not main, desc="train_ldm", dynamic_ncols=True
@@ -133,18 +146,20 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
                 step, tc.lr_warmup_steps, tc.max_steps, tc.lr_schedule, tc.min_lr_ratio
             )
             set_lr(optimizer, lr)
-            for _ in range(tc.gradient_accumulation_steps):
+            for micro in range(tc.gradient_accumulation_steps):
                 batch = next(batches)
+                rng.reseed(step, micro)  # this step's draws, the same on any number of processes
                 with accelerator.accumulate(unet, text_encoder):
-                    z = sample_latents(batch, vae, device)  # (B, C, h, w)
+                    z = sample_latents(batch, vae, device, rng)  # (B, C, h, w)
                     z0 = (z * scaling_factor).contiguous(memory_format=memory_format)
-                    captions = drop_captions(list(batch["caption"]), cfg.text.p_uncond)
+                    uniform = rng.rand(len(batch["caption"]))
+                    captions = drop_captions(list(batch["caption"]), cfg.text.p_uncond, uniform=uniform)
                     if text_cache is not None:
                         context = text_cache(captions)  # (B, L, D), frozen encoder
                     else:
                         ids = token_cache(captions).to(device)  # (B, L)
                         context = text_encoder(ids, deduplicate=True)  # (B, L, D), each distinct caption once
-                    loss = denoising_loss(unet, z0, context, alphas_cumprod, cfg.noise)
+                    loss = denoising_loss(unet, z0, context, alphas_cumprod, cfg.noise, rng)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and tc.grad_clip > 0:
                         clip_gradients(accelerator, trainable, tc.grad_clip)
@@ -164,7 +179,8 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
 
             if step % tc.log_every == 0 or step == stop:
                 values = {
-                    "train/loss": loss_sum.item() / (count * tc.gradient_accumulation_steps),
+                    "train/loss": averaged(accelerator, {"loss": loss_sum})["loss"]
+                    / (count * tc.gradient_accumulation_steps),
                     "train/lr": lr,
                     "train/step_time": (time.perf_counter() - t_log) / count,
                     "train/skipped_steps": guard.check(),  # raises after too many NaN/Inf losses in a row

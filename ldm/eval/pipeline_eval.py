@@ -45,6 +45,7 @@ class PipelineEvalSettings:
     timestep_points: int = 20
     shapes: bool = True  # caption accuracy needs shapes images
     inception_weights: str | None = None
+    fid_reference: str | None = None  # a folder of reference images for FID/KID; None: the held-out images
     clip_model: str | None = None
     allow_pickle: bool = False
 
@@ -171,6 +172,14 @@ CLIP_SKIPPED = "CLIP score skipped: no CLIP model (set eval.clip_model=PATH to a
 ACCURACY_SKIPPED = "caption accuracy skipped: it reads images of the shapes dataset only"
 
 
+def reference_images(folder: str, resolution: int) -> torch.Tensor:
+    """Every image of a folder (recursively), resized and center-cropped to ``resolution``: (N, 3, R, R)."""
+    from ldm.data.folder import ImageFolderDataset
+
+    dataset = ImageFolderDataset(folder, resolution)
+    return torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
+
+
 def distribution_figures(real: torch.Tensor, fake: torch.Tensor, s: PipelineEvalSettings) -> dict:
     """FID and KID of ``fake`` against ``real`` when Inception weights are given."""
     if s.inception_weights is None:
@@ -214,7 +223,11 @@ def evaluate_pipeline(
             results[f"guidance_{row['guidance']:g}"] = {
                 k: row[k] for k in ("accuracy", "color", "shape", "background", "n")
             }
-    results |= distribution_figures(images[: s.num_samples], sweep_images[s.guidance_scale], s)
+    fake = sweep_images[s.guidance_scale]
+    real = reference_images(s.fid_reference, fake.shape[-1]) if s.fid_reference else images[: s.num_samples]
+    results |= distribution_figures(real, fake, s)
+    if "fid" in results:
+        results["fid_reference"] = s.fid_reference or "held-out images"
     results |= latent_figures(pipe, images[: s.bound_samples], captions[: s.bound_samples], s)
     logger.info("bound: %.4f bits/dim (+- %.4f)", results["bpd"], results["bpd_stderr"])
     return results, sweep_images

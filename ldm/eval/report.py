@@ -75,7 +75,8 @@ def pipeline_report(
         sections.append(
             Section(
                 "FID and KID",
-                f"Samples at guidance {results['guidance_scale']:g} against {results['fid_images']} held-out images.",
+                f"{results['fid_images']} samples at guidance {results['guidance_scale']:g} against "
+                f"{results['fid_images']} reference images ({results['fid_reference']}), Inception-v3 pool features.",
                 ["FID", "KID", "KID std"],
                 [[results["fid"], results["kid"], results["kid_std"]]],
             )

@@ -68,6 +68,25 @@ def train_batches(
     )
 
 
+def averaged(accelerator: Accelerator, sums: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """``sums`` (the same keys on every process) averaged over the processes, as floats: the logged
+    losses are those of the global batch. One collective, at logging steps only."""
+    keys = sorted(sums)
+    stacked = torch.stack(
+        [torch.as_tensor(sums[k], dtype=torch.float32, device=accelerator.device) for k in keys]
+    )
+    if accelerator.num_processes > 1:
+        stacked = accelerator.reduce(stacked, "mean")
+    return dict(zip(keys, stacked.tolist(), strict=True))
+
+
+def global_batch_line(batch_size: int, processes: int, accumulation: int) -> str:
+    return (
+        f"global batch {batch_size * processes * accumulation} "
+        f"({batch_size} per process x {processes} processes x {accumulation} accumulation)"
+    )
+
+
 def metrics_writer(accelerator: Accelerator, out: Path, step: int) -> MetricsWriter:
     """``metrics.jsonl`` on the main process, without lines past ``step`` (a resumed run redoes them)."""
     metrics = MetricsWriter(out / "metrics.jsonl", enabled=accelerator.is_main_process)

@@ -1,0 +1,95 @@
+"""Both trainers under ``accelerate launch`` with 2 CPU processes (gloo) against 1 process, same global batch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_autoencoder
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Runs a training script, then saves every prepared model of every rank when accelerate ends training.
+DRIVER = """
+import runpy, sys
+from accelerate import Accelerator
+from safetensors.torch import save_file
+
+script, dump = sys.argv[1], sys.argv[2]
+original = Accelerator.end_training
+
+def end_training(self):
+    for i, model in enumerate(self._models):
+        state = self.unwrap_model(model).state_dict()
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, f"{dump}/rank{self.process_index}-model{i}.safetensors")
+    original(self)
+
+Accelerator.end_training = end_training
+sys.argv = [script, *sys.argv[3:]]
+runpy.run_path(script, run_name="__main__")
+"""
+
+LDM = ["data.resolution=16", "data.train_size=64", "data.val_size=8", "unet.block_out_channels=[32,32]",
+       "unet.norm_num_groups=8", "text.hidden_size=32", "text.num_heads=2", "text.intermediate_size=64",
+       "train.max_steps=4", "train.lr_warmup_steps=2", "train.log_every=1", "train.sample_every=0",
+       "train.checkpoint_every=2", "sample.steps=2", "sample.grid_prompts=1", "sample.grid_seeds=1",
+       "eval.num_samples=0"]  # fmt: skip
+VAE = ["data.resolution=16", "data.train_size=64", "data.val_size=8", "model.block_out_channels=[8,8]",
+       "model.norm_num_groups=4", "loss.disc_start=2", "loss.disc_channels=8", "train.max_steps=4",
+       "train.lr_warmup_steps=2", "train.log_every=1", "train.sample_every=0", "train.checkpoint_every=2",
+       "train.ema_decay=0.9", "eval.num_samples=8", "eval.scale_samples=16", "loss.disc_norm=group"]  # fmt: skip
+# The discriminator uses GroupNorm here: PyTorch has no SyncBatchNorm on the CPU, so BatchNorm would
+# normalise each process's half batch on its own (on GPUs the trainer converts it to SyncBatchNorm).
+# Adam turns float-rounding differences of near-zero gradients into differences of up to lr per
+# step; at lr 1e-4 four steps stay within 1e-5 (the difference grows linearly with lr).
+LR = "train.lr=1e-4"
+
+
+def launch(tmp: Path, script: str, processes: int, batch: int, args: list[str]) -> tuple[Path, str]:
+    out = tmp / f"{Path(script).stem}-{processes}"
+    dump = tmp / f"dump-{Path(script).stem}-{processes}"
+    dump.mkdir()
+    driver = tmp / "driver.py"
+    driver.write_text(DRIVER)
+    train = [str(driver), script, str(dump), f"output_dir={out}", f"train.batch_size={batch}", LR, *args]
+    if processes == 1:
+        cmd = [sys.executable, *train]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               *train]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dump, proc.stderr
+
+
+def assert_close(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, worst
+
+
+@pytest.fixture(scope="module")
+def vae_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vae") / "model"
+    tiny_autoencoder(scaling_factor=0.8).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("stage", ["ldm", "vae"])
+def test_two_processes_equal_one_with_the_same_global_batch(stage, tmp_path, vae_folder):
+    script, args = ("train_ldm.py", [*LDM, f"vae={vae_folder}"]) if stage == "ldm" else ("train_vae.py", VAE)
+    two, log = launch(tmp_path, script, processes=2, batch=2, args=args)
+    one, _ = launch(tmp_path, script, processes=1, batch=4, args=args)
+    assert "global batch 4 (2 per process x 2 processes x 1 accumulation)" in log
+    assert log.count("global batch 4") == 1  # logged by rank 0 only
+    models = sorted(p.name.split("-", 1)[1] for p in two.glob("rank0-*"))
+    assert models and models == sorted(p.name.split("-", 1)[1] for p in one.glob("rank0-*"))
+    for name in models:
+        rank0, rank1 = load_file(two / f"rank0-{name}"), load_file(two / f"rank1-{name}")
+        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), f"ranks differ in {name}"
+        assert_close(rank0, load_file(one / f"rank0-{name}"), atol=1e-5)
