@@ -110,7 +110,7 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     # --- resume ------------------------------------------------------------------------------
     guard = NonFiniteGuard(tc.max_nonfinite_steps, accelerator.device)
     guard_d = NonFiniteGuard(tc.max_nonfinite_steps, accelerator.device)
-    step, data_state = resume_run(accelerator, out, resume, ema)
+    step, data_state, rng_state = resume_run(accelerator, out, resume, ema)
     batches = train_batches(accelerator, train_set, tc, cfg.data, cfg.seed, data_state)
     metrics = metrics_writer(accelerator, out, step)
     fixed = torch.stack([val_set[i]["pixel_values"] for i in range(min(8, len(val_set)))])
@@ -127,6 +127,8 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     # --- loop --------------------------------------------------------------------------------
     stop = min(tc.max_steps, tc.stop_at) if tc.stop_at else tc.max_steps
     rng = StepRandom(cfg.seed, accelerator.process_index, accelerator.num_processes, accelerator.device)
+    if rng_state is not None:  # resumed: continue the stream where the checkpoint left it
+        rng.load_state_dict(rng_state)
     latent_channels, factor = vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
 
     def average(grad: torch.Tensor) -> torch.Tensor:  # over processes: the global batch's gradient
@@ -148,11 +150,10 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
             set_lr(opt_ae, lr)
             set_lr(opt_d, (cfg.loss.disc_lr or tc.lr) * lr / tc.lr)
             gan_on = step >= cfg.loss.disc_start
-            for micro in range(tc.gradient_accumulation_steps):
+            for _ in range(tc.gradient_accumulation_steps):
                 batch = next(batches)
                 x = batch["pixel_values"].to(accelerator.device, non_blocking=True)
                 x = x.contiguous(memory_format=memory_format)  # (B, 3, H, W)
-                rng.reseed(step, micro)  # this step's draws, the same on any number of processes
                 noise = rng.randn(x.shape[0], latent_channels, x.shape[2] // factor, x.shape[3] // factor)
                 with accelerator.accumulate(model, disc):
                     # 1. autoencoder (generator) step; D is frozen so that no gradient leaks into it
@@ -201,7 +202,12 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
                 save_reconstructions(vae, fixed, out / "samples" / f"step-{step:06d}.png")
             if step == stop or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
                 save_checkpoint(
-                    accelerator, out, step, {"data": batches.state_dict()}, tc.keep_checkpoints, ema
+                    accelerator,
+                    out,
+                    step,
+                    {"data": batches.state_dict(), "rng": rng.state_dict()},
+                    tc.keep_checkpoints,
+                    ema,
                 )
     progress.close()
 

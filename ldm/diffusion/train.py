@@ -111,7 +111,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         ema.to(device)
 
     guard = NonFiniteGuard(tc.max_nonfinite_steps, device)
-    step, data_state = resume_run(accelerator, out, resume, ema)
+    step, data_state, rng_state = resume_run(accelerator, out, resume, ema)
     batches = train_batches(accelerator, train_set, tc, cfg.data, cfg.seed, data_state)
     metrics = metrics_writer(accelerator, out, step)
     prompts = grid_prompts(cfg, val_images)
@@ -134,6 +134,8 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     # --- loop --------------------------------------------------------------------------------
     stop = min(tc.max_steps, tc.stop_at) if tc.stop_at else tc.max_steps
     rng = StepRandom(cfg.seed, accelerator.process_index, accelerator.num_processes, device)
+    if rng_state is not None:  # resumed: continue the stream where the checkpoint left it
+        rng.load_state_dict(rng_state)
     with GracefulStop() as stopper:  # SIGTERM / SIGINT end the loop at a step, with a checkpoint
         progress = tqdm(
             total=tc.max_steps, initial=step, disable=not main, desc="train_ldm", dynamic_ncols=True
@@ -146,9 +148,8 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
                 step, tc.lr_warmup_steps, tc.max_steps, tc.lr_schedule, tc.min_lr_ratio
             )
             set_lr(optimizer, lr)
-            for micro in range(tc.gradient_accumulation_steps):
+            for _ in range(tc.gradient_accumulation_steps):
                 batch = next(batches)
-                rng.reseed(step, micro)  # this step's draws, the same on any number of processes
                 with accelerator.accumulate(unet, text_encoder):
                     z = sample_latents(batch, vae, device, rng)  # (B, C, h, w)
                     z0 = (z * scaling_factor).contiguous(memory_format=memory_format)
@@ -195,7 +196,12 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
                 )
             if step == stop or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
                 save_checkpoint(
-                    accelerator, out, step, {"data": batches.state_dict()}, tc.keep_checkpoints, ema
+                    accelerator,
+                    out,
+                    step,
+                    {"data": batches.state_dict(), "rng": rng.state_dict()},
+                    tc.keep_checkpoints,
+                    ema,
                 )
     progress.close()
     if text_cache is not None:

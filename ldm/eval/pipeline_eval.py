@@ -121,12 +121,12 @@ def latent_figures(
     sc = pipe.scheduler_config
     ac = torch.tensor(_alphas_cumprod(pipe))
     dtype = pipe.dtype
-    generator = torch.Generator().manual_seed(0)
     parts: dict[str, list[torch.Tensor]] = {
         k: [] for k in ("prior", "diffusion", "decoder", "bpd", "per_timestep", "loss")
     }
     timesteps = loss_steps = None
     for start in range(0, len(images), s.batch_size):
+        generator = torch.Generator().manual_seed(0)  # every chunk: the same timesteps, so they average
         z0 = pipe.encode_images(images[start : start + s.batch_size])  # (b, C, h, w)
         context = pipe.encode_prompt(captions[start : start + s.batch_size])
 

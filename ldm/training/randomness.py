@@ -3,37 +3,38 @@
 Each process's data sampler gives it the rows rank, rank + N, rank + 2N, ... of the global batch
 (``ResumableSampler``). If every process drew its own noise from its own RNG, N processes would
 train differently from one process with the same global batch. Here every process draws the
-numbers for the whole global batch from one generator, seeded alike everywhere from
-(seed, step, micro-step), and keeps its own rows. So:
+numbers for the whole global batch from one generator, seeded alike everywhere and advanced in
+lockstep, and keeps its own rows. So a run on N processes equals a run on 1 process with the
+same global batch (up to float summation order).
 
-- a run on N processes equals a run on 1 process with the same global batch (up to float
-  summation order), and both ranks of a run draw consistent numbers;
-- a resumed run draws what the uninterrupted run drew, with no RNG state to save.
-
-The cost is drawing N times as many numbers (small next to a UNet step; on the device's own
-generator on GPUs).
+It is one stream, like torch's global RNG (the CPU generator is a Mersenne Twister, not made to
+be reseeded from nearby seeds every step), and its state goes into each checkpoint
+(``state_dict``), so a resumed run draws what the uninterrupted run drew. The cost is drawing N
+times as many numbers: small next to a UNet step, and on the device's own generator on GPUs.
 """
 
 from __future__ import annotations
 
-import torch
+import base64
 
-SEED_MIX = 1_000_003  # mixes (seed, step, micro-step) into one generator seed
+import torch
 
 
 class StepRandom:
-    """``randn`` / ``rand`` / ``randint`` for this process's rows of the global batch at one step."""
+    """``randn`` / ``rand`` / ``randint`` for this process's rows of the global batch."""
 
     def __init__(self, seed: int, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu"):
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
-        self.generator = torch.Generator(device=self.device)
-        self.reseed(0)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
-    def reseed(self, step: int, micro_step: int = 0) -> None:
-        """Start the draws of ``step`` (and its gradient-accumulation ``micro_step``)."""
-        mixed = ((self.seed * SEED_MIX + step) * SEED_MIX + micro_step) % (2**63 - 1)
-        self.generator.manual_seed(mixed)
+    def state_dict(self) -> dict[str, str]:
+        """The generator's state, JSON-ready (the same on every process)."""
+        return {"generator": base64.b64encode(self.generator.get_state().numpy().tobytes()).decode()}
+
+    def load_state_dict(self, state: dict[str, str]) -> None:
+        raw = bytearray(base64.b64decode(state["generator"]))
+        self.generator.set_state(torch.frombuffer(raw, dtype=torch.uint8).clone())
 
     def _rows(self, full: torch.Tensor) -> torch.Tensor:
         return full[self.rank :: self.world_size]

@@ -37,14 +37,17 @@ def start_run(cfg: Any, train: TrainConfig) -> tuple[Accelerator, Path]:
     return accelerator, out
 
 
-def resume_run(accelerator: Accelerator, out: Path, resume: str | None, ema=None) -> tuple[int, dict | None]:
-    """(step, data state) of the checkpoint ``resume`` names (``latest`` or a folder); (0, None) without one."""
+def resume_run(
+    accelerator: Accelerator, out: Path, resume: str | None, ema=None
+) -> tuple[int, dict | None, dict | None]:
+    """(step, data state, ``StepRandom`` state) of the checkpoint ``resume`` names (``latest`` or a
+    folder); (0, None, None) without one."""
     if not resume:
-        return 0, None
+        return 0, None, None
     path = resolve_checkpoint(out, resume)
     state = load_checkpoint(accelerator, path, ema)
     logger.info("resumed from %s at step %d", path, state["step"])
-    return state["step"], state["data"]
+    return state["step"], state["data"], state.get("rng")
 
 
 def train_batches(
