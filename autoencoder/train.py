@@ -238,6 +238,7 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
         save_reconstructions(vae, fixed, out / "samples" / "final.png")
         if lpips is None:  # LPIPS as a metric even when it is not in the loss, if its weights are present
             lpips = load_lpips(cfg.loss.lpips_weights, cfg.allow_pickle)[0]
+            lpips = lpips.to(accelerator.device) if lpips is not None else None
         results = evaluate_autoencoder(
             vae, val_set, cfg.eval, batch_size=tc.batch_size * 4, allow_pickle=cfg.allow_pickle, lpips=lpips
         )

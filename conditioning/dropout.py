@@ -33,7 +33,7 @@ def uncond_mask(
     if uniform is None:
         draw_device = generator.device if generator is not None else "cpu"
         uniform = torch.rand(batch, generator=generator, device=draw_device)
-    mask = uniform.cpu() < p  # (B,)
+    mask = uniform < p  # (B,), on the device of the draws
     return mask.to(device) if device is not None else mask
 
 

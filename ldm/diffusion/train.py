@@ -153,7 +153,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
                 with accelerator.accumulate(unet, text_encoder):
                     z = sample_latents(batch, vae, device, rng)  # (B, C, h, w)
                     z0 = (z * scaling_factor).contiguous(memory_format=memory_format)
-                    uniform = rng.rand(len(batch["caption"]))
+                    uniform = rng.rand_host(len(batch["caption"]))  # on the CPU: no device-to-host copy
                     captions = drop_captions(list(batch["caption"]), cfg.text.p_uncond, uniform=uniform)
                     if text_cache is not None:
                         context = text_cache(captions)  # (B, L, D), frozen encoder

@@ -19,22 +19,35 @@ import base64
 
 import torch
 
+HOST_SEED_OFFSET = 1  # the host stream's seed is seed + 1: another stream than the device's
+
+
+def _encode(generator: torch.Generator) -> str:
+    return base64.b64encode(generator.get_state().numpy().tobytes()).decode()
+
+
+def _decode(generator: torch.Generator, text: str) -> None:
+    generator.set_state(torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone())
+
 
 class StepRandom:
-    """``randn`` / ``rand`` / ``randint`` for this process's rows of the global batch."""
+    """``randn`` / ``rand`` / ``randint`` for this process's rows of the global batch, on the device;
+    ``rand_host`` for decisions made on the host (which captions to drop), so that no draw has to
+    travel from the device to the host inside the step."""
 
     def __init__(self, seed: int, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu"):
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.host_generator = torch.Generator().manual_seed(seed + HOST_SEED_OFFSET)
 
     def state_dict(self) -> dict[str, str]:
-        """The generator's state, JSON-ready (the same on every process)."""
-        return {"generator": base64.b64encode(self.generator.get_state().numpy().tobytes()).decode()}
+        """Both generators' states, JSON-ready (the same on every process)."""
+        return {"generator": _encode(self.generator), "host_generator": _encode(self.host_generator)}
 
     def load_state_dict(self, state: dict[str, str]) -> None:
-        raw = bytearray(base64.b64decode(state["generator"]))
-        self.generator.set_state(torch.frombuffer(raw, dtype=torch.uint8).clone())
+        _decode(self.generator, state["generator"])
+        _decode(self.host_generator, state["host_generator"])
 
     def _rows(self, full: torch.Tensor) -> torch.Tensor:
         return full[self.rank :: self.world_size]
@@ -46,8 +59,12 @@ class StepRandom:
         return self._rows(full)
 
     def rand(self, batch: int) -> torch.Tensor:
-        """U[0, 1) of shape (local batch,)."""
+        """U[0, 1) of shape (local batch,), on the device."""
         return self._rows(torch.rand(batch * self.world_size, generator=self.generator, device=self.device))
+
+    def rand_host(self, batch: int) -> torch.Tensor:
+        """U[0, 1) of shape (local batch,), on the CPU."""
+        return self._rows(torch.rand(batch * self.world_size, generator=self.host_generator))
 
     def randint(self, high: int, batch: int) -> torch.Tensor:
         """Integers in [0, high) of shape (local batch,)."""
