@@ -41,7 +41,7 @@ STAGES = {
             "unet.block_out_channels=[32,32]", "unet.norm_num_groups=8", "text.hidden_size=32",
             "text.num_heads=2", "text.intermediate_size=64", "train.batch_size=8", "train.ema_decay=0.9",
             "sample.steps=2", "sample.grid_prompts=1", "sample.grid_seeds=1", "eval.num_samples=2",
-            "eval.batch_size=2"],
+            "eval.batch_size=2", "train.compile=false"],
 }  # fmt: skip
 WEIGHTS = {"vae": ["model/diffusion_pytorch_model.safetensors"],
            "ldm": ["model/unet/diffusion_pytorch_model.safetensors", "model/text_encoder/model.safetensors"]}  # fmt: skip

@@ -98,6 +98,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16
     channels_last: bool = True  # memory format of conv weights and inputs
     tf32: bool = True  # CUDA: TF32 tensor cores for fp32 matmuls and convolutions (Ampere and newer)
+    compile: bool = False  # torch.compile the trained network's forward for the loss (needs g++ on CPUs)
     max_nonfinite_steps: int = 10  # NaN/Inf-loss steps are skipped; this many in a row stop the run
     ema_decay: float = 0.0  # EMA of the weights; 0 disables
     log_every: int = 25  # steps between metrics.jsonl lines

@@ -36,7 +36,7 @@ LDM = ["data.resolution=16", "data.train_size=64", "data.val_size=8", "unet.bloc
        "unet.norm_num_groups=8", "text.hidden_size=32", "text.num_heads=2", "text.intermediate_size=64",
        "train.max_steps=4", "train.lr_warmup_steps=2", "train.log_every=1", "train.sample_every=0",
        "train.checkpoint_every=2", "sample.steps=2", "sample.grid_prompts=1", "sample.grid_seeds=1",
-       "eval.num_samples=0"]  # fmt: skip
+       "eval.num_samples=0", "train.compile=false"]  # fmt: skip
 VAE = ["data.resolution=16", "data.train_size=64", "data.val_size=8", "model.block_out_channels=[8,8]",
        "model.norm_num_groups=4", "loss.disc_start=2", "loss.disc_channels=8", "train.max_steps=4",
        "train.lr_warmup_steps=2", "train.log_every=1", "train.sample_every=0", "train.checkpoint_every=2",

@@ -50,7 +50,7 @@ def finetune_config(out, sd, data, *extra) -> LDMRunConfig:
          "data.resolution=48", "data.buckets=true", "data.repeats=2", "train.batch_size=2", "train.max_steps=5",
          "train.lr=1e-2", "train.lr_warmup_steps=0", "train.ema_decay=0", "train.log_every=1",
          "train.sample_every=0", "train.checkpoint_every=0", "sample.steps=2", "sample.grid_prompts=1",
-         "sample.grid_seeds=1", "eval.num_samples=2", "eval.batch_size=2", *extra],
+         "sample.grid_seeds=1", "eval.num_samples=2", "eval.batch_size=2", "train.compile=false", *extra],
     )  # fmt: skip
 
 

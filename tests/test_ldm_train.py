@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_autoencoder
 from diffusers import AutoencoderKL, StableDiffusionPipeline
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from conditioning import build_clip_tokenizer
@@ -20,6 +20,7 @@ from ldm.diffusion.models import build_models
 from ldm.diffusion.noise import training_scheduler
 from ldm.diffusion.objective import denoising_loss
 from ldm.diffusion.train import train_ldm
+from ldm.training.metrics import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,7 @@ def tiny(out, vae, *extra) -> LDMRunConfig:
             "text.num_heads=2",
             "text.intermediate_size=64",
             "train.batch_size=4",
+            "train.compile=false",
             "train.max_steps=6",
             "train.lr_warmup_steps=2",
             "train.log_every=1",
@@ -182,3 +184,35 @@ def test_frozen_pretrained_text_encoders_train_with_the_text_cache(tmp_path, tin
     if before is not None:  # frozen: the exported text encoder is the one we started from
         for x, y in zip(before.state_dict().values(), after.state_dict().values(), strict=True):
             torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_compiled_training_matches_eager_and_keeps_plain_keys(tmp_path, tiny_vae, caplog):
+    """train.compile=true: the losses of an eager run to float tolerance; checkpoints and the export
+    hold the UNet's own keys (no ``_orig_mod.``), and a compiled run resumes."""
+    short = ["train.max_steps=3", "train.sample_every=0", "train.checkpoint_every=3", "eval.num_samples=0"]
+    eager = train_ldm(tiny(tmp_path / "eager", tiny_vae, *short, "train.compile=false"))
+    with caplog.at_level(logging.INFO, logger="ldm"):
+        compiled = train_ldm(tiny(tmp_path / "compiled", tiny_vae, *short, "train.compile=true"))
+    assert "first step, compiling included" in caplog.text
+    losses = [[r["train/loss"] for r in read_metrics(run / "metrics.jsonl")] for run in (eager, compiled)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    unet_file = "model/unet/diffusion_pytorch_model.safetensors"
+    assert load_file(compiled / unet_file).keys() == load_file(eager / unet_file).keys()
+    checkpoint = compiled / "checkpoints" / "step-000003" / "model.safetensors"
+    assert not [k for k in load_file(checkpoint) if "_orig_mod" in k]
+    resumed = train_ldm(tiny(tmp_path / "compiled", tiny_vae, *short[1:], "train.max_steps=4", "train.compile=true"),
+                        resume="latest")  # fmt: skip
+    assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_compile_without_a_compiler_is_a_clear_error(monkeypatch):
+    import ldm.training.compile as compile_mod
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(compile_mod.shutil, "which", lambda name: None)
+    with pytest.raises(
+        compile_mod.CompileUnavailableError, match=r"needs a C\+\+ compiler.*none was found.*set train.compile=false"
+    ):
+        compile_mod.compiled_for_training(torch.nn.Linear(2, 2), True, torch.device("cpu"))
+    layer = torch.nn.Linear(2, 2)
+    assert compile_mod.compiled_for_training(layer, False, torch.device("cpu")) is layer

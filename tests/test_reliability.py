@@ -266,7 +266,7 @@ def test_with_the_offline_variables_nothing_touches_the_network(tmp_path):
         "data.train_size=32", "data.val_size=8", "unet.block_out_channels=[32,32]", "unet.norm_num_groups=8",
         "text.hidden_size=32", "text.num_heads=2", "text.intermediate_size=64", "train.batch_size=4",
         "train.max_steps=2", "train.sample_every=0", "sample.steps=2", "sample.grid_prompts=1",
-        "sample.grid_seeds=1", "eval.num_samples=2", "eval.batch_size=2",
+        "sample.grid_seeds=1", "eval.num_samples=2", "eval.batch_size=2", "train.compile=false",
     ]  # fmt: skip
     runs = json.dumps([["train_vae.py", vae_args], ["train_ldm.py", ldm_args]])
     env = {**os.environ, **OFFLINE}

@@ -132,7 +132,13 @@ class LDMRunConfig:
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            batch_size=64, max_steps=1800, lr=1e-3, lr_warmup_steps=100, weight_decay=0.01, ema_decay=0.999
+            batch_size=64,
+            max_steps=1800,
+            lr=1e-3,
+            lr_warmup_steps=100,
+            weight_decay=0.01,
+            ema_decay=0.999,
+            compile=True,
         )
     )
     sample: SampleConfig = field(default_factory=SampleConfig)

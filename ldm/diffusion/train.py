@@ -30,6 +30,7 @@ from ldm.diffusion.unet import set_attention_backend
 from ldm.images import save_grid
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.training.checkpoint import save_checkpoint
+from ldm.training.compile import compiled_for_training
 from ldm.training.ema import EMA
 from ldm.training.nonfinite import NonFiniteGuard
 from ldm.training.optim import adamw, clip_gradients
@@ -105,6 +106,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         unet, optimizer = accelerator.prepare(unet, optimizer)
     token_cache = CaptionCache(accelerator.unwrap_model(text_encoder).tokenize)  # (L,) ids per caption
     text_cache = None if train_text else CaptionCache(accelerator.unwrap_model(text_encoder).encode)
+    loss_unet = compiled_for_training(unet, tc.compile, device)  # the loss's UNet; sampling uses `unet`
     ema = None
     if tc.ema_decay > 0:
         ema = EMA(trainable, decay=tc.ema_decay)
@@ -141,6 +143,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
             total=tc.max_steps, initial=step, disable=not main, desc="train_ldm", dynamic_ncols=True
         )
         loss_sum, count, t_log = torch.zeros((), device=device), 0, time.perf_counter()
+        first_step = step
         unet.train()
         text_encoder.train(train_text)
         while step < stop:
@@ -160,7 +163,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
                     else:
                         ids = token_cache(captions).to(device)  # (B, L)
                         context = text_encoder(ids, deduplicate=True)  # (B, L, D), each distinct caption once
-                    loss = denoising_loss(unet, z0, context, alphas_cumprod, cfg.noise, rng)
+                    loss = denoising_loss(loss_unet, z0, context, alphas_cumprod, cfg.noise, rng)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and tc.grad_clip > 0:
                         clip_gradients(accelerator, trainable, tc.grad_clip)
@@ -173,6 +176,8 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
             step += 1
             count += 1
             progress.update(1)
+            if tc.compile and step == first_step + 1:
+                logger.info("first step, compiling included: %.1f s", time.perf_counter() - t_log)
             if stopper.should_stop(
                 accelerator, step % tc.log_every == 0
             ):  # SIGTERM / SIGINT: checkpoint here
