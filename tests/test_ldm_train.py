@@ -20,7 +20,12 @@ from ldm.diffusion.models import build_models
 from ldm.diffusion.noise import training_scheduler
 from ldm.diffusion.objective import denoising_loss
 from ldm.diffusion.train import train_ldm
+from ldm.training.compile import missing_compiler
 from ldm.training.metrics import read_metrics
+
+NEEDS_COMPILER = pytest.mark.skipif(
+    missing_compiler(torch.device("cpu")) is not None, reason="train.compile needs a C++ compiler on the CPU"
+)
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +191,7 @@ def test_frozen_pretrained_text_encoders_train_with_the_text_cache(tmp_path, tin
             torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
+@NEEDS_COMPILER
 def test_compiled_training_matches_eager_and_keeps_plain_keys(tmp_path, tiny_vae, caplog):
     """train.compile=true: the losses of an eager run to float tolerance; checkpoints and the export
     hold the UNet's own keys (no ``_orig_mod.``), and a compiled run resumes."""
@@ -205,14 +211,13 @@ def test_compiled_training_matches_eager_and_keeps_plain_keys(tmp_path, tiny_vae
     assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
-def test_compile_without_a_compiler_is_a_clear_error(monkeypatch):
+def test_compile_without_a_compiler_trains_eagerly_and_says_what_to_install(monkeypatch, caplog):
     import ldm.training.compile as compile_mod
 
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(compile_mod.shutil, "which", lambda name: None)
-    with pytest.raises(
-        compile_mod.CompileUnavailableError, match=r"needs a C\+\+ compiler.*none was found.*set train.compile=false"
-    ):
-        compile_mod.compiled_for_training(torch.nn.Linear(2, 2), True, torch.device("cpu"))
     layer = torch.nn.Linear(2, 2)
+    with caplog.at_level(logging.WARNING, logger="ldm"):
+        assert compile_mod.compiled_for_training(layer, True, torch.device("cpu")) is layer
+    assert "needs a C++ compiler" in caplog.text and "apt-get install g++" in caplog.text
     assert compile_mod.compiled_for_training(layer, False, torch.device("cpu")) is layer

@@ -22,6 +22,7 @@ from autoencoder.objective import autoencoder_objective, discriminator_objective
 from autoencoder.train import train_autoencoder
 from ldm.config import ConfigError, load_config
 from ldm.data import build_dataset
+from ldm.training.compile import missing_compiler
 from ldm.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +45,11 @@ TINY = [
     "eval.num_samples=16",
     "eval.scale_samples=32",
 ]
+
+
+NEEDS_COMPILER = pytest.mark.skipif(
+    missing_compiler(torch.device("cpu")) is not None, reason="train.compile needs a C++ compiler on the CPU"
+)
 
 
 def tiny_config(out, *extra) -> VAERunConfig:
@@ -217,6 +223,7 @@ def test_mixed_precision_step_goes_through_the_wrapped_forward(tmp_path, fresh_a
     assert all(np.isfinite(r["train/loss"]) for r in rows) and "train/g_loss" in rows[-1]
 
 
+@NEEDS_COMPILER
 def test_compiled_training_matches_eager(tmp_path, caplog):
     """train.compile=true in stage 1 (compiled until the GAN starts at the second step, eager after):
     the eager run's losses to float tolerance."""

@@ -17,32 +17,35 @@ import torch
 logger = logging.getLogger("ldm")
 
 
-class CompileUnavailableError(RuntimeError):
-    pass
-
-
-def check_compiler(device: torch.device) -> None:
-    """TorchInductor writes C++ on the CPU and Triton on GPUs; say what is missing before training starts."""
+def missing_compiler(device: torch.device) -> str | None:
+    """What TorchInductor lacks on ``device`` (a C++ compiler on CPUs, Triton on GPUs), or None."""
     if device.type == "cpu":
         cxx = os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
         if cxx is None or not shutil.which(cxx):
-            raise CompileUnavailableError(
-                "train.compile=true on the CPU needs a C++ compiler for TorchInductor and none was found "
-                "(g++, c++, clang++ or $CXX); install one (apt-get install g++) or set train.compile=false"
-            )
+            return "a C++ compiler (g++, c++, clang++ or $CXX; apt-get install g++)"
     elif device.type == "cuda":
         from torch.utils._triton import has_triton
 
         if not has_triton():
-            raise CompileUnavailableError(
-                "train.compile=true on CUDA needs Triton (pip install triton); or set train.compile=false"
-            )
+            return "Triton (pip install triton)"
+    return None
 
 
 def compiled_for_training(module: torch.nn.Module, enabled: bool, device: torch.device) -> torch.nn.Module:
-    """``torch.compile(module, dynamic=False)`` when ``enabled``, else ``module`` itself."""
+    """``torch.compile(module, dynamic=False)`` when ``enabled``, else ``module`` itself.
+
+    Without the compiler TorchInductor needs, training goes on eagerly with a warning that says
+    what to install: compiling is a speed-up (measured 1.05x a stage-2 step on a CPU), not a result.
+    """
     if not enabled:
         return module
-    check_compiler(device)
+    missing = missing_compiler(device)
+    if missing is not None:
+        logger.warning(
+            "train.compile=true needs %s, which was not found: training without compiling "
+            "(a few percent slower); install it, or set train.compile=false to silence this",
+            missing,
+        )
+        return module
     logger.info("train.compile: the first step compiles the training forward and backward (once per shape)")
     return torch.compile(module, dynamic=False)
