@@ -2,12 +2,20 @@
 
 import os
 
-import pytest
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ldm.training.compile import missing_compiler  # noqa: E402
+
+# train.compile on the CPU needs TorchInductor's C++ compiler; the tests of compiled training run where there is one
+NEEDS_COMPILER = pytest.mark.skipif(
+    missing_compiler(torch.device("cpu")) is not None, reason="train.compile needs a C++ compiler on the CPU"
+)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_autoencoder
+from conftest import NEEDS_COMPILER, tiny_autoencoder
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,3 +93,17 @@ def test_two_processes_equal_one_with_the_same_global_batch(stage, tmp_path, vae
         rank0, rank1 = load_file(two / f"rank0-{name}"), load_file(two / f"rank1-{name}")
         assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), f"ranks differ in {name}"
         assert_close(rank0, load_file(one / f"rank0-{name}"), atol=1e-5)
+
+
+@NEEDS_COMPILER
+def test_two_compiled_processes_equal_one(tmp_path, vae_folder):
+    """train.compile=true under DDP: the compiled UNet wraps the DDP module, whose gradient hooks still
+    average over processes; the weights equal one process's with the same global batch."""
+    args = [*LDM, f"vae={vae_folder}", "train.compile=true"]
+    two, log = launch(tmp_path, "train_ldm.py", processes=2, batch=2, args=args)
+    one, _ = launch(tmp_path, "train_ldm.py", processes=1, batch=4, args=args)
+    assert "first step, compiling included" in log
+    models = sorted(p.name.split("-", 1)[1] for p in two.glob("rank0-*"))
+    assert models
+    for name in models:
+        assert_close(load_file(two / f"rank0-{name}"), load_file(one / f"rank0-{name}"), atol=1e-5)

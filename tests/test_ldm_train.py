@@ -6,7 +6,7 @@ import logging
 import open_clip
 import pytest
 import torch
-from conftest import tiny_autoencoder
+from conftest import NEEDS_COMPILER, tiny_autoencoder
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -20,12 +20,7 @@ from ldm.diffusion.models import build_models
 from ldm.diffusion.noise import training_scheduler
 from ldm.diffusion.objective import denoising_loss
 from ldm.diffusion.train import train_ldm
-from ldm.training.compile import missing_compiler
 from ldm.training.metrics import read_metrics
-
-NEEDS_COMPILER = pytest.mark.skipif(
-    missing_compiler(torch.device("cpu")) is not None, reason="train.compile needs a C++ compiler on the CPU"
-)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_autoencoder
+from conftest import NEEDS_COMPILER, tiny_autoencoder
 from diffusers import AutoencoderKL
 
 from autoencoder.config import VAELossConfig, VAERunConfig
@@ -22,7 +22,6 @@ from autoencoder.objective import autoencoder_objective, discriminator_objective
 from autoencoder.train import train_autoencoder
 from ldm.config import ConfigError, load_config
 from ldm.data import build_dataset
-from ldm.training.compile import missing_compiler
 from ldm.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,11 +44,6 @@ TINY = [
     "eval.num_samples=16",
     "eval.scale_samples=32",
 ]
-
-
-NEEDS_COMPILER = pytest.mark.skipif(
-    missing_compiler(torch.device("cpu")) is not None, reason="train.compile needs a C++ compiler on the CPU"
-)
 
 
 def tiny_config(out, *extra) -> VAERunConfig:
