@@ -105,8 +105,8 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     # train.compile: E and D compiled for the loss until the GAN starts. From loss.disc_start the
     # adaptive weight takes the gradient at the decoder's last layer with retain_graph, which in a
     # compiled graph runs its whole backward an extra time (measured 0.55x the eager step): eager then.
-    compiled = compiled_for_training(model, tc.compile, accelerator.device)
-    if tc.compile and cfg.loss.disc_weight > 0 and cfg.loss.disc_start < tc.max_steps:
+    compiled = compiled_for_training(model, tc.compile and cfg.loss.disc_start > 0, accelerator.device)
+    if tc.compile and cfg.loss.disc_start < tc.max_steps:
         logger.info("train.compile: steps from loss.disc_start=%d (the GAN) run eagerly", cfg.loss.disc_start)
     ema = None
     if tc.ema_decay > 0:

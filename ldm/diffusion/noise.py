@@ -80,13 +80,13 @@ def sample_noise(z0: Tensor, offset: float, rng: StepRandom | None = None) -> Te
 
     Drawn from ``rng`` when given (the same numbers whatever the process count), else the global RNG.
     """
-    b, c = z0.shape[:2]
-    if rng is None:
-        eps = torch.randn_like(z0)
-        if offset > 0:
-            eps = eps + offset * torch.randn(b, c, 1, 1, device=z0.device, dtype=z0.dtype)
-        return eps
-    eps = rng.randn(*z0.shape).to(z0)
+
+    def randn(*shape: int) -> Tensor:
+        if rng is not None:
+            return rng.randn(*shape).to(z0)
+        return torch.randn(shape, device=z0.device, dtype=z0.dtype)
+
+    eps = randn(*z0.shape)
     if offset > 0:
-        eps = eps + offset * rng.randn(b, c).to(z0)[:, :, None, None]
+        eps = eps + offset * randn(*z0.shape[:2])[:, :, None, None]
     return eps

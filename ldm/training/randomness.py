@@ -31,7 +31,7 @@ def _decode(generator: torch.Generator, text: str) -> None:
 
 
 class StepRandom:
-    """``randn`` / ``rand`` / ``randint`` for this process's rows of the global batch, on the device;
+    """``randn`` / ``randint`` for this process's rows of the global batch, on the device;
     ``rand_host`` for decisions made on the host (which captions to drop), so that no draw has to
     travel from the device to the host inside the step."""
 
@@ -57,10 +57,6 @@ class StepRandom:
         b, *rest = local_shape
         full = torch.randn(b * self.world_size, *rest, generator=self.generator, device=self.device)
         return self._rows(full)
-
-    def rand(self, batch: int) -> torch.Tensor:
-        """U[0, 1) of shape (local batch,), on the device."""
-        return self._rows(torch.rand(batch * self.world_size, generator=self.generator, device=self.device))
 
     def rand_host(self, batch: int) -> torch.Tensor:
         """U[0, 1) of shape (local batch,), on the CPU."""
