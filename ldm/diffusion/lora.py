@@ -4,6 +4,11 @@ Each adapted linear layer computes W x + (alpha / r) B A x with A (r x in), B (o
 start (Hu et al. 2021); only A and B train. The adapters are saved in diffusers' LoRA format
 (``pytorch_lora_weights.safetensors``), which ``StableDiffusionPipeline.load_lora_weights`` and
 ``LatentDiffusionPipeline.load_lora_weights`` load.
+
+Adapters go in through peft's own API (``inject_adapter_in_model``), not through transformers'
+``add_adapter``: transformers 5.24 gates that behind peft >= 0.22, a release that did not exist
+when it came out, and the UNet's ``add_adapter`` (diffusers) is itself a thin wrapper over the
+same peft call.
 """
 
 from __future__ import annotations
@@ -32,6 +37,26 @@ def _peft_config(cfg: LoRAConfig, targets: list[str]):
     )
 
 
+def inject_adapter(model: nn.Module, config, name: str = "default") -> list[nn.Parameter]:
+    """Add peft adapter layers to ``model`` in place; returns their (trainable) parameters.
+
+    ``model.peft_config[name]`` keeps the config, where peft's ``get_peft_model_state_dict`` and
+    diffusers' LoRA savers look for it.
+    """
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, model, adapter_name=name)
+    if not isinstance(getattr(model, "peft_config", None), dict):
+        model.peft_config = {}
+    model.peft_config[name] = config
+    params = [p for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    if not params:
+        raise ValueError(f"LoRA target modules {config.target_modules} matched no layer of {type(model).__name__}")
+    return params
+
+
 def add_lora(unet: UNet2DConditionModel, text_model: CLIPTextModel, cfg: LoRAConfig) -> list[nn.Parameter]:
     """Freeze the base weights, add adapters; returns the parameters to train (the adapters')."""
     unet.requires_grad_(False)
@@ -39,8 +64,7 @@ def add_lora(unet: UNet2DConditionModel, text_model: CLIPTextModel, cfg: LoRACon
     params = [p for p in unet.parameters() if p.requires_grad]
     if cfg.text_encoder:
         text_model.requires_grad_(False)
-        text_model.add_adapter(_peft_config(cfg, cfg.text_target_modules))
-        params += [p for p in text_model.parameters() if p.requires_grad]
+        params += inject_adapter(text_model, _peft_config(cfg, cfg.text_target_modules))
     if not params:
         raise ValueError(f"lora.target_modules {cfg.target_modules} matched no layer of the UNet")
     return params
