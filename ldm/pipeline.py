@@ -33,7 +33,10 @@ from ldm.samplers import make_scheduler
 
 logger = logging.getLogger("ldm")
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# As diffusers' pipelines: "pil" images, "np" float32 (n, H, W, 3) and "pt" float32 (n, 3, H, W) in
+# [0, 1], "latent" the final latents; and ours, "pt_signed": (n, 3, H, W) in [-1, 1] as the decoder
+# gives it (what our grids, metrics and the shapes reader take).
+OUTPUT_TYPES = ("pil", "np", "pt", "latent", "pt_signed")
 ImageInput = Image.Image | np.ndarray | torch.Tensor
 
 
@@ -473,12 +476,14 @@ class LatentDiffusionPipeline:
         if output_type == "latent":
             return PipelineOutput(images=latents)
         images = self.decode_latents(latents).float().cpu()  # (n, 3, H, W) in [-1, 1]
-        if output_type == "pt":
+        if output_type == "pt_signed":
             return PipelineOutput(images=images)
-        arrays = to_uint8(images)
+        unit = (images / 2 + 0.5).clamp(0, 1)  # (n, 3, H, W) in [0, 1], as diffusers' VaeImageProcessor
+        if output_type == "pt":
+            return PipelineOutput(images=unit)
         if output_type == "np":
-            return PipelineOutput(images=arrays)
-        return PipelineOutput(images=[Image.fromarray(a) for a in arrays])
+            return PipelineOutput(images=unit.permute(0, 2, 3, 1).numpy())  # (n, H, W, 3) float32
+        return PipelineOutput(images=[Image.fromarray(a) for a in to_uint8(images)])
 
 
 def _prompt_lists(

@@ -10,14 +10,14 @@ Writes one PNG per image (``<out>/<prompt index>-<image index>.png``) and ``<out
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
 
 import torch
 
-from ldm.cli_common import setup_logging
+from ldm.cli_common import CliParser, int_at_least, pipeline_folder, setup_logging, user_errors
+from ldm.errors import MissingFileError, UserError
 from ldm.images import save_grid
 from ldm.samplers import SAMPLERS
 
@@ -28,19 +28,31 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "prompt"
 
 
+def check_device(name: str) -> None:
+    """Raise ``UserError`` for a device name torch does not know, or a CUDA device on a machine without one."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device name (e.g. cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this machine has no CUDA device; use --device cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ldm-sample", description="Generate images from text prompts.")
+    parser = CliParser(prog="ldm-sample", description="Generate images from text prompts.")
     parser.add_argument(
         "--model", required=True, help="an exported pipeline folder (ours or Stable Diffusion)"
     )
     parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
     parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("-n", "--num-images", type=int_at_least(1), default=4, help="images per prompt")
+    parser.add_argument("--steps", type=int_at_least(1), default=30)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--sampler", default="dpm++2m", choices=list(SAMPLERS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    parser.add_argument(
+        "--size", type=int_at_least(1), default=None, help="image side in pixels (default: the model's)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--lora", default=None, help="LoRA folder or .safetensors to apply")
@@ -57,14 +69,23 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     from ldm.pipeline import LatentDiffusionPipeline
 
-    try:
+    with user_errors(parser):
+        check_device(args.device)
+        if args.out.exists() and not args.out.is_dir():
+            raise UserError(f"--out {args.out}: that is a file; give a folder for the images")
+        if args.lora and not Path(args.lora).exists():
+            raise MissingFileError(f"--lora {args.lora}: no such file or folder")
         pipe = LatentDiffusionPipeline.from_pretrained(
-            args.model,
+            pipeline_folder(args.model),
             device=args.device,
             dtype=DTYPES[args.dtype],
             vae=args.vae,
             allow_pickle=args.allow_pickle,
         )
+        if args.size is not None and args.size % pipe.vae_scale_factor:
+            raise UserError(
+                f"--size {args.size}: give a multiple of the autoencoder's factor {pipe.vae_scale_factor}"
+            )
         if args.lora:
             pipe.load_lora_weights(args.lora, scale=args.lora_scale, allow_pickle=args.allow_pickle)
         if args.tiled_decode:
@@ -79,10 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             height=args.size,
             width=args.size,
-            output_type="pt",
+            output_type="pt_signed",
         )
-    except (FileNotFoundError, ValueError) as err:
-        parser.exit(2, f"ldm-sample: error: {err}\n")
     args.out.mkdir(parents=True, exist_ok=True)
     from ldm.images import make_grid
 

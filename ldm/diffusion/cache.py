@@ -58,64 +58,106 @@ class LatentDataset(Dataset):
         return {"mean": self.mean[index], "std": self.std[index], "caption": self.captions[index]}
 
 
+Posteriors = tuple["torch.Tensor | list[torch.Tensor]", "torch.Tensor | list[torch.Tensor]", list[str]]
+
+
 @torch.no_grad()
 def encode_items(
     vae: AutoencoderKL, dataset: Dataset, batch_size: int, desc: str = "caching latents"
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
-    """(means, stds, captions) of every item, encoded once (no augmentation), float32 on the CPU."""
+) -> Posteriors:
+    """(means, stds, captions) of every item, encoded once (no augmentation), float32 on the CPU.
+
+    Compact: when every item has one shape, ``means`` and ``stds`` are single (N, C, h, w) tensors,
+    allocated once and filled batch by batch; otherwise (aspect-ratio buckets) lists of per-item
+    tensors, each with storage of its own. Never views into a batch, which would keep (or, pickled
+    for another process, copy) the whole batch.
+    """
     device = next(vae.parameters()).device
-    means: list[torch.Tensor] = []  # (C, h, w) per item
+    n = len(dataset)
+    compact: tuple[torch.Tensor, torch.Tensor] | None = None  # (N, C, h, w) each, while one shape
+    means: list[torch.Tensor] = []  # (C, h_i, w_i) per item, once shapes differ
     stds: list[torch.Tensor] = []
     captions: list[str] = []
-    total = -(-len(dataset) // batch_size)
-    for items in tqdm(item_batches(dataset, len(dataset), batch_size), total=total, desc=desc, leave=False):
+    for items in tqdm(item_batches(dataset, n, batch_size), total=-(-n // batch_size), desc=desc, leave=False):
         groups: dict[tuple[int, ...], list[int]] = {}  # items of one shape encode together (buckets)
         for k, it in enumerate(items):
             groups.setdefault(tuple(it["pixel_values"].shape), []).append(k)
-        mean: list[torch.Tensor | None] = [None] * len(items)
-        std: list[torch.Tensor | None] = [None] * len(items)
+        start = len(captions)
+        item_mean: list[torch.Tensor | None] = [None] * len(items)
+        item_std: list[torch.Tensor | None] = [None] * len(items)
         for ks in groups.values():
             x = torch.stack([items[k]["pixel_values"] for k in ks]).to(device, vae.dtype)  # (b, 3, H, W)
             posterior = vae.encode(x).latent_dist
-            for k, m, sd in zip(ks, posterior.mean.float().cpu(), posterior.std.float().cpu(), strict=True):
-                mean[k], std[k] = m, sd
-        means += mean
-        stds += std
+            mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()  # (b, C, h, w)
+            if start == 0 and len(groups) == 1:
+                compact = mean.new_empty((n, *mean.shape[1:])), std.new_empty((n, *std.shape[1:]))
+            if len(groups) == 1 and compact is not None and mean.shape[1:] == compact[0].shape[1:]:
+                compact[0][start : start + len(ks)], compact[1][start : start + len(ks)] = mean, std
+                continue
+            for j, k in enumerate(ks):
+                item_mean[k], item_std[k] = mean[j].clone(), std[j].clone()
+        if item_mean[0] is not None:  # this batch went item by item
+            if compact is not None:  # the first of another shape: the cache becomes per item
+                means, stds = [m.clone() for m in compact[0][:start]], [sd.clone() for sd in compact[1][:start]]
+                compact = None
+            means += item_mean
+            stds += item_std
         captions.extend(it["caption"] for it in items)
+    if compact is not None:
+        return compact[0], compact[1], captions
     return means, stds, captions
 
 
-def latent_dataset(
-    means: list[torch.Tensor], stds: list[torch.Tensor], captions: list[str], bucket_of=None
-) -> LatentDataset:
-    """Stacked when every item has one shape; per-item lists otherwise (aspect-ratio buckets)."""
-    if len({m.shape for m in means}) == 1:
-        return LatentDataset(torch.stack(means), torch.stack(stds), captions, bucket_of)
-    return LatentDataset(means, stds, captions, bucket_of)
+def nbytes(latents: LatentDataset) -> int:
+    """Bytes held by the cached posteriors (mean and std)."""
+    tensors = [latents.mean, latents.std]
+    if not isinstance(latents.mean, torch.Tensor):
+        tensors = [*latents.mean, *latents.std]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def encode_dataset(
     vae: AutoencoderKL, dataset: Dataset, batch_size: int, desc: str = "caching latents"
 ) -> LatentDataset:
     """Encode every item once (no augmentation); posterior mean and std in float32."""
-    return latent_dataset(*encode_items(vae, dataset, batch_size, desc), getattr(dataset, "bucket_of", None))
+    return LatentDataset(*encode_items(vae, dataset, batch_size, desc), getattr(dataset, "bucket_of", None))
 
 
 def encode_sharded(
     vae: AutoencoderKL, dataset: Dataset, batch_size: int, rank: int, world_size: int, gather
 ) -> LatentDataset:
     """Every process encodes items rank, rank + N, ...; ``gather`` (accelerate's ``gather_object``)
-    collects the shards, and each process reassembles the whole cache in item order."""
+    collects the shards, one compact object per process, and each process reassembles the whole
+    cache in item order. Peak memory: about four times the cache (its own shard and its pickled
+    copy, the shards as received and unpickled, the reassembled cache)."""
     indices = list(range(rank, len(dataset), world_size))
     shard = encode_items(
         vae, Subset(dataset, indices), batch_size, f"caching latents (shard {rank}/{world_size})"
     )
-    gathered = gather([(i, m, s, c) for i, m, s, c in zip(indices, *shard, strict=True)])
-    ordered = sorted(gathered, key=lambda item: item[0])
-    if [i for i, *_ in ordered] != list(range(len(dataset))):
+    shards = gather([(indices, *shard)])  # one (indices, means, stds, captions) per process
+    del shard
+    n = len(dataset)
+    if sorted(i for idx, *_ in shards for i in idx) != list(range(n)):
         raise RuntimeError("latent cache shards do not cover the dataset once each")
-    _, means, stds, captions = zip(*ordered, strict=True)
-    return latent_dataset(list(means), list(stds), list(captions), getattr(dataset, "bucket_of", None))
+    captions: list[str] = [""] * n
+    if all(isinstance(m, torch.Tensor) for _, m, _, _ in shards):
+        _, m0, s0, _ = next(sh for sh in shards if len(sh[0]))
+        means = m0.new_empty((n, *m0.shape[1:]))  # (N, C, h, w)
+        stds = s0.new_empty((n, *s0.shape[1:]))
+        for idx, m, sd, caps in shards:
+            if idx:
+                where = torch.tensor(idx)
+                means[where], stds[where] = m, sd
+            for i, c in zip(idx, caps, strict=True):
+                captions[i] = c
+        del shards
+        return LatentDataset(means, stds, captions, getattr(dataset, "bucket_of", None))
+    mean_list: list[torch.Tensor | None] = [None] * n
+    std_list: list[torch.Tensor | None] = [None] * n
+    for idx, m, sd, caps in shards:
+        for j, i in enumerate(idx):
+            mean_list[i], std_list[i], captions[i] = m[j], sd[j], caps[j]
+    return LatentDataset(mean_list, std_list, captions, getattr(dataset, "bucket_of", None))
 
 
 def fingerprint(vae_dir: str | Path, data_config: dict[str, Any], seed: int) -> str:

@@ -19,9 +19,12 @@ from pathlib import Path
 
 import torch
 
+from ldm.cli_common import CliParser, int_at_least, pipeline_folder, user_errors
 from ldm.data.export_folder import parse_color
 from ldm.data.shapes import BACKGROUNDS, COLORS, SHAPES, ShapesDataset, caption
+from ldm.errors import MissingFileError
 from ldm.pipeline import LatentDiffusionPipeline
+from ldm.samplers import SAMPLERS
 from ldm.shapes_eval import caption_accuracy
 
 
@@ -33,32 +36,37 @@ def score(
     for start in range(0, len(captions), args.batch):
         chunk = captions[start : start + args.batch]
         out = pipe(chunk, num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
-                   seed=list(range(start, start + len(chunk))), output_type="pt", progress=False)  # fmt: skip
+                   seed=list(range(start, start + len(chunk))), output_type="pt_signed", progress=False)  # fmt: skip
         images.append(out.images)
     return caption_accuracy(torch.cat(images), captions, colors=colors)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ldm.diffusion.caption_eval", description=__doc__.splitlines()[0]
-    )
+    parser = CliParser(prog="python -m ldm.diffusion.caption_eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="runs/ldm-shapes/model")
     parser.add_argument("--lora", default=None, help="LoRA folder or .safetensors to load on top")
     parser.add_argument("--vae", default=None, help="another autoencoder folder (e.g. a decoder fine-tune)")
     parser.add_argument("--color", type=parse_color, default=None, help="NAME=R,G,B of the new color")
-    parser.add_argument("--seeds", type=int, default=10, help="images per new-color caption")
-    parser.add_argument("--val", type=int, default=324, help="validation captions of the original colors")
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seeds", type=int_at_least(1), default=10, help="images per new-color caption")
+    parser.add_argument(
+        "--val", type=int_at_least(0), default=324, help="validation captions of the original colors"
+    )
+    parser.add_argument("--resolution", type=int_at_least(8), default=32)
+    parser.add_argument("--steps", type=int_at_least(1), default=20)
     parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--sampler", default="dpm++2m")
-    parser.add_argument("--batch", type=int, default=108)
+    parser.add_argument("--sampler", default="dpm++2m", choices=list(SAMPLERS))
+    parser.add_argument("--batch", type=int_at_least(1), default=108)
     parser.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
     args = parser.parse_args(argv)
 
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model, vae=args.vae)
-    if args.lora:
-        pipe.load_lora_weights(args.lora)
+    with user_errors(parser):
+        if args.out is not None and not args.out.parent.is_dir():
+            raise MissingFileError(f"--out {args.out}: the folder {args.out.parent} does not exist")
+        if args.lora and not Path(args.lora).exists():
+            raise MissingFileError(f"--lora {args.lora}: no such file or folder")
+        pipe = LatentDiffusionPipeline.from_pretrained(pipeline_folder(args.model), vae=args.vae)
+        if args.lora:
+            pipe.load_lora_weights(args.lora)
     colors = dict(COLORS)
     results: dict[str, object] = {"model": args.model, "lora": args.lora, "vae": args.vae, "steps": args.steps,
                                   "guidance": args.guidance, "sampler": args.sampler}  # fmt: skip

@@ -52,7 +52,7 @@ def sample_accuracy(
             guidance_scale=guidance_scale,
             sampler=cfg.sample.sampler,
             seed=list(range(start, start + len(chunk))),
-            output_type="pt",
+            output_type="pt_signed",
             progress=False,
         )
         images.append(out.images)

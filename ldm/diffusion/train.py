@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from conditioning import drop_captions
 from ldm.data import build_dataset
 from ldm.data.repeat import RepeatedDataset
-from ldm.diffusion.cache import CaptionCache, cached_latents, fingerprint, sample_latents
+from ldm.diffusion.cache import CaptionCache, cached_latents, fingerprint, nbytes, sample_latents
 from ldm.diffusion.config import LDMRunConfig
 from ldm.diffusion.evaluate import evaluate_run, grid_prompts
 from ldm.diffusion.export import export_pipeline
@@ -33,6 +33,7 @@ from ldm.training.checkpoint import save_checkpoint
 from ldm.training.compile import compiled_for_training
 from ldm.training.ema import EMA
 from ldm.training.nonfinite import NonFiniteGuard
+from ldm.training.memory import MIB, peak_resident_bytes, resident_bytes
 from ldm.training.optim import adamw, clip_gradients
 from ldm.training.randomness import StepRandom
 from ldm.training.run import (
@@ -75,7 +76,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     train_images = build_dataset(cfg.data, "train", cfg.seed, bucket_step=8 * factor)
     val_images = build_dataset(cfg.data, "val", cfg.seed)
     if cfg.cache_latents:
-        t0 = time.perf_counter()
+        t0, rss_before = time.perf_counter(), resident_bytes()
         repeats = train_images.times if isinstance(train_images, RepeatedDataset) else 1
         distinct = train_images.base if repeats > 1 else train_images  # each image is encoded once
         key = fingerprint(vae_dir, dataclasses.asdict(cfg.data), cfg.seed)
@@ -84,7 +85,12 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
             vae, distinct, 256, cfg.cache_dir, key, write=main, rank=accelerator.process_index,
             world_size=accelerator.num_processes, gather=gather_object,
         )  # fmt: skip
-        logger.info("latent cache: %d items in %.1f s", len(train_set), time.perf_counter() - t0)
+        peak = peak_resident_bytes()
+        logger.info(
+            "latent cache: %d items, %.1f MiB, in %.1f s; resident memory %.0f MiB before, peak %s",
+            len(train_set), nbytes(train_set) / MIB, time.perf_counter() - t0, rss_before / MIB,
+            f"{peak / MIB:.0f} MiB" if peak else "not reported by this OS",
+        )  # fmt: skip
         if repeats > 1:
             train_set = RepeatedDataset(train_set, repeats)
     else:
@@ -260,7 +266,7 @@ def _save_prompt_grid(pipe, prompts, cfg: LDMRunConfig, path: Path, ema=None, pa
             guidance_scale=cfg.sample.guidance_scale,
             sampler=cfg.sample.sampler,
             seed=cfg.seed,
-            output_type="pt",
+            output_type="pt_signed",
             progress=False,
         )
         save_grid(out.images, path, nrow=cfg.sample.grid_seeds)

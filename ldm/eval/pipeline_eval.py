@@ -83,7 +83,7 @@ def generate(
             guidance_scale=scale,
             sampler=s.sampler,
             seed=seeds[start : start + s.batch_size],
-            output_type="pt",
+            output_type="pt_signed",
             progress=False,
         )
         images.append(out.images)  # (b, 3, H, W) in [-1, 1]
