@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from ldm.config import ConfigError, DataConfig, TrainConfig, check_choice
+from ldm.config import ConfigError, DataConfig, TrainConfig, check_bounds, check_choice
 
 
 @dataclass
@@ -18,7 +19,18 @@ class AutoencoderConfig:
     mid_block_attention: bool = False
     in_channels: int = 3
 
+    BOUNDS: ClassVar[dict[str, str]] = {
+        "block_out_channels": ">= 1",
+        "layers_per_block": ">= 1",
+        "latent_channels": ">= 1",
+        "norm_num_groups": ">= 1",
+        "in_channels": ">= 1",
+    }
+
     def __post_init__(self) -> None:
+        check_bounds("model", self)
+        if not self.block_out_channels:
+            raise ConfigError("config key 'model.block_out_channels' is empty; give one width per level")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ConfigError(
@@ -47,10 +59,21 @@ class VAELossConfig:
     disc_norm: str = "batch"  # batch (SyncBatchNorm on several GPUs) | group | none
     disc_lr: float | None = None  # None: same as train.lr
 
+    BOUNDS: ClassVar[dict[str, str]] = {
+        "kl_weight": ">= 0",
+        "perceptual_weight": ">= 0",
+        "disc_start": ">= 0",
+        "disc_weight": ">= 0",
+        "disc_layers": ">= 1",
+        "disc_channels": ">= 1",
+        "disc_lr": "> 0",
+    }
+
     def __post_init__(self) -> None:
         check_choice("loss.rec_loss", self.rec_loss, ("l1", "l2"))
         check_choice("loss.disc_loss", self.disc_loss, ("hinge", "vanilla"))
         check_choice("loss.disc_norm", self.disc_norm, ("batch", "group", "none"))
+        check_bounds("loss", self)
 
 
 @dataclass
@@ -58,6 +81,11 @@ class VAEEvalConfig:
     num_samples: int = 512  # validation images for PSNR / SSIM (and rFID)
     scale_samples: int = 1024  # training images used to measure scaling_factor = 1 / std(z)
     inception_weights: str | None = None  # local Inception weights for rFID; None: rFID is skipped
+
+    BOUNDS: ClassVar[dict[str, str]] = {"num_samples": ">= 1", "scale_samples": ">= 1"}
+
+    def __post_init__(self) -> None:
+        check_bounds("eval", self)
 
 
 @dataclass
@@ -85,4 +113,10 @@ class VAERunConfig:
         if self.train.decoder_only and not self.pretrained:
             raise ConfigError(
                 "train.decoder_only=true needs pretrained=PATH: the autoencoder whose decoder to fine-tune"
+            )
+        factor = self.model.downsample_factor
+        if not self.pretrained and self.data.resolution % factor:
+            raise ConfigError(
+                f"config key 'data.resolution' is {self.data.resolution}; it must be a multiple of the "
+                f"autoencoder's downsampling factor {factor} (set by model.block_out_channels)"
             )

@@ -8,6 +8,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from autoencoder.config import AutoencoderConfig
+from ldm.errors import MissingFileError
 from ldm.safe_load import check_model_folder, from_pretrained_kwargs
 
 
@@ -36,7 +37,7 @@ def load_pretrained_autoencoder(path: str | Path, allow_pickle: bool = False) ->
     if (folder / "vae" / "config.json").exists():
         folder = folder / "vae"
     if not (folder / "config.json").exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"pretrained={path}: no AutoencoderKL there (a folder with config.json, or a pipeline folder with vae/)"
         )
     check_model_folder(folder, allow_pickle, "autoencoder")

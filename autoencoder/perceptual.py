@@ -12,6 +12,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from ldm.errors import ModelError
 from ldm.safe_load import load_state_dict
 
 VGG16_FILENAME = "vgg16-397923af.pth"  # torchvision's IMAGENET1K_V1 weights, as its cache names them
@@ -93,14 +94,14 @@ def _load_vgg16_backbone(backbone: nn.Module, state: dict[str, Tensor], path: st
         if src not in state:
             missing.append(src)
         elif state[src].shape != param.shape:
-            raise ValueError(
+            raise ModelError(
                 f"{path} is not a torchvision VGG16 state dict: {src} has shape "
                 f"{tuple(state[src].shape)}, expected {tuple(param.shape)}"
             )
         else:
             mapped[key] = state[src]
     if missing:
-        raise ValueError(
+        raise ModelError(
             f"{path} is not a torchvision VGG16 state dict: missing {', '.join(missing[:4])}"
             f"{' ...' if len(missing) > 4 else ''}"
         )

@@ -31,6 +31,7 @@ from autoencoder.objective import autoencoder_objective, discriminator_objective
 from autoencoder.perceptual import load_lpips
 from autoencoder.report import autoencoder_report
 from ldm.data import build_dataset
+from ldm.errors import ConfigError, MissingFileError
 from ldm.training.checkpoint import save_checkpoint
 from ldm.training.compile import compiled_for_training
 from ldm.training.ema import EMA
@@ -66,9 +67,15 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     else:
         vae = build_autoencoder(cfg.model, cfg.data.resolution).to(memory_format=memory_format)
     params = trainable_parameters(vae, tc.decoder_only)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if cfg.data.resolution % factor:  # a pretrained model's factor is known only now
+        raise ConfigError(
+            f"config key 'data.resolution' is {cfg.data.resolution}; it must be a multiple of the "
+            f"downsampling factor {factor} of the autoencoder at pretrained={cfg.pretrained}"
+        )
 
     # --- data --------------------------------------------------------------------------------
-    bucket_step = 8 * 2 ** (len(vae.config.block_out_channels) - 1)  # sides for data.buckets
+    bucket_step = 8 * factor  # sides for data.buckets
     train_set = build_dataset(cfg.data, "train", cfg.seed, bucket_step=bucket_step)
     val_set = build_dataset(cfg.data, "val", cfg.seed)
 
@@ -89,7 +96,7 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     disc = disc.to(memory_format=memory_format)
     lpips = None
     if cfg.loss.lpips_weights and not Path(cfg.loss.lpips_weights).is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"loss.lpips_weights={cfg.loss.lpips_weights}: no such file (a VGG16 state dict)"
         )
     if cfg.loss.perceptual_weight > 0:

@@ -146,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "make":
         make(args.folder, args.count, args.resolution, args.seed)
         return 0
-    result = check(args.folder) if args.command == "check" else score(args.model, args.seeds, args.steps, args.guidance)
+    result = (
+        check(args.folder)
+        if args.command == "check"
+        else score(args.model, args.seeds, args.steps, args.guidance)
+    )
     print(json.dumps(result))  # noqa: T201
     return 0
 

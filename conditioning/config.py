@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from ldm.config import ConfigError, check_choice
+from ldm.config import ConfigError, check_bounds, check_choice
 
 TEXT_ENCODER_KINDS = ("scratch", "clip", "openclip")
 TEXT_LAYERS = ("last", "penultimate")
@@ -33,9 +34,20 @@ class TextEncoderConfig:
     num_heads: int = 4
     intermediate_size: int = 512  # MLP width
 
+    # p_uncond = 1 would drop every caption; max_length counts the start and end tokens
+    BOUNDS: ClassVar[dict[str, str]] = {
+        "p_uncond": "[0, 1)",
+        "max_length": ">= 2",
+        "hidden_size": ">= 1",
+        "num_layers": ">= 1",
+        "num_heads": ">= 1",
+        "intermediate_size": ">= 1",
+    }
+
     def __post_init__(self) -> None:
         check_choice("text.kind", self.kind, TEXT_ENCODER_KINDS)
         check_choice("text.layer", self.layer, TEXT_LAYERS)
+        check_bounds("text", self)
         if self.kind in ("clip", "openclip") and not self.name_or_path:
             what = (
                 "a hub id or a local folder"
@@ -53,15 +65,6 @@ class TextEncoderConfig:
                 "text.layer=penultimate applies to pretrained encoders (clip | openclip); a scratch encoder "
                 "learns to use its own last layer: set text.num_layers instead"
             )
-        if not 0.0 <= self.p_uncond < 1.0:
-            raise ConfigError(f"config key 'text.p_uncond' is {self.p_uncond}; it must be in [0, 1)")
-        if self.max_length < 2:
-            raise ConfigError(
-                f"config key 'text.max_length' is {self.max_length}; it must be >= 2 (start and end tokens)"
-            )
-        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"config key 'text.{name}' is {getattr(self, name)}; it must be >= 1")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"config key 'text.hidden_size' is {self.hidden_size}; it must be a multiple of "

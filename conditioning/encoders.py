@@ -35,7 +35,7 @@ from conditioning.tokenizer import (
     build_clip_tokenizer,
     clean_caption,
 )
-from ldm.config import ConfigError
+from ldm.errors import ConfigError, MissingFileError
 from ldm.safe_load import PICKLE_SUFFIXES, from_pretrained_kwargs, pickle_refused
 
 logger = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def _has_tokenizer(folder: Path) -> bool:
 def _local_model_dir(folder: Path, allow_pickle: bool = False) -> Path:
     """``folder`` or ``folder/text_encoder``, whichever holds a CLIPTextModel; else a clear error."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"no CLIP text encoder at {folder}: the folder does not exist")
+        raise MissingFileError(f"no CLIP text encoder at {folder}: the folder does not exist")
     candidates = [folder / PIPELINE_TEXT_ENCODER, folder]
     for candidate in candidates:
         if _has_model(candidate):
@@ -187,7 +187,7 @@ def _local_model_dir(folder: Path, allow_pickle: bool = False) -> Path:
         raise pickle_refused(pickles[0])
     hint = " (a diffusers pipeline folder, or a CLIPTextModel saved with save_pretrained)"
     looked = " and ".join(f"{c}/{{config.json, {' | '.join(MODEL_FILES)}}}" for c in candidates)
-    raise FileNotFoundError(f"no CLIP text encoder in {folder}: looked for {looked}{hint}")
+    raise MissingFileError(f"no CLIP text encoder in {folder}: looked for {looked}{hint}")
 
 
 def _local_tokenizer(folder: Path, model_dir: Path, max_length: int) -> CLIPTokenizer:
@@ -215,7 +215,7 @@ def _hub_first(load: Callable[..., Any], repo: str, subfolders: tuple[str, ...],
             first_line = (str(err).splitlines() or [type(err).__name__])[0]
             errors.append(f"{repo}/{subfolder or '.'}: {first_line}")
     where = " (offline: only the local hub cache was searched)" if offline else ""
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"no local folder {repo!r}, and could not load it as a hub id{where}: " + "; ".join(errors)
     )
 

@@ -38,6 +38,8 @@ from pathlib import Path
 import ftfy
 from transformers import CLIPTokenizer
 
+from ldm.errors import MissingFileError
+
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"  # inside the open_clip package
 NUM_MERGES = 49152 - 256 - 2  # merges CLIP uses from the file (OpenAI CLIP, simple_tokenizer.py)
 BOS_TOKEN = "<|startoftext|>"  # id 49406
@@ -59,12 +61,12 @@ def bpe_vocab_path() -> Path:
     """The BPE merges file shipped inside ``open_clip_torch`` (found without importing open_clip)."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"open_clip_torch is not installed; it ships {BPE_FILE}: pip install open_clip_torch"
         )
     path = Path(spec.origin).parent / BPE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no {BPE_FILE} in {path.parent}; reinstall open_clip_torch")
+        raise MissingFileError(f"no {BPE_FILE} in {path.parent}; reinstall open_clip_torch")
     return path
 
 

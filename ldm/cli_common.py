@@ -1,4 +1,10 @@
-"""What the training command lines share: arguments, config loading, logging, --dry-run."""
+"""What the command lines share: how they report errors, arguments, config loading, logging, --dry-run.
+
+An error the user can fix is reported as one line, ``prog: error: <message>``, with exit status 2:
+a bad argument by ``CliParser`` (argparse, without the usage block), and a ``ldm.errors.UserError``
+(a bad config value, a missing folder, broken data) by ``user_errors``. Anything else is a bug
+and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,63 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
 import torch
 
-from ldm.config import CONFIG_DIR, ConfigError, load_config, to_yaml
+from ldm.config import CONFIG_DIR, load_config, to_yaml
+from ldm.errors import MissingFileError, UserError
 
 T = TypeVar("T")
+USAGE_ERROR = 2  # argparse's exit status for a bad command line; ours for every error the user can fix
+
+
+class CliParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one line, ``prog: error: <message>`` (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+@contextmanager
+def user_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
+    """Turn a ``UserError`` raised inside into ``prog: error: <message>`` (one line) and exit status 2."""
+    try:
+        yield
+    except UserError as err:
+        message = str(err).replace("\n", " ")
+        parser.exit(USAGE_ERROR, f"{parser.prog}: error: {message}\n")
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an int >= ``low``, else argparse's one-line error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: it must be >= {low}")
+        return value
+
+    return parse
+
+
+def pipeline_folder(path: str | Path) -> Path:
+    """``path`` if it holds a diffusers pipeline (``ldm.pipeline.check_pipeline_folder``), else a
+    ``MissingFileError`` saying what is missing."""
+    from ldm.pipeline import check_pipeline_folder
+
+    if not Path(path).is_dir():
+        raise MissingFileError(f"no model at {path}: the folder does not exist")
+    try:
+        return check_pipeline_folder(path)
+    except FileNotFoundError as err:  # ldm.pipeline raises the built-in error
+        raise MissingFileError(str(err)) from None
 
 
 def parse_and_load(
@@ -21,7 +76,7 @@ def parse_and_load(
 ) -> tuple[T, argparse.Namespace]:
     """Parse ``[--config FILE] [--resume latest|PATH] [--dry-run] [key=value ...]`` and load the config.
 
-    A bad config exits with status 2 and one line naming the key.
+    A bad config raises ``ConfigError`` naming the key (call this inside ``user_errors``).
     """
     parser.add_argument(
         "--config", default=str(CONFIG_DIR / default_preset), help="YAML preset (default: %(default)s)"
@@ -32,11 +87,7 @@ def parse_and_load(
     )
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.max_steps=200")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(schema, args.config, args.overrides)
-    except ConfigError as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
-    return cfg, args
+    return load_config(schema, args.config, args.overrides), args
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -48,15 +99,14 @@ def setup_logging(level: int = logging.INFO) -> None:
     )
 
 
-def run_training(
-    parser: argparse.ArgumentParser, train_fn: Callable[..., Any], cfg: Any, resume: str | None
-) -> int:
-    """Log to the console and train; a missing file (autoencoder, checkpoint) exits 1 with its message."""
+def run_training(train_fn: Callable[..., Any], cfg: Any, resume: str | None) -> int:
+    """Log to the console and train; a ``--resume`` that names no checkpoint fails before anything is built."""
+    from ldm.training.checkpoint import resolve_checkpoint
+
     setup_logging()
-    try:
-        train_fn(cfg, resume=resume)
-    except FileNotFoundError as err:
-        parser.exit(1, f"{parser.prog}: error: {err}\n")
+    if resume:
+        resolve_checkpoint(Path(cfg.output_dir), resume)
+    train_fn(cfg, resume=resume)
     return 0
 
 

@@ -3,31 +3,56 @@
 Each run is one dataclass tree (``VAERunConfig`` for stage 1, ...). ``load_config`` starts
 from its defaults, merges a YAML preset, then the command-line overrides, and checks
 every key and type on the way: an unknown key or a value of the wrong type raises
-``ConfigError`` naming the key and what is allowed.
+``ConfigError`` naming the key and what is allowed. Then each dataclass checks its values in
+``__post_init__``: choices with ``check_choice``, ranges with ``check_bounds`` and the class's
+``BOUNDS`` table (``{"lr": "> 0", "ema_decay": "[0, 1)"}``), so a value that cannot work is
+refused when the config is read, not steps into a run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from ldm.errors import ConfigError
 
 T = TypeVar("T")
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
-    """A config file or override that does not fit the config's schema."""
-
-
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     """Raise ``ConfigError`` unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ConfigError(f"config key '{name}' is {value!r}; allowed: {' | '.join(choices)}")
+
+
+def _within(value: float, bound: str) -> bool:
+    """Whether ``value`` meets ``bound``: ``"> 0"``, ``">= 1"``, or an interval ``"[0, 1)"``. NaN never does."""
+    if bound[0] in "[(":
+        low, high = (float(x) for x in bound[1:-1].split(","))
+        above = low <= value if bound[0] == "[" else low < value
+        below = value <= high if bound[-1] == "]" else value < high
+        return above and below
+    op, limit = bound.split()
+    return value >= float(limit) if op == ">=" else value > float(limit)
+
+
+def check_bounds(section: str, cfg: Any) -> None:
+    """Raise ``ConfigError`` for the first field of ``cfg`` outside its bound in ``type(cfg).BOUNDS``.
+
+    None (an unset optional key) passes; a list passes when each of its items does.
+    """
+    for name, bound in type(cfg).BOUNDS.items():
+        value = getattr(cfg, name)
+        items = value if isinstance(value, list) else [value]
+        if not all(v is None or _within(v, bound) for v in items):
+            allowed = f"in {bound}" if bound[0] in "[(" else bound
+            raise ConfigError(f"config key '{section}.{name}' is {value}; it must be {allowed}")
 
 
 @dataclass
@@ -60,24 +85,27 @@ class DataConfig:
     streaming: bool = False  # iterate the dataset without downloading it whole
     shuffle_buffer: int = 1000  # streaming: items in the shuffle buffer (0 keeps the stream's order)
 
+    BOUNDS: ClassVar[dict[str, str]] = {
+        "resolution": ">= 8",
+        "val_size": ">= 0",
+        "num_workers": ">= 0",
+        "repeats": ">= 1",
+        "bucket_max_aspect": ">= 1",
+        "train_size": ">= 1",
+        "shuffle_buffer": ">= 0",
+    }
+
     def __post_init__(self) -> None:
         check_choice("data.dataset", self.dataset, ("shapes", "folder", "csv", "hf"))
         check_choice("data.crop", self.crop, ("center", "random"))
-        if self.repeats < 1:
-            raise ConfigError(f"config key 'data.repeats' is {self.repeats}; it must be at least 1")
+        check_bounds("data", self)
         if self.buckets and (self.dataset == "shapes" or self.streaming):
             raise ConfigError(
                 "data.buckets=true needs images of many shapes from folder, csv or a map-style hf dataset "
                 "(shapes images are square; streams cannot be measured ahead)"
             )
-        if self.bucket_max_aspect < 1:
-            raise ConfigError(
-                f"config key 'data.bucket_max_aspect' is {self.bucket_max_aspect}; it must be >= 1"
-            )
         if self.dataset in ("folder", "csv", "hf") and not self.path:
             raise ConfigError(f"data.dataset={self.dataset} needs data.path=PATH (the images to train on)")
-        if self.resolution < 8:
-            raise ConfigError(f"config key 'data.resolution' is {self.resolution}; it must be at least 8")
 
 
 @dataclass
@@ -107,21 +135,30 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     stop_at: int | None = None  # checkpoint and exit at this step (resume later with --resume latest)
 
+    BOUNDS: ClassVar[dict[str, str]] = {
+        "batch_size": ">= 1",
+        "max_steps": ">= 1",
+        "lr": "> 0",
+        "lr_warmup_steps": ">= 0",
+        "min_lr_ratio": "[0, 1]",
+        "adam_beta1": "[0, 1)",
+        "adam_beta2": "[0, 1)",
+        "weight_decay": ">= 0",
+        "grad_clip": ">= 0",
+        "gradient_accumulation_steps": ">= 1",
+        "max_nonfinite_steps": ">= 1",
+        "ema_decay": "[0, 1)",
+        "log_every": ">= 1",
+        "sample_every": ">= 0",
+        "checkpoint_every": ">= 0",
+        "keep_checkpoints": ">= 1",
+        "stop_at": ">= 1",
+    }
+
     def __post_init__(self) -> None:
         check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
         check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
-        for name in (
-            "batch_size",
-            "max_steps",
-            "gradient_accumulation_steps",
-            "keep_checkpoints",
-            "log_every",
-            "max_nonfinite_steps",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"config key 'train.{name}' is {getattr(self, name)}; it must be >= 1")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"config key 'train.ema_decay' is {self.ema_decay}; it must be in [0, 1)")
+        check_bounds("train", self)
 
 
 def _schema_keys(node: Any) -> list[str]:

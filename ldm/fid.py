@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ldm.errors import MissingFileError
 from ldm.safe_load import load_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -27,7 +28,7 @@ def load_inception(weights: str | Path, allow_pickle: bool = False) -> torch.nn.
 
     path = Path(weights)
     if not path.is_file():
-        raise FileNotFoundError(f"no Inception weights at {path}; set eval.inception_weights to a local file")
+        raise MissingFileError(f"no Inception weights at {path}; set eval.inception_weights to a local file")
     state = load_state_dict(path, allow_pickle)
     model = inception_v3(weights=None, aux_logits=True, init_weights=False)
     model.load_state_dict(state)

@@ -12,22 +12,29 @@ SHA-256 prefix that torchvision checks (``vgg16-397923af.pth``) and whose conten
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
+import pickle
 import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ldm.errors import MissingFileError, ModelError, UserError
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 logger = logging.getLogger("ldm")
 TORCHVISION_HASH = re.compile(r"-([a-f0-9]{8,})\.")  # torchvision's file names: name-<sha256 prefix>.pth
+UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")  # in torch's weights_only refusal
 
 
-class PickleRefusedError(ValueError):
+class PickleRefusedError(UserError, ValueError):
     """A pickle weights file met without ``allow_pickle=True``."""
+
+
+class UnsafePickleError(UserError, pickle.UnpicklingError):
+    """A pickle weights file, allowed, that holds more than tensors: ``weights_only=True`` refused it."""
 
 
 def pickle_refused(path: str | Path) -> PickleRefusedError:
@@ -58,29 +65,41 @@ def load_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
         return load_file(str(path), device="cpu")
     if not (allow_pickle or torchvision_verified(path)):
         raise pickle_refused(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = UNSUPPORTED_GLOBAL.search(str(err))
+        what = (
+            f"it refers to {found.group(1)}, which is not a tensor type"
+            if found
+            else "it holds more than tensors"
+        )
+        raise UnsafePickleError(
+            f"{path} cannot be read with weights_only=True: {what}. ldm does not run code from weights "
+            "files: get a .safetensors version from its source"
+        ) from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # Lightning-style wrapper
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
+        raise ModelError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
     return state
 
 
 def check_model_folder(folder: str | Path, allow_pickle: bool = False, what: str = "model") -> Path:
     """``folder`` if it holds a diffusers or transformers model (``config.json`` plus weights) that may
-    be loaded under the policy; else ``FileNotFoundError`` or ``PickleRefusedError`` saying what to do."""
+    be loaded under the policy; else ``MissingFileError`` or ``PickleRefusedError`` saying what to do."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"no {what} at {folder}: the folder does not exist")
+        raise MissingFileError(f"no {what} at {folder}: the folder does not exist")
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{what} folder {folder} has no config.json")
+        raise MissingFileError(f"{what} folder {folder} has no config.json")
     if any(folder.glob("*.safetensors")):
         return folder
     pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles and not allow_pickle:
         raise pickle_refused(pickles[0])
     if not pickles:
-        raise FileNotFoundError(f"{what} folder {folder} has a config.json but no weights (*.safetensors)")
+        raise MissingFileError(f"{what} folder {folder} has a config.json but no weights (*.safetensors)")
     return folder
 
 
@@ -91,19 +110,24 @@ def from_pretrained_kwargs(allow_pickle: bool = False) -> dict[str, bool | None]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    from ldm.cli_common import CliParser, setup_logging, user_errors
+
+    parser = CliParser(
         prog="python -m ldm.safe_load",
         description="Convert a pickle weights file to safetensors (read with weights_only=True).",
     )
     parser.add_argument("source", type=Path)
     parser.add_argument("target", type=Path, nargs="?", help="default: the source with .safetensors")
     args = parser.parse_args(argv)
-    from ldm.cli_common import setup_logging
-
     setup_logging()
-    target = args.target or args.source.with_suffix(".safetensors")
-    state = load_state_dict(args.source, allow_pickle=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(target))
+    with user_errors(parser):
+        if not args.source.is_file():
+            raise MissingFileError(f"no weights file at {args.source}")
+        if args.source.suffix == ".safetensors":
+            raise UserError(f"{args.source} is already a .safetensors file; there is nothing to convert")
+        target = args.target or args.source.with_suffix(".safetensors")
+        state = load_state_dict(args.source, allow_pickle=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(target))
     logger.info("wrote %d tensors to %s", len(state), target)
 
 

@@ -123,8 +123,33 @@ def tiny_run(tmp_path_factory):
     return run, vae
 
 
-def test_ldm_eval_pipeline_with_fid_kid_and_clip_score(tiny_run, inception_file, tiny_clip_folder, tmp_path):
+def test_ldm_eval_pipeline_with_fid_kid_and_clip_score(
+    tiny_run, inception_file, tiny_clip_folder, tmp_path, monkeypatch
+):
+    import ldm.eval.clip_score as clip_module
+    import ldm.fid as fid_module
+    from ldm.config import load_config
+    from ldm.data import build_dataset
+    from ldm.diffusion.config import LDMRunConfig
+    from ldm.eval.pipeline_eval import reference_images
+
     run, _ = tiny_run
+    calls = {}  # name -> [(args, result)] of each call of the metric functions the evaluation imports
+
+    def record(module, name):
+        function = getattr(module, name)
+        calls[name] = []
+
+        def recorded(*args, **kwargs):
+            result = function(*args, **kwargs)
+            calls[name].append((args, result))
+            return result
+
+        monkeypatch.setattr(module, name, recorded)
+
+    for name in ("inception_features", "frechet_distance", "kernel_inception_distance"):
+        record(fid_module, name)
+    record(clip_module, "clip_score")
     out = tmp_path / "eval"
     reference = tmp_path / "reference"  # FID/KID against a folder of images
     reference.mkdir()
@@ -136,8 +161,27 @@ def test_ldm_eval_pipeline_with_fid_kid_and_clip_score(tiny_run, inception_file,
     assert code == 0
     results = json.loads((out / "eval.json").read_text())
     assert [r["guidance"] for r in results["guidance_sweep"]] == [1, 2, 4]  # + sample.guidance_scale
-    assert all(0 <= r["clip_score"] <= 100 and r["diversity"] >= 0 for r in results["guidance_sweep"])
-    assert results["fid"] == results["fid"] and results["kid_std"] >= 0 and results["skipped"] == []
+    assert results["skipped"] == []
+    # FID and KID: the reference folder against the samples at the working scale (sample.guidance_scale 4)
+    [(real_args, real_features), (fake_args, fake_features)] = calls["inception_features"]
+    real, fake = real_args[1], fake_args[1]
+    torch.testing.assert_close(real, reference_images(str(reference), 16))  # the folder's 5 images
+    assert fake.shape == (4, 3, 16, 16)
+    [(fid_args, fid)], [(kid_args, kid)] = calls["frechet_distance"], calls["kernel_inception_distance"]
+    for a, b in (fid_args[:2], kid_args[:2]):  # both distances compare these two feature sets
+        assert a is real_features and b is fake_features
+    assert results["fid"] == fid and results["fid"] > 0  # generated images differ from the folder's
+    assert (results["kid"], results["kid_std"]) == kid and results["kid_std"] > 0
+    # CLIP score and diversity: each scale's samples with their prompts (2 captions x 2 seeds)
+    cfg = load_config(LDMRunConfig, run / "config.yaml", [])
+    val = build_dataset(cfg.data, "val", cfg.seed)
+    prompts, _ = sweep_prompts([val[i]["caption"] for i in range(len(val))], 4, 2)
+    assert len(calls["clip_score"]) == 3 and all(args[3] == prompts for args, _ in calls["clip_score"])
+    for row, (args, scores) in zip(results["guidance_sweep"], calls["clip_score"], strict=True):
+        assert row["clip_score"] == pytest.approx(float(scores.mean()))  # (0 here: a random CLIP's cosines < 0)
+        assert row["diversity"] == pytest.approx(pairwise_diversity(args[2], prompts), rel=1e-6)
+        assert row["diversity"] > 0.01  # the 2 seeds of a caption give different images
+    assert torch.equal(calls["clip_score"][2][0][2], fake)  # FID/KID/CLIP measure the same samples
     assert results["fid_images"] == 4  # min(5 reference images, 4 samples)
     assert results["num_latents"] == 8 and len(results["loss_per_timestep"]) == 4
     report = (out / "report.md").read_text()
@@ -161,7 +205,7 @@ def test_ldm_eval_autoencoder_and_bad_folders(tiny_run, tmp_path, capsys):
     )
     with pytest.raises(SystemExit) as exit_info:
         ldm_eval([str(tmp_path / "nothing-here")])
-    assert exit_info.value.code == 1 and "neither a diffusers pipeline" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "neither a diffusers pipeline" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ldm_eval([str(vae)])  # not a run folder: --out is needed
     assert "give --out" in capsys.readouterr().err

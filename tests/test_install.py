@@ -56,7 +56,8 @@ def test_installed_versions_are_the_tested_set():
         if installed != version:
             drift.append(f"{name} {installed} (tested: {version})")
     assert not drift, (
-        "installed versions differ from constraints.txt: " + ", ".join(drift)
+        "installed versions differ from constraints.txt: "
+        + ", ".join(drift)
         + '; install with pip install -c constraints.txt -e ".[dev]", or refresh with bash .ci/refresh-constraints'
     )
 
@@ -67,4 +68,6 @@ def test_pyproject_bounds_admit_the_tested_set():
         req = Requirement(r)
         version = pins.get(canonical(req.name))
         if version is not None and "extra ==" not in r:
-            assert req.specifier.contains(version, prereleases=True), f"pyproject.toml's {r} excludes {version}"
+            assert req.specifier.contains(version, prereleases=True), (
+                f"pyproject.toml's {r} excludes {version}"
+            )

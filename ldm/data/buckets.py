@@ -14,13 +14,16 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from ldm.errors import ConfigError, DataError
+
 
 def make_buckets(resolution: int, step: int, max_aspect: float = 2.0) -> list[tuple[int, int]]:
     """Sizes (w, h): w, h multiples of ``step``, resolution^2 / 2 < w h <= resolution^2 and
     1/max_aspect <= w/h <= max_aspect; for each width the tallest such height. Sorted by w/h."""
     if resolution % step:
-        raise ValueError(
-            f"data.resolution={resolution} with data.buckets=true: give a multiple of {step} (latent factor x 8)"
+        raise ConfigError(
+            f"config key 'data.resolution' is {resolution}; with data.buckets=true it must be a multiple of "
+            f"{step} (the latent factor x 8)"
         )
     area = resolution * resolution
     buckets = set()
@@ -58,7 +61,7 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
         for b in bucket_of:
             counts[b] = counts.get(b, 0) + 1
         if not counts or max(counts.values()) < batch_size:
-            raise ValueError(
+            raise DataError(
                 f"no bucket holds a full batch of {batch_size} (bucket sizes: {sorted(counts.values())}); "
                 "lower train.batch_size, add images or raise data.repeats"
             )

@@ -25,6 +25,7 @@ from ldm.data.folder import ImageFolderDataset, scan_csv, scan_folder
 from ldm.data.hf import HFImageDataset, HFStreamingDataset, load_hf_dataset
 from ldm.data.repeat import RepeatedDataset
 from ldm.data.shapes import ShapesDataset
+from ldm.errors import DataError
 
 SPLITS = ("train", "val")
 logger = logging.getLogger("ldm")
@@ -35,7 +36,7 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[list[int], list[int
     ``min(val_size, max(1, n // 10))`` of a permutation seeded by ``seed``."""
     n_val = min(val_size, max(1, n // 10))
     if n - n_val < 1:
-        raise ValueError(
+        raise DataError(
             f"only {n} item(s): too few to hold {n_val} out for validation; add data or set data.val_size=0"
         )
     order = np.random.default_rng(seed).permutation(n)

@@ -19,6 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from ldm.data.shapes import COLORS, ShapesDataset, render
+from ldm.errors import UserError
 
 # (mode, extension, size multiplier): the mix --mixed cycles through
 MIXED_FORMATS = [
@@ -81,18 +82,21 @@ def parse_color(text: str) -> tuple[str, tuple[int, int, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ldm.data.export_folder", description=__doc__.splitlines()[0]
-    )
+    from ldm.cli_common import CliParser, int_at_least, user_errors
+
+    parser = CliParser(prog="python -m ldm.data.export_folder", description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path)
-    parser.add_argument("--count", type=int, default=36)
-    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--count", type=int_at_least(1), default=36)
+    parser.add_argument("--resolution", type=int_at_least(8), default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", default="train", choices=["train", "val"])
     parser.add_argument("--mixed", action="store_true", help="assorted sizes, modes and formats")
-    parser.add_argument("--corrupt", type=int, default=0, help="unreadable files to add")
+    parser.add_argument("--corrupt", type=int_at_least(0), default=0, help="unreadable files to add")
     parser.add_argument("--color", type=parse_color, default=None, help="NAME=R,G,B: paint every shape so")
     args = parser.parse_args(argv)
+    with user_errors(parser):
+        if args.root.exists() and not args.root.is_dir():
+            raise UserError(f"{args.root} is a file; give a folder to write the images into")
     export_folder(
         args.root, args.count, args.resolution, args.seed, args.split, args.mixed, args.corrupt, args.color
     )

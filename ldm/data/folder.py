@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.data.transforms import MIN_IMAGE_SIDE, ImageTransform, check_pixels, load_rgb, split_key
+from ldm.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +58,10 @@ def _walk_images(root: Path) -> tuple[list[Path], list[Path]]:
 def _metadata_path(jsonl: Path, file_name: object, line_no: int) -> Path:
     """The image path a metadata line names; refuses names that leave the jsonl's folder."""
     if not isinstance(file_name, str) or not file_name:
-        raise ValueError(
-            f"{jsonl}, line {line_no}: 'file_name' must be a non-empty string, not {file_name!r}"
-        )
+        raise DataError(f"{jsonl}, line {line_no}: 'file_name' must be a non-empty string, not {file_name!r}")
     name = PurePosixPath(file_name.replace("\\", "/"))
     if name.is_absolute() or ".." in name.parts or Path(file_name).is_absolute():
-        raise ValueError(
+        raise DataError(
             f"{jsonl}, line {line_no}: file_name {file_name!r} points outside the dataset folder; "
             "names must be relative to the folder of metadata.jsonl, without '..'"
         )
@@ -72,7 +71,7 @@ def _metadata_path(jsonl: Path, file_name: object, line_no: int) -> Path:
 def read_metadata(jsonl: Path, caption_column: str = "text") -> dict[Path, str | None]:
     """``{image path: caption}`` from one metadata.jsonl (caption None where the line has none).
 
-    Raises ``ValueError`` naming the file and line for a line that is not a JSON object
+    Raises ``DataError`` naming the file and line for a line that is not a JSON object
     with a ``file_name``, or whose ``file_name`` escapes the folder.
     """
     captions: dict[Path, str | None] = {}
@@ -81,7 +80,7 @@ def read_metadata(jsonl: Path, caption_column: str = "text") -> dict[Path, str |
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise ValueError(
+                raise DataError(
                     f"{jsonl}, line {line_no}: not UTF-8 ({err.reason}); save the file as UTF-8"
                 ) from None
             if not line.strip():
@@ -89,9 +88,9 @@ def read_metadata(jsonl: Path, caption_column: str = "text") -> dict[Path, str |
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{jsonl}, line {line_no}: not valid JSON ({err.msg})") from None
+                raise DataError(f"{jsonl}, line {line_no}: not valid JSON ({err.msg})") from None
             if not isinstance(record, dict) or "file_name" not in record:
-                raise ValueError(f"{jsonl}, line {line_no}: expected a JSON object with a 'file_name' key")
+                raise DataError(f"{jsonl}, line {line_no}: expected a JSON object with a 'file_name' key")
             text = record.get(caption_column)
             path = _metadata_path(jsonl, record["file_name"], line_no)
             captions[path] = None if text is None else str(text)
@@ -118,16 +117,17 @@ def scan_folder(root: str | Path, caption_column: str = "text") -> list[FolderIt
     Unreadable or unusable files (corrupt, zero bytes, not an image, a side under 8 px, a
     decompression bomb) are skipped with one warning giving their count; images without a
     caption, or with an empty one, get "" (trained as unconditional) with one warning giving
-    their count. Raises ``ValueError`` for a missing or empty
+    their count. Raises ``DataError`` for a missing or empty
     folder or a broken metadata.jsonl.
     """
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"no image folder at {root}: data.path must be a directory of images")
+        raise DataError(f"no image folder at {root}: data.path must be a directory of images")
     images, metadata_files = _walk_images(root)
     if not images:
-        raise ValueError(
-            f"no images found under {root} (looked recursively for {', '.join(IMAGE_EXTENSIONS)}, any case)"
+        raise DataError(
+            f"no images found under {root} (looked recursively for {', '.join(IMAGE_EXTENSIONS)}, any case); "
+            "set data.path to the folder that holds them"
         )
 
     metadata: dict[Path, str | None] = {}
@@ -171,7 +171,9 @@ def scan_folder(root: str | Path, caption_column: str = "text") -> list[FolderIt
             missing += 1
         items.append(FolderItem(path, text or "", why))
     if not items:
-        raise ValueError(f"none of the {len(images)} image files under {root} could be read")
+        raise DataError(
+            f"none of the {len(images)} image files under {root} could be read (the warning above says why)"
+        )
     if not_utf8:
         logger.warning(
             "%d caption file(s) under %s are not UTF-8; their undecodable bytes became U+FFFD, e.g. %s",
@@ -236,7 +238,7 @@ class ImageFolderDataset(Dataset):
                 continue
             size = self.target_sizes[index] if self.target_sizes is not None else None
             return {"pixel_values": self.transform(image, generator, size), "caption": text}
-        raise RuntimeError(f"none of the {len(self.items)} images of {self.root} could be decoded")
+        raise DataError(f"none of the {len(self.items)} images of {self.root} could be decoded")
 
 
 def scan_csv(
@@ -245,13 +247,13 @@ def scan_csv(
     """Every readable image a CSV names (paths relative to the CSV's folder) with its caption.
 
     Unreadable or missing files are skipped with one warning giving their count; raises
-    ``ValueError`` for a missing file or column.
+    ``DataError`` for a missing file or column.
     """
     import csv
 
     csv_path = Path(csv_path)
     if not csv_path.is_file():
-        raise ValueError(
+        raise DataError(
             f"no CSV file at {csv_path}: data.path must name a .csv with image and caption columns"
         )
     with open(csv_path, newline="", encoding="utf-8") as f:
@@ -259,7 +261,7 @@ def scan_csv(
         header = reader.fieldnames or []
         missing = [c for c in (image_column, caption_column) if c not in header]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"{csv_path} has no column {', '.join(repr(c) for c in missing)}; columns: {', '.join(header)} "
                 "(set data.image_column / data.caption_column)"
             )
@@ -282,5 +284,8 @@ def scan_csv(
             ", ..." if len(skipped) > 5 else "",
         )  # fmt: skip
     if not items:
-        raise ValueError(f"none of the {len(rows)} images named in {csv_path} could be read")
+        raise DataError(
+            f"none of the {len(rows)} images named in {csv_path} could be read (paths are relative to the "
+            "CSV's folder; the warning above says why)"
+        )
     return items

@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, IterableDataset
 
 from ldm.data.transforms import MIN_IMAGE_SIDE, ImageTransform, check_pixels, load_rgb, split_key, to_rgb
+from ldm.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -35,25 +36,38 @@ def is_saved_dataset(path: str | Path) -> bool:
     return p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file())
 
 
+def _names_a_local_path(name: str) -> bool:
+    """Whether ``data.path`` is written as a path (absolute, ./, ../, ~) rather than a hub name."""
+    return Path(name).is_absolute() or name.startswith((".", "~"))
+
+
 def load_hf_dataset(
     path: str | Path, split: str, streaming: bool = False
 ) -> datasets.Dataset | datasets.IterableDataset:
     """One split of a dataset: ``load_from_disk`` for a saved dataset folder, else ``load_dataset``.
 
     A saved single ``Dataset`` (not a ``DatasetDict``) serves as ``train`` or as the split it
-    was saved from. Raises ``ValueError`` naming the available splits when ``split`` is absent.
+    was saved from. Raises ``DataError`` for a path or hub name that cannot be found, and naming
+    the available splits when ``split`` is absent.
     """
+    if _names_a_local_path(str(path)) and not Path(path).expanduser().exists():
+        raise DataError(
+            f"data.path={path}: no such folder; give a save_to_disk folder, a folder of data files "
+            "or a hub name (org/name)"
+        )
     if not is_saved_dataset(path):
         try:
             return datasets.load_dataset(str(path), split=split, streaming=streaming)
+        except (FileNotFoundError, ConnectionError) as err:  # datasets: no such dataset, or no hub
+            raise DataError(f"data.path={path}: {err}") from err
         except ValueError as err:
             if "split" in str(err).lower():  # datasets says which splits exist
-                raise ValueError(f"dataset {path}: {err} (set data.split / data.val_split)") from err
+                raise DataError(f"dataset {path}: {err} (set data.split / data.val_split)") from err
             raise
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
-            raise ValueError(
+            raise DataError(
                 f"saved dataset {path} has no split {split!r}; splits: {', '.join(loaded)} "
                 "(set data.split / data.val_split)"
             )
@@ -61,7 +75,7 @@ def load_hf_dataset(
     else:
         own = str(loaded.split) if loaded.split is not None else None
         if split not in ("train", own):
-            raise ValueError(
+            raise DataError(
                 f"saved dataset {path} is a single split ({own or 'unnamed'}), not a DatasetDict; "
                 f"it cannot provide split {split!r} (leave data.val_split unset to hold items out of it)"
             )
@@ -74,7 +88,7 @@ def load_hf_dataset(
 def check_columns(
     dataset: datasets.Dataset | datasets.IterableDataset, image_column: str, caption_column: str
 ) -> None:
-    """Raise ``ValueError`` listing the available columns if either column is missing.
+    """Raise ``DataError`` listing the available columns if either column is missing.
 
     Streams whose columns are unknown until read are not checked here.
     """
@@ -83,7 +97,7 @@ def check_columns(
         return
     missing = [c for c in (image_column, caption_column) if c not in names]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"dataset has no column {', '.join(repr(c) for c in missing)}; available columns: "
             f"{', '.join(names)} (set data.image_column / data.caption_column)"
         )
@@ -198,7 +212,7 @@ class HFImageDataset(Dataset):
             caption = pick_caption(row[self.caption_column], generator)
             size = self.target_sizes[index] if self.target_sizes is not None else None
             return {"pixel_values": self.transform(image, generator, size), "caption": caption}
-        raise RuntimeError(f"none of the {n} images of the dataset could be decoded")
+        raise DataError(f"none of the {n} images of the dataset could be decoded")
 
 
 def _aug_seed(*parts: int) -> int:

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ldm.data.transforms import split_key
+from ldm.errors import ConfigError
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -90,14 +91,14 @@ def allowed_combos(split: str, holdout: Iterable[str] = ()) -> list[tuple[str, s
     for entry in holdout:
         words = str(entry).lower().split()
         if len(words) != 2 or words[0] not in COLORS or words[1] not in SHAPES:
-            raise ValueError(
-                f"holdout entry {entry!r} is not 'color shape'; colors: {', '.join(COLORS)}; "
+            raise ConfigError(
+                f"data.holdout entry {entry!r} is not 'color shape'; colors: {', '.join(COLORS)}; "
                 f"shapes: {', '.join(SHAPES)} (e.g. 'red circle')"
             )
         held.add((words[0], words[1]))
     combos = [(c, s) for c in COLORS for s in SHAPES if split != "train" or (c, s) not in held]
     if not combos:
-        raise ValueError("holdout removes every (color, shape) pair from the train split")
+        raise ConfigError("data.holdout removes every (color, shape) pair from the train split")
     return combos
 
 

@@ -78,7 +78,9 @@ def encode_items(
     means: list[torch.Tensor] = []  # (C, h_i, w_i) per item, once shapes differ
     stds: list[torch.Tensor] = []
     captions: list[str] = []
-    for items in tqdm(item_batches(dataset, n, batch_size), total=-(-n // batch_size), desc=desc, leave=False):
+    for items in tqdm(
+        item_batches(dataset, n, batch_size), total=-(-n // batch_size), desc=desc, leave=False
+    ):
         groups: dict[tuple[int, ...], list[int]] = {}  # items of one shape encode together (buckets)
         for k, it in enumerate(items):
             groups.setdefault(tuple(it["pixel_values"].shape), []).append(k)
@@ -98,7 +100,10 @@ def encode_items(
                 item_mean[k], item_std[k] = mean[j].clone(), std[j].clone()
         if item_mean[0] is not None:  # this batch went item by item
             if compact is not None:  # the first of another shape: the cache becomes per item
-                means, stds = [m.clone() for m in compact[0][:start]], [sd.clone() for sd in compact[1][:start]]
+                means, stds = (
+                    [m.clone() for m in compact[0][:start]],
+                    [sd.clone() for sd in compact[1][:start]],
+                )
                 compact = None
             means += item_mean
             stds += item_std

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from conditioning.config import TextEncoderConfig
-from ldm.config import ConfigError, DataConfig, TrainConfig, check_choice
+from ldm.config import ConfigError, DataConfig, TrainConfig, check_bounds, check_choice
+from ldm.samplers import SAMPLERS
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -24,8 +26,16 @@ class UNetConfig:
     attention: str = "auto"  # auto | sdpa | xformers | math
     gradient_checkpointing: bool = False
 
+    BOUNDS: ClassVar[dict[str, str]] = {
+        "block_out_channels": ">= 1",
+        "layers_per_block": ">= 1",
+        "attention_head_dim": ">= 1",
+        "norm_num_groups": ">= 1",
+    }
+
     def __post_init__(self) -> None:
         check_choice("unet.attention", self.attention, ATTENTION_BACKENDS)
+        check_bounds("unet", self)
         if len(self.cross_attention) != len(self.block_out_channels):
             raise ConfigError(
                 f"unet.cross_attention has {len(self.cross_attention)} entries and unet.block_out_channels "
@@ -46,9 +56,18 @@ class NoiseConfig:
     min_snr_gamma: float = 0.0  # min-SNR-gamma loss weight (Hang et al. 2023); 0 disables
     offset_noise: float = 0.0  # std of per-channel noise added to eps (offset noise); 0 disables
 
+    BOUNDS: ClassVar[dict[str, str]] = {
+        "num_train_timesteps": ">= 1",
+        "beta_start": "(0, 1)",
+        "beta_end": "(0, 1)",
+        "min_snr_gamma": ">= 0",
+        "offset_noise": ">= 0",
+    }
+
     def __post_init__(self) -> None:
         check_choice("noise.beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         check_choice("noise.prediction_type", self.prediction_type, PREDICTION_TYPES)
+        check_bounds("noise", self)
         if self.zero_terminal_snr and self.prediction_type == "epsilon":
             raise ConfigError(
                 "noise.zero_terminal_snr=true needs noise.prediction_type=v_prediction (or sample): "
@@ -67,6 +86,12 @@ class SampleConfig:
     grid_prompts: int = 6  # prompts in a grid when `prompts` is empty
     grid_seeds: int = 4  # seeds per prompt in a grid
 
+    BOUNDS: ClassVar[dict[str, str]] = {"steps": ">= 1", "grid_prompts": ">= 1", "grid_seeds": ">= 1"}
+
+    def __post_init__(self) -> None:
+        check_choice("sample.sampler", self.sampler, tuple(SAMPLERS))
+        check_bounds("sample", self)
+
 
 @dataclass
 class LoRAConfig:
@@ -83,11 +108,11 @@ class LoRAConfig:
     text_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
     merge: bool = False  # also export model/: the full pipeline with the adapters merged into its weights
 
+    # rank: 0 is full fine-tuning
+    BOUNDS: ClassVar[dict[str, str]] = {"rank": ">= 0", "alpha": "> 0", "dropout": "[0, 1)"}
+
     def __post_init__(self) -> None:
-        if self.rank < 0:
-            raise ConfigError(
-                f"config key 'lora.rank' is {self.rank}; give 0 (full fine-tuning) or a rank >= 1"
-            )
+        check_bounds("lora", self)
         if not self.target_modules:
             raise ConfigError("config key 'lora.target_modules' is empty; name the UNet layers to adapt")
 
@@ -111,20 +136,46 @@ class LDMEvalConfig:
     fid_reference: str | None = None  # folder of reference images for FID/KID; None: the validation images
     clip_model: str | None = None  # local CLIPModel folder: CLIP score; None: skipped
 
+    BOUNDS: ClassVar[dict[str, str]] = {
+        "num_samples": ">= 0",
+        "seeds_per_prompt": ">= 1",
+        "batch_size": ">= 1",
+        "bound_samples": ">= 1",
+        "bound_strata": ">= 1",
+        "timestep_points": ">= 2",
+    }
+
     def __post_init__(self) -> None:
-        if self.seeds_per_prompt < 1 or self.num_samples < 0 or self.batch_size < 1:
-            raise ConfigError("eval.seeds_per_prompt and eval.batch_size must be >= 1, eval.num_samples >= 0")
-        if self.bound_strata < 1 or self.timestep_points < 2:
-            raise ConfigError("eval.bound_strata must be >= 1 and eval.timestep_points >= 2")
+        check_bounds("eval", self)
+
+
+@dataclass
+class PreflightConfig:
+    """Checks before training that the base model can carry the data (``ldm/diffusion/preflight.py``)."""
+
+    # training images and captions the checks look at; 0: no checks
+    samples: int = 64
+    # reconstruction PSNR (dB) below which the autoencoder cannot draw the data
+    min_psnr: float = 22.0
+    # share of caption tokens a scratch text encoder never saw above which it must learn new words
+    max_unseen_tokens: float = 0.05
+
+    BOUNDS: ClassVar[dict[str, str]] = {"samples": ">= 0", "max_unseen_tokens": "[0, 1]"}
+
+    def __post_init__(self) -> None:
+        check_bounds("preflight", self)
 
 
 @dataclass
 class LDMRunConfig:
     output_dir: str = "runs/ldm-shapes"
     seed: int = 0
-    vae: str = "runs/vae-shapes/model"  # a stage-1 export (AutoencoderKL folder)
-    pretrained: str | None = None  # a diffusers StableDiffusionPipeline folder to start from: its vae,
-    # text encoder, UNet and noise schedule (ours, or Stable Diffusion 1.x/2.x); overrides vae, unet, text, noise
+    # a stage-1 export (AutoencoderKL folder); None: pretrained's vae/, else runs/vae-shapes/model.
+    # With pretrained, it replaces that pipeline's autoencoder (same latents, e.g. a fine-tuned decoder)
+    vae: str | None = None
+    # a diffusers StableDiffusionPipeline folder to start from: its vae, text encoder, UNet and noise
+    # schedule (ours, or Stable Diffusion 1.x/2.x); overrides unet, text, noise
+    pretrained: str | None = None
     allow_pickle: bool = False  # let pretrained weights be pickle files (read with weights_only=True)
     data: DataConfig = field(default_factory=lambda: DataConfig(train_size=20_000, val_size=324, flip=False))
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -146,6 +197,7 @@ class LDMRunConfig:
     eval: LDMEvalConfig = field(default_factory=LDMEvalConfig)
     cache_latents: bool = True  # encode the dataset once with the frozen autoencoder
     cache_dir: str | None = None  # keep the latent cache on disk here (None: in memory)
+    preflight: PreflightConfig = field(default_factory=PreflightConfig)
 
     def __post_init__(self) -> None:
         if self.lora.rank and self.text.train:

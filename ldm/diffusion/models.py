@@ -17,10 +17,12 @@ from transformers import CLIPTokenizer
 from conditioning import TextEncoder, build_text_encoder
 from ldm.diffusion.config import BETA_SCHEDULES, PREDICTION_TYPES, LDMRunConfig, NoiseConfig
 from ldm.diffusion.unet import build_unet
+from ldm.errors import ConfigError, MissingFileError, ModelError
 from ldm.pipeline import check_pipeline_folder
 from ldm.safe_load import check_model_folder, from_pretrained_kwargs
 
 PIPELINE_PARTS = ("vae", "unet", "text_encoder", "tokenizer")
+DEFAULT_VAE = "runs/vae-shapes/model"  # where python train_vae.py exports by default
 logger = logging.getLogger("ldm")
 
 
@@ -31,11 +33,11 @@ def pretrained_noise(pretrained: str | Path, noise: NoiseConfig) -> NoiseConfig:
 
     folder = Path(pretrained) / "scheduler"
     if not (folder / "scheduler_config.json").exists():
-        raise FileNotFoundError(f"pretrained={pretrained} has no scheduler/scheduler_config.json")
+        raise MissingFileError(f"pretrained={pretrained} has no scheduler/scheduler_config.json")
     sc = DDPMScheduler.load_config(folder)
     schedule, prediction = sc.get("beta_schedule", "linear"), sc.get("prediction_type", "epsilon")
     if schedule not in BETA_SCHEDULES or prediction not in PREDICTION_TYPES:
-        raise ValueError(
+        raise ModelError(
             f"{folder}: beta_schedule {schedule!r} / prediction_type {prediction!r} not supported "
             f"(beta schedules: {', '.join(BETA_SCHEDULES)}; predictions: {', '.join(PREDICTION_TYPES)})"
         )
@@ -56,26 +58,75 @@ def pretrained_noise(pretrained: str | Path, noise: NoiseConfig) -> NoiseConfig:
 
 
 def load_autoencoder(cfg: LDMRunConfig) -> tuple[AutoencoderKL, Path]:
-    """The frozen autoencoder: ``pretrained``/vae when set, else the stage-1 export at ``vae``."""
-    folder = Path(cfg.pretrained) / "vae" if cfg.pretrained else Path(cfg.vae)
-    if not (folder / "config.json").exists():
-        if cfg.pretrained:
-            raise FileNotFoundError(f"pretrained={cfg.pretrained} has no vae/ folder with a config.json")
-        raise FileNotFoundError(f"no autoencoder at {folder}: run python train_vae.py first, or set vae=PATH")
+    """The frozen autoencoder: ``vae`` when set, else ``pretrained``/vae, else stage 1's default export.
+
+    ``vae`` next to ``pretrained`` replaces the pipeline's autoencoder, e.g. with its decoder fine-tuned
+    on the new data; it must make the same latents (channels and downsampling factor, checked), and the
+    exported pipeline carries it.
+    """
+    if cfg.vae:
+        folder = Path(cfg.vae)
+        if not (folder / "config.json").exists():
+            raise MissingFileError(
+                f"vae={cfg.vae}: no autoencoder there (no config.json); give the model/ folder of a "
+                "train_vae.py run, or an AutoencoderKL folder"
+            )
+    elif cfg.pretrained:
+        folder = Path(cfg.pretrained) / "vae"
+        if not (folder / "config.json").exists():
+            raise MissingFileError(f"pretrained={cfg.pretrained} has no vae/ folder with a config.json")
+    else:
+        folder = Path(DEFAULT_VAE)
+        if not (folder / "config.json").exists():
+            raise MissingFileError(
+                f"no autoencoder at {folder}: run python train_vae.py first, or set vae=PATH"
+            )
     check_model_folder(folder, cfg.allow_pickle, "autoencoder")
-    return AutoencoderKL.from_pretrained(folder, **from_pretrained_kwargs(cfg.allow_pickle)), folder
+    vae = AutoencoderKL.from_pretrained(folder, **from_pretrained_kwargs(cfg.allow_pickle))
+    if cfg.vae and cfg.pretrained:
+        check_replacement(vae, folder, Path(cfg.pretrained) / "vae")
+    return vae, folder
+
+
+def check_replacement(vae: AutoencoderKL, folder: Path, original_dir: Path) -> None:
+    """A replacement autoencoder must make the latents the pretrained UNet learned: same channels and
+    factor (an error otherwise); another ``scaling_factor`` gets a warning (the UNet's inputs rescale)."""
+    if not (original_dir / "config.json").exists():
+        return
+    original = AutoencoderKL.load_config(original_dir)
+    for key, what in (("latent_channels", "latent channels"), ("block_out_channels", "levels")):
+        mine, theirs = vae.config[key], original.get(key)
+        if key == "block_out_channels":
+            mine, theirs = len(mine), len(theirs or [])
+        if theirs is not None and mine != theirs:
+            raise ModelError(
+                f"vae={folder} has {mine} {what} but the pretrained pipeline's autoencoder ({original_dir}) "
+                f"has {theirs}: its latents would not be the ones the UNet learned; give an autoencoder "
+                "fine-tuned from that one (configs/vae/decoder-finetune.yaml keeps its encoder)"
+            )
+    theirs = original.get("scaling_factor")
+    if theirs is not None and abs(vae.config.scaling_factor - theirs) > 1e-6 * abs(theirs):
+        logger.warning(
+            "vae=%s has scaling_factor %g, the pretrained autoencoder %g: the UNet will see rescaled latents",
+            folder, vae.config.scaling_factor, theirs,
+        )  # fmt: skip
+    logger.info("autoencoder %s replaces %s", folder, original_dir)
 
 
 def build_models(cfg: LDMRunConfig) -> tuple[AutoencoderKL, Path, TextEncoder, UNet2DConditionModel]:
     """(autoencoder, its folder, text encoder, UNet), checked to fit together."""
     if cfg.pretrained:
-        check_pipeline_folder(cfg.pretrained, PIPELINE_PARTS)
+        try:
+            check_pipeline_folder(cfg.pretrained, PIPELINE_PARTS)
+        except FileNotFoundError as err:  # ldm.pipeline raises the built-in error
+            raise MissingFileError(f"pretrained: {err}") from None
         check_model_folder(Path(cfg.pretrained) / "unet", cfg.allow_pickle, "UNet")
     vae, vae_dir = load_autoencoder(cfg)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if cfg.data.resolution % factor:
-        raise ValueError(
-            f"data.resolution={cfg.data.resolution} is not a multiple of the autoencoder's factor {factor}"
+        raise ConfigError(
+            f"config key 'data.resolution' is {cfg.data.resolution}; it must be a multiple of the "
+            f"downsampling factor {factor} of the autoencoder at {vae_dir}"
         )
     if cfg.pretrained:
         # the pipeline's own text encoder as it is: its context length, its last layer
@@ -106,13 +157,13 @@ def build_models(cfg: LDMRunConfig) -> tuple[AutoencoderKL, Path, TextEncoder, U
 def check_compatible(vae: AutoencoderKL, text_encoder: TextEncoder, unet: UNet2DConditionModel) -> None:
     """Latent channels and context width must agree, with a message that says which and what to do."""
     if unet.config.in_channels != vae.config.latent_channels:
-        raise ValueError(
+        raise ModelError(
             f"the autoencoder has {vae.config.latent_channels} latent channels but the UNet takes "
             f"{unet.config.in_channels}: use an autoencoder with {unet.config.in_channels} latent channels "
             "(vae=PATH) or a UNet built for this one"
         )
     if unet.config.cross_attention_dim != text_encoder.hidden_size:
-        raise ValueError(
+        raise ModelError(
             f"the text encoder gives {text_encoder.hidden_size}-wide contexts but the UNet's cross_attention_dim "
             f"is {unet.config.cross_attention_dim}"
         )

@@ -101,7 +101,9 @@ def check_base_model(
         special = tokenizer.all_special_ids
         share = unseen_token_share(ids, special, trained_tokens)
         words = caption_token_ids(ids, special).unique().tolist()
-        unseen = [tokenizer.convert_ids_to_tokens(i).replace("</w>", "") for i in words if i not in trained_tokens]
+        unseen = [
+            tokenizer.convert_ids_to_tokens(i).replace("</w>", "") for i in words if i not in trained_tokens
+        ]
         examples = tuple(unseen[:8])
         if share > max_unseen_tokens and (text_lr is None or text_lr < NEW_WORDS_MIN_LR):
             state = "frozen" if text_lr is None else f"trained at lr {text_lr:g}"

@@ -16,6 +16,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from conditioning import drop_captions
+from conditioning.vocabulary import load_trained_tokens, save_trained_tokens
 from ldm.data import build_dataset
 from ldm.data.repeat import RepeatedDataset
 from ldm.diffusion.cache import CaptionCache, cached_latents, fingerprint, nbytes, sample_latents
@@ -26,14 +27,15 @@ from ldm.diffusion.lora import add_lora, save_lora
 from ldm.diffusion.models import build_models, pretrained_noise
 from ldm.diffusion.noise import training_scheduler
 from ldm.diffusion.objective import denoising_loss
+from ldm.diffusion.preflight import check_base_model, sample_items
 from ldm.diffusion.unet import set_attention_backend
 from ldm.images import save_grid
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.training.checkpoint import save_checkpoint
 from ldm.training.compile import compiled_for_training
 from ldm.training.ema import EMA
-from ldm.training.nonfinite import NonFiniteGuard
 from ldm.training.memory import MIB, peak_resident_bytes, resident_bytes
+from ldm.training.nonfinite import NonFiniteGuard
 from ldm.training.optim import adamw, clip_gradients
 from ldm.training.randomness import StepRandom
 from ldm.training.run import (
@@ -70,11 +72,21 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     unet = unet.to(device, memory_format=memory_format)
     set_attention_backend(unet, cfg.unet.attention, device)
     alphas_cumprod = training_scheduler(cfg.noise).alphas_cumprod.to(device)
+    # the words a scratch text encoder knows: its pretrained record, or none yet for a fresh one
+    prior_tokens = load_trained_tokens(Path(cfg.pretrained) / "text_encoder") if cfg.pretrained else None
+    record_tokens = prior_tokens is not None or (not cfg.pretrained and cfg.text.kind == "scratch")
 
     # --- data: cached posteriors, or images encoded on the fly --------------------------------
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     train_images = build_dataset(cfg.data, "train", cfg.seed, bucket_step=8 * factor)
     val_images = build_dataset(cfg.data, "val", cfg.seed)
+    if main and cfg.preflight.samples > 0:  # can the base model carry this data at all? (seconds)
+        text_trains = text_encoder.trainable or bool(cfg.lora.rank and cfg.lora.text_encoder)
+        check_base_model(
+            sample_items(train_images, cfg.preflight.samples), vae, vae_dir, text_encoder, prior_tokens,
+            tc.lr if text_trains else None, cfg.preflight.min_psnr, cfg.preflight.max_unseen_tokens,
+            cfg.data.path,
+        )  # fmt: skip
     if cfg.cache_latents:
         t0, rss_before = time.perf_counter(), resident_bytes()
         repeats = train_images.times if isinstance(train_images, RepeatedDataset) else 1
@@ -110,7 +122,15 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
-    token_cache = CaptionCache(accelerator.unwrap_model(text_encoder).tokenize)  # (L,) ids per caption
+    seen_tokens: set[int] = set()  # ids of the captions the text encoder trains on
+
+    def tokenize(captions: list[str]) -> torch.Tensor:
+        ids = accelerator.unwrap_model(text_encoder).tokenize(captions)  # (B, L)
+        if record_tokens and train_text:
+            seen_tokens.update(ids.unique().tolist())
+        return ids
+
+    token_cache = CaptionCache(tokenize)  # (L,) ids per caption
     text_cache = None if train_text else CaptionCache(accelerator.unwrap_model(text_encoder).encode)
     loss_unet = compiled_for_training(unet, tc.compile, device)  # the loss's UNet; sampling uses `unet`
     ema = None
@@ -243,9 +263,23 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
                 export_pipeline(pipe, out / "model")
         else:
             export_pipeline(pipe, out / "model")
+        if record_tokens and (out / "model").exists():
+            trained = _caption_tokens(tokenize, train_set, seen_tokens) if train_text else set()
+            save_trained_tokens(out / "model" / "text_encoder", (prior_tokens or set()) | trained)
         _save_prompt_grid(pipe, prompts, cfg, out / "samples" / "final.png")
         results = evaluate_run(pipe, val_images, cfg, out)
     return finish_run(accelerator, out, results)
+
+
+def _caption_tokens(tokenize, train_set, seen: set[int]) -> set[int]:
+    """Token ids of the training captions: every caption of a finite dataset (so that a resumed run
+    records those before the resume too), plus the ids ``seen`` in this run's batches."""
+    base = train_set.base if isinstance(train_set, RepeatedDataset) else train_set
+    distinct = list(dict.fromkeys(getattr(base, "captions", None) or []))
+    ids = set(seen)
+    for start in range(0, len(distinct), 1024):
+        ids.update(tokenize(distinct[start : start + 1024]).unique().tolist())
+    return ids
 
 
 @torch.no_grad()

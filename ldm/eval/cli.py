@@ -13,15 +13,15 @@ its PNGs to ``--out`` (default: the run folder).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
 
 import torch
 
-from ldm.cli_common import setup_logging
-from ldm.config import ConfigError, load_config
+from ldm.cli_common import CliParser, pipeline_folder, setup_logging, user_errors
+from ldm.config import load_config
+from ldm.errors import MissingFileError, UserError
 from ldm.io import write_json
 
 logger = logging.getLogger("ldm")
@@ -29,6 +29,11 @@ logger = logging.getLogger("ldm")
 
 def find_model(path: Path) -> tuple[str, Path, Path | None]:
     """(kind "pipeline" | "autoencoder", model folder, run folder or None) for a run or model folder."""
+    if not path.is_dir():
+        raise MissingFileError(
+            f"no folder at {path}: give a run folder (model/ and config.yaml), a pipeline folder or an "
+            "AutoencoderKL folder"
+        )
     run = path if (path / "model").is_dir() else (path.parent if path.name == "model" else None)
     model = path / "model" if (path / "model").is_dir() else path
     if run is not None and not (run / "config.yaml").is_file():
@@ -38,7 +43,7 @@ def find_model(path: Path) -> tuple[str, Path, Path | None]:
     config = model / "config.json"
     if config.is_file() and json.loads(config.read_text()).get("_class_name") == "AutoencoderKL":
         return "autoencoder", model, run
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{path}: neither a diffusers pipeline (model_index.json) nor an AutoencoderKL (config.json), "
         "nor a run folder holding one in model/"
     )
@@ -52,7 +57,9 @@ def evaluate_pipeline_folder(model: Path, run: Path | None, out: Path, overrides
 
     cfg = load_config(LDMRunConfig, run / "config.yaml" if run else None, overrides)
     pipe = LatentDiffusionPipeline.from_pretrained(
-        model, device="cuda" if torch.cuda.is_available() else "cpu", allow_pickle=cfg.allow_pickle
+        pipeline_folder(model),
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        allow_pickle=cfg.allow_pickle,
     )
     return evaluate_run(pipe, build_dataset(cfg.data, "val", cfg.seed), cfg, out, run)
 
@@ -85,7 +92,7 @@ def evaluate_autoencoder_folder(model: Path, run: Path | None, out: Path, overri
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="ldm-eval", description="Evaluate an autoencoder or a text-to-image pipeline and write a report."
     )
     parser.add_argument("model", type=Path, help="a run folder, a pipeline folder or an AutoencoderKL folder")
@@ -95,16 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (eval.*, data.*, sample.*)")
     args = parser.parse_intermixed_args(argv)  # overrides before or after --out
     setup_logging()
-    try:
+    with user_errors(parser):
         kind, model, run = find_model(args.model)
         out = args.out or run
         if out is None:
-            parser.error(f"{args.model} is not a run folder (no config.yaml next to model/): give --out DIR")
+            raise UserError(
+                f"{args.model} is not a run folder (no config.yaml next to model/): give --out DIR"
+            )
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out}: that is a file; give a folder for eval.json and report.md")
         out.mkdir(parents=True, exist_ok=True)
         evaluate = evaluate_pipeline_folder if kind == "pipeline" else evaluate_autoencoder_folder
         results = evaluate(model, run, out, args.overrides)
-    except (FileNotFoundError, ConfigError, ValueError) as err:
-        parser.exit(1, f"ldm-eval: error: {err}\n")
     write_json(out / "eval.json", results)
     logger.info("wrote %s and %s", out / "eval.json", out / "report.md")
     return 0

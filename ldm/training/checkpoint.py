@@ -33,6 +33,8 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
+from ldm.errors import MissingFileError, UserError
+
 logger = logging.getLogger("ldm")
 
 STATE_FILE = "trainer_state.json"
@@ -40,7 +42,7 @@ EMA_FILE = "ema.safetensors"
 LATEST = "latest"
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(UserError, OSError):
     """A checkpoint could not be written; the previous one and ``latest`` are intact."""
 
 
@@ -134,14 +136,18 @@ def resolve_checkpoint(output_dir: Path, resume: str) -> Path:
     if resume == LATEST:
         pointer = Path(output_dir) / "checkpoints" / LATEST
         if not pointer.exists():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"--resume latest: no checkpoint in {pointer.parent} (nothing saved yet); run without --resume"
             )
         path = pointer.parent / pointer.read_text().strip()
     else:
         path = Path(resume)
     if not (path / STATE_FILE).exists():
-        raise FileNotFoundError(f"--resume {resume}: {path} is not a complete checkpoint (no {STATE_FILE})")
+        what = f"{path} is" if resume == LATEST else "that is"
+        raise MissingFileError(
+            f"--resume {resume}: {what} not a complete checkpoint (no {STATE_FILE}); give 'latest' or a "
+            f"checkpoint folder such as {Path(output_dir) / 'checkpoints' / checkpoint_name(500)}"
+        )
     return path
 
 
@@ -151,7 +157,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, ema: EMAModel | None =
     state = json.loads((Path(path) / STATE_FILE).read_text())
     if ema is not None:
         if not (Path(path) / EMA_FILE).exists() or "ema" not in state:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{path} has no {EMA_FILE}: it was saved without EMA (or by an older ldm); "
                 "resume with train.ema_decay=0, or start a new run"
             )

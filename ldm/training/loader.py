@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ldm.data.buckets import BucketBatchSampler
+from ldm.errors import DataError
 from ldm.training.sampler import ResumableSampler
 
 
@@ -89,7 +90,10 @@ class TrainBatches:
             self.state["offset"] += self.batch_size
             self.state["position"] += self.batch_size * self.world_size
             return batch
-        raise RuntimeError("the streamed training dataset yields fewer items than one batch")
+        raise DataError(
+            "the streamed training dataset yields fewer items than one batch: lower train.batch_size "
+            "or add data"
+        )
 
     def state_dict(self) -> dict[str, int]:
         return dict(self.state)

@@ -11,11 +11,13 @@ import logging
 
 import torch
 
+from ldm.errors import UserError
+
 logger = logging.getLogger("ldm")
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(UserError, RuntimeError):
+    """Too many NaN/Inf-loss steps in a row; the message says which settings to change."""
 
 
 class NonFiniteGuard:

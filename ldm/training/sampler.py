@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from ldm.errors import DataError
+
 
 class ResumableSampler(Sampler[tuple[int, int]]):
     """Yields ``(index, aug_seed)`` forever, starting at global position ``start``.
@@ -22,7 +24,7 @@ class ResumableSampler(Sampler[tuple[int, int]]):
 
     def __init__(self, num_items: int, seed: int, start: int = 0, rank: int = 0, num_replicas: int = 1):
         if num_items < 1:
-            raise ValueError("the training dataset is empty")
+            raise DataError("the training dataset is empty: check data.path (or data.split)")
         self.num_items = num_items
         self.seed = seed
         self.start = start
