@@ -1,5 +1,6 @@
 """The pixel-based shapes evaluator: accuracy on rendered validation images, robustness, edge cases."""
 
+import io
 import math
 
 import numpy as np
@@ -20,6 +21,8 @@ from ldm.shapes_eval import (
 )
 
 ORANGE = (240, 140, 30)
+PURPLE = (128, 0, 128)
+BROWN = (139, 69, 19)
 
 
 def _val(resolution: int, size: int = 1000) -> tuple[torch.Tensor, list[str]]:
@@ -42,6 +45,100 @@ def _warp(x: torch.Tensor, pixels: float, generator: torch.Generator) -> torch.T
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
     grid = torch.stack([xx, yy], dim=-1)[None] + disp
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """uint8 (B, 3, H, W) through a real JPEG encoder (4:2:0 chroma) and back."""
+    out = []
+    for array in x.permute(0, 2, 3, 1).numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+        out.append(np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
+
+
+def _scale(x: torch.Tensor, spread: float, generator: torch.Generator) -> torch.Tensor:
+    """Float (B, 3, H, W) scaled about the centre by 1 +- ``spread`` (uniform), each axis on its own."""
+    factors = 1 + spread * (2 * torch.rand(len(x), 2, generator=generator) - 1)
+    theta = torch.zeros(len(x), 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = 1 / factors[:, 0], 1 / factors[:, 1]
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _draw(inside, resolution: int, color, background, supersample: int = 4) -> torch.Tensor:
+    """uint8 (3, R, R) of the region ``inside(x, y)`` (coordinates in fractions of the image,
+    y down), anti-aliased by supersampling, in ``color`` over ``background`` (r, g, b)."""
+    t = (np.arange(resolution * supersample) + 0.5) / (resolution * supersample)
+    x, y = np.broadcast_arrays(t[None, :], t[:, None])
+    coverage = inside(x, y).reshape(resolution, supersample, resolution, supersample).mean(axis=(1, 3))
+    fg = np.asarray(color, dtype=np.float64)[:, None, None]
+    bg = np.asarray(background, dtype=np.float64)[:, None, None]
+    return torch.from_numpy(np.rint(fg * coverage + bg * (1 - coverage)).astype(np.uint8))
+
+
+def _polygon(vertices):
+    """``inside`` of a polygon (even-odd rule, so stars work too)."""
+
+    def inside(x, y):
+        result = np.zeros(x.shape, dtype=bool)
+        for (x1, y1), (x2, y2) in zip(vertices, np.roll(vertices, -1, axis=0), strict=True):
+            crosses = (y1 > y) != (y2 > y)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                result ^= crosses & (x < x1 + (y - y1) * (x2 - x1) / (y2 - y1))
+        return result
+
+    return inside
+
+
+def _ill_fitting(kind: str, r: float, cx: float, cy: float, turn: float):
+    """``inside`` of a shape that is none of circle, square and upward triangle, of "radius"
+    ``r`` (half its extent) at (cx, cy), turned by ``turn`` radians where it has no fixed pose."""
+
+    def ring_of(n, radii):
+        angles = turn + 2 * np.pi * np.arange(n) / n
+        radii = np.resize(np.asarray(radii, dtype=np.float64), n)
+        return np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], axis=1)
+
+    if kind == "ellipse 3:2":
+        c, s = math.cos(turn), math.sin(turn)
+        return lambda x, y: (
+            (((x - cx) * c + (y - cy) * s) / r) ** 2 + ((-(x - cx) * s + (y - cy) * c) / (r / 1.5)) ** 2 <= 1
+        )
+    if kind == "pentagon":
+        return _polygon(ring_of(5, r))
+    if kind == "hexagon":
+        return _polygon(ring_of(6, r))
+    if kind == "star":  # five points, inner radius 0.45 x the outer
+        return _polygon(ring_of(10, [r, 0.45 * r]))
+    if kind == "cross":  # plus sign, arms a third of its extent wide
+        w = r / 3
+        return lambda x, y: (
+            ((abs(x - cx) <= r) & (abs(y - cy) <= w)) | ((abs(x - cx) <= w) & (abs(y - cy) <= r))
+        )
+    if kind == "rounded square":  # corner radius half the half side
+        k = r / 2
+
+        def rounded(x, y):
+            dx, dy = np.maximum(abs(x - cx) - (r - k), 0), np.maximum(abs(y - cy) - (r - k), 0)
+            return (abs(x - cx) <= r) & (abs(y - cy) <= r) & (dx * dx + dy * dy <= k * k)
+
+        return rounded
+    if kind == "downward triangle":
+        h = r * math.sqrt(3)  # equilateral, width 2r
+        return _polygon(np.array([(cx - r, cy - h / 2), (cx + r, cy - h / 2), (cx, cy + h / 2)]))
+    if kind == "ring":  # inner radius half the outer
+        return lambda x, y: (
+            ((x - cx) ** 2 + (y - cy) ** 2 <= r * r) & ((x - cx) ** 2 + (y - cy) ** 2 >= (r / 2) ** 2)
+        )
+    raise ValueError(kind)
+
+
+def _pair(first: ShapeSpec, second: ShapeSpec, resolution: int) -> torch.Tensor:
+    """Both shapes (on ``first``'s background) in one image; they must not overlap."""
+    a, b = render([first, second], resolution)
+    bg = torch.tensor(BACKGROUNDS[first.background], dtype=torch.int16)[:, None, None]
+    return (a.short() + b.short() - bg).clamp(0, 255).to(torch.uint8)
 
 
 @pytest.mark.parametrize("resolution", [32, 64])
@@ -130,6 +227,118 @@ def test_not_one_shape_reads_none():
     c = render([ShapeSpec("blue", "triangle", "white", 0.5, 0.5, 0.55)], 32)[0].clone()
     c[:, 2:4, 2:4] = 0
     assert classify(c) == ("blue", "triangle", "white")
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        (("red", "circle", 0.4, 0.25, 0.5), ("blue", "square", 0.4, 0.75, 0.5)),  # the audit's image
+        (("blue", "square", 0.55, 0.32, 0.32), ("yellow", "triangle", 0.35, 0.8, 0.8)),  # a smaller second
+        (("green", "triangle", 0.45, 0.25, 0.3), ("magenta", "circle", 0.4, 0.7, 0.72)),
+        (("cyan", "circle", 0.4, 0.3, 0.5), ("red", "square", 0.4, 0.7, 0.5)),  # touching
+    ],
+)
+@pytest.mark.parametrize("background", list(BACKGROUNDS))
+def test_two_shapes_of_different_colors_read_none(resolution, first, second, background):
+    image = _pair(
+        ShapeSpec(*first[:2], background, *first[2:]),
+        ShapeSpec(*second[:2], background, *second[2:]),
+        resolution,
+    )
+    assert classify(image) == (NONE, NONE, background)
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        (("circle", 0.4, 0.25, 0.5), ("circle", 0.4, 0.75, 0.5)),
+        (("square", 0.4, 0.25, 0.3), ("triangle", 0.4, 0.72, 0.72)),
+        # second blob under MAX_SECOND_BLOB of the first: caught as stray foreground
+        (("square", 0.6, 0.32, 0.32), ("triangle", 0.35, 0.8, 0.8)),
+    ],
+)
+def test_two_separated_shapes_of_one_color_read_none(resolution, first, second):
+    for color, background in [("red", "black"), ("yellow", "gray"), ("blue", "white")]:
+        image = _pair(
+            ShapeSpec(color, first[0], background, *first[1:]),
+            ShapeSpec(color, second[0], background, *second[1:]),
+            resolution,
+        )
+        assert classify(image) == (NONE, NONE, background)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["ellipse 3:2", "pentagon", "hexagon", "star", "cross", "rounded square", "downward triangle", "ring"],
+)
+def test_ill_fitting_shape_reads_none(kind):
+    """Each at random sizes (the dataset's extents, 35-70% of the side), positions, turns, colors
+    and backgrounds: the shape is none of the three, the color and background are still read."""
+    rng = np.random.default_rng(sum(map(ord, kind)))
+    for resolution in (32, 64):
+        for _ in range(12):
+            r = rng.uniform(0.175, 0.35)
+            cx, cy = rng.uniform(r, 1 - r, size=2)
+            color, background = rng.choice(list(COLORS)), rng.choice(list(BACKGROUNDS))
+            inside = _ill_fitting(kind, r, cx, cy, rng.uniform(0, 2 * np.pi))
+            image = _draw(inside, resolution, COLORS[color], BACKGROUNDS[background])
+            assert classify(image) == (color, NONE, background), (kind, resolution, r, cx, cy)
+
+
+@pytest.mark.parametrize(
+    "rgb, color", [((200, 100, 50), "cyan"), ((60, 60, 200), "yellow"), ((200, 200, 120), "blue")]
+)
+def test_off_palette_background_reads_none(rgb, color):
+    spec = ShapeSpec(color, "circle", "black", 0.5, 0.45, 0.55)
+    inside = lambda x, y: (x - spec.cx) ** 2 + (y - spec.cy) ** 2 <= (spec.size / 2) ** 2  # noqa: E731
+    image = _draw(inside, 32, COLORS[color], rgb)
+    assert classify(image) == (color, "circle", NONE)
+    assert classify(_draw(lambda x, y: x < 0, 32, COLORS[color], rgb)) == (NONE, NONE, NONE)  # blank
+    assert classify(image, backgrounds={**BACKGROUNDS, "new": rgb}) == (color, "circle", "new")
+
+
+@pytest.mark.parametrize("name, rgb", [("orange", ORANGE), ("purple", PURPLE), ("brown", BROWN)])
+def test_off_palette_color_reads_none(name, rgb):
+    extended = {**COLORS, name: rgb}
+    for shape, background in [("square", "gray"), ("circle", "black"), ("triangle", "white")]:
+        spec = ShapeSpec(name, shape, background, 0.5, 0.5, 0.5)
+        image = render([spec], 32, colors=extended)[0]
+        assert classify(image) == (NONE, shape, background)
+        assert classify(image, colors=extended) == (name, shape, background)
+
+
+def _degrade(name: str, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    x = images.float()
+    if name == "blur":  # [1, 4, 6, 4, 1] / 16, sigma 1 px
+        x = _blur(_blur(x))
+    elif name == "noise":
+        x = x + torch.randn(x.shape, generator=g) * 16.0
+    elif name == "jpeg":
+        x = _jpeg(images, 75).float()
+    elif name == "rescale":  # down to half the size and back
+        h = x.shape[-1]
+        x = F.interpolate(x, size=(h // 2, h // 2), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(x, size=(h, h), mode="bilinear", align_corners=False)
+    elif name == "scale":
+        x = _scale(x, 0.07, g)
+    elif name == "mix":  # a sample of a good model: slightly irregular, soft, noisy, off-color, compressed
+        x = _blur(_warp(x, 0.5, g))
+        x = x + torch.randn(len(x), 3, 1, 1, generator=g) * 6.0 + torch.randn(x.shape, generator=g) * 6.0
+        x = _jpeg(x.clamp(0, 255).round().to(torch.uint8), 75).float()
+    return x.clamp(0, 255).round().to(torch.uint8)
+
+
+@pytest.mark.parametrize(
+    "name, resolution",
+    [("blur", 32), ("noise", 32), ("jpeg", 32), ("rescale", 32), ("scale", 32), ("mix", 32), ("mix", 64)],
+)
+def test_degraded_validation_images_read_right(name, resolution):
+    """Degraded the ways generated samples are, the validation images still read right >= 99%."""
+    images, captions = _val(resolution)
+    result = caption_accuracy(_degrade(name, images, torch.Generator().manual_seed(3)), captions)
+    assert result["accuracy"] >= 0.99, result
 
 
 def test_reading_measurements():
