@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -128,41 +129,82 @@ def encode_dataset(
     return LatentDataset(*encode_items(vae, dataset, batch_size, desc), getattr(dataset, "bucket_of", None))
 
 
+GATHER_CHUNK_BYTES = 16 * 2**20  # rows of the cache cross between processes in pieces of about this size
+
+
 def encode_sharded(
-    vae: AutoencoderKL, dataset: Dataset, batch_size: int, rank: int, world_size: int, gather
+    vae: AutoencoderKL,
+    dataset: Dataset,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    gather,
+    gather_tensor=None,
+    device: torch.device | None = None,
 ) -> LatentDataset:
-    """Every process encodes items rank, rank + N, ...; ``gather`` (accelerate's ``gather_object``)
-    collects the shards, one compact object per process, and each process reassembles the whole
-    cache in item order. Peak memory: about four times the cache (its own shard and its pickled
-    copy, the shards as received and unpickled, the reassembled cache)."""
-    indices = list(range(rank, len(dataset), world_size))
-    shard = encode_items(
+    """Every process encodes items rank, rank + N, ...; all of them then hold the whole cache in item order.
+
+    Items of one shape (no aspect-ratio buckets) travel as tensors, through ``gather_tensor``
+    (accelerate's ``gather``) in pieces of ``GATHER_CHUNK_BYTES`` written straight into the
+    preallocated cache, so caching peaks at about the cache plus this process's shard. Otherwise,
+    and when no ``gather_tensor`` is given, the shards travel as objects through ``gather``
+    (accelerate's ``gather_object``), which pickles them: about four times the cache.
+    """
+    n = len(dataset)
+    indices = list(range(rank, n, world_size))
+    mean, std, captions = encode_items(
         vae, Subset(dataset, indices), batch_size, f"caching latents (shard {rank}/{world_size})"
     )
-    shards = gather([(indices, *shard)])  # one (indices, means, stds, captions) per process
-    del shard
-    n = len(dataset)
+    bucket_of = getattr(dataset, "bucket_of", None)
+    if bucket_of is None and gather_tensor is not None and isinstance(mean, torch.Tensor):
+        shapes = [s for s in gather([tuple(mean.shape[1:]) if len(mean) else None]) if s is not None]
+        means = _gather_rows(mean, n, rank, world_size, shapes[0], gather_tensor, device)
+        del mean
+        stds = _gather_rows(std, n, rank, world_size, shapes[0], gather_tensor, device)
+        del std
+        everyone = gather([captions])  # one list per process, in rank order
+        ordered = [everyone[i % world_size][i // world_size] for i in range(n)]
+        return LatentDataset(means, stds, ordered, bucket_of)
+    shards = gather([(indices, mean, std, captions)])  # one (indices, means, stds, captions) per process
+    del mean, std
     if sorted(i for idx, *_ in shards for i in idx) != list(range(n)):
         raise RuntimeError("latent cache shards do not cover the dataset once each")
-    captions: list[str] = [""] * n
-    if all(isinstance(m, torch.Tensor) for _, m, _, _ in shards):
-        _, m0, s0, _ = next(sh for sh in shards if len(sh[0]))
-        means = m0.new_empty((n, *m0.shape[1:]))  # (N, C, h, w)
-        stds = s0.new_empty((n, *s0.shape[1:]))
-        for idx, m, sd, caps in shards:
-            if idx:
-                where = torch.tensor(idx)
-                means[where], stds[where] = m, sd
-            for i, c in zip(idx, caps, strict=True):
-                captions[i] = c
-        del shards
-        return LatentDataset(means, stds, captions, getattr(dataset, "bucket_of", None))
+    ordered = [""] * n
     mean_list: list[torch.Tensor | None] = [None] * n
     std_list: list[torch.Tensor | None] = [None] * n
     for idx, m, sd, caps in shards:
         for j, i in enumerate(idx):
-            mean_list[i], std_list[i], captions[i] = m[j], sd[j], caps[j]
-    return LatentDataset(mean_list, std_list, captions, getattr(dataset, "bucket_of", None))
+            mean_list[i], std_list[i], ordered[i] = m[j], sd[j], caps[j]
+    if bucket_of is None and all(isinstance(m, torch.Tensor) for _, m, _, _ in shards):
+        return LatentDataset(torch.stack(mean_list), torch.stack(std_list), ordered, bucket_of)
+    return LatentDataset(mean_list, std_list, ordered, bucket_of)
+
+
+def _gather_rows(
+    local: torch.Tensor, n: int, rank: int, world_size: int, shape: tuple[int, ...], gather_tensor, device
+) -> torch.Tensor:
+    """(n, *shape) float32 on every process, from each process's rows (items rank, rank + N, ...).
+
+    Each process pads its shard to ceil(n / N) rows; piece k of every shard is gathered at once
+    (the same number of calls on every process) and scattered into place.
+    """
+    out = torch.empty((n, *shape), dtype=torch.float32)  # (N, C, h, w)
+    per_rank = -(-n // world_size)
+    row_bytes = max(1, math.prod(shape) * 4)
+    rows = max(1, GATHER_CHUNK_BYTES // (row_bytes * world_size))
+    for start in range(0, per_rank, rows):
+        k = min(rows, per_rank - start)
+        piece = torch.zeros((k, *shape), dtype=torch.float32)
+        mine = local[start : start + k]
+        piece[: len(mine)] = mine
+        got = gather_tensor(piece.to(device) if device is not None else piece).cpu()  # (N * k, ...)
+        got = got.view(world_size, k, *shape)
+        j = torch.arange(start, start + k)
+        for r in range(world_size):
+            where = r + world_size * j  # the dataset indices of rank r's rows
+            valid = where < n
+            out[where[valid]] = got[r][valid]
+    return out
 
 
 def fingerprint(vae_dir: str | Path, data_config: dict[str, Any], seed: int) -> str:
@@ -192,6 +234,8 @@ def cached_latents(
     rank: int = 0,
     world_size: int = 1,
     gather=None,
+    gather_tensor=None,
+    device: torch.device | None = None,
 ) -> LatentDataset:
     """The latent dataset from ``cache_dir/latents-<key>.safetensors`` if present, else encoded
     (and saved there when ``write``, by one process). With ``world_size`` > 1 and ``gather``, the
@@ -212,7 +256,7 @@ def cached_latents(
             bucket_of,
         )
     if world_size > 1 and gather is not None:
-        latents = encode_sharded(vae, dataset, batch_size, rank, world_size, gather)
+        latents = encode_sharded(vae, dataset, batch_size, rank, world_size, gather, gather_tensor, device)
     else:
         latents = encode_dataset(vae, dataset, batch_size)
     if path is not None and write:

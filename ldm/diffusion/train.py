@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import gather, gather_object
 from tqdm.auto import tqdm
 
 from conditioning import drop_captions
@@ -95,7 +95,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         # each process encodes a shard; all gather them; the main process writes the file
         train_set = cached_latents(
             vae, distinct, 256, cfg.cache_dir, key, write=main, rank=accelerator.process_index,
-            world_size=accelerator.num_processes, gather=gather_object,
+            world_size=accelerator.num_processes, gather=gather_object, gather_tensor=gather, device=device,
         )  # fmt: skip
         peak = peak_resident_bytes()
         logger.info(
@@ -105,6 +105,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         )  # fmt: skip
         if repeats > 1:
             train_set = RepeatedDataset(train_set, repeats)
+        del train_images, distinct  # the images (and any rendered copy the dataset keeps) are done with
     else:
         train_set = train_images
 
