@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ITEMS = 4500
+ITEMS = 9000
 
 SCRIPT = """
 import json, sys
@@ -33,7 +33,7 @@ torch.set_num_threads(1)
 accelerator = Accelerator(cpu=True)
 vae = tiny_autoencoder(1.0).eval()  # f=2, 4 latent channels: 64 px -> (4, 32, 32), 32 KiB an item
 data = build_dataset(DataConfig(resolution=64, train_size=int(sys.argv[3]), val_size=8), "train", 0)
-data._cache_enabled = False  # shapes keeps the images it renders (12 KiB an item), which is not the cache
+data.keep_rendered = False  # as train_ldm: shapes would keep the images it renders (12 KiB an item)
 encode_dataset(vae, torch.utils.data.Subset(data, range(64)), 64)  # warm up: workspaces, code paths
 before = resident_bytes()
 latents = cached_latents(vae, data, 64, None, "k", rank=accelerator.process_index,
@@ -74,8 +74,8 @@ def test_caching_memory_grows_with_the_cache_not_the_batches(tmp_path, processes
     extra = large[0]["cache"] - small[0]["cache"]
     for s, big in zip(small, large, strict=True):
         slope = (big["growth"] - s["growth"]) / extra
-        # measured: 0.7 on one process; 1.6 and 2.1 on the two ranks of two
-        assert slope < (1.3 if processes == 1 else 2.6), (
+        # measured: 0.7 on one process; 1.9 and 1.5 on the two ranks of two
+        assert slope < (1.4 if processes == 1 else 2.6), (
             f"caching memory grows {slope:.2f}x as fast as the cache"
         )
         assert big["growth"] < 2.5 * big["cache"] + 160 * 2**20

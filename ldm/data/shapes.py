@@ -256,6 +256,8 @@ class ShapesDataset(Dataset):
         self.flip = flip
         self._cache_enabled = size * 3 * resolution * resolution <= CACHE_MAX_BYTES
         self._chunks: dict[int, tuple[list[ShapeSpec], torch.Tensor]] = {}
+        # False: keep only the newest chunk of rendered images, for one pass in order (latent caching)
+        self.keep_rendered = True
 
     def __len__(self) -> int:
         return self.size
@@ -280,6 +282,8 @@ class ShapesDataset(Dataset):
 
     def _chunk(self, chunk_id: int) -> tuple[list[ShapeSpec], torch.Tensor]:
         if chunk_id not in self._chunks:
+            if not self.keep_rendered:
+                self._chunks.clear()
             start = chunk_id * CACHE_CHUNK
             specs = self.specs(range(start, min(start + CACHE_CHUNK, self.size)))
             self._chunks[chunk_id] = (specs, render(specs, self.resolution))

@@ -91,6 +91,8 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         t0, rss_before = time.perf_counter(), resident_bytes()
         repeats = train_images.times if isinstance(train_images, RepeatedDataset) else 1
         distinct = train_images.base if repeats > 1 else train_images  # each image is encoded once
+        if hasattr(distinct, "keep_rendered"):  # shapes: one pass in order, no rendered copy to keep
+            distinct.keep_rendered = False
         key = fingerprint(vae_dir, dataclasses.asdict(cfg.data), cfg.seed)
         # each process encodes a shard; all gather them; the main process writes the file
         train_set = cached_latents(
