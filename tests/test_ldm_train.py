@@ -20,6 +20,7 @@ from ldm.diffusion.models import build_models
 from ldm.diffusion.noise import training_scheduler
 from ldm.diffusion.objective import denoising_loss
 from ldm.diffusion.train import train_ldm
+from ldm.pipeline import LatentDiffusionPipeline
 from ldm.training.metrics import read_metrics
 
 
@@ -85,8 +86,19 @@ def test_run_exports_a_pipeline_diffusers_loads_and_resume_is_exact(tmp_path, ti
 
     pipe = StableDiffusionPipeline.from_pretrained(full / "model", safety_checker=None)
     assert pipe.scheduler.config.clip_sample is False
-    image = pipe("a red circle on a black background", num_inference_steps=2, output_type="np").images
-    assert image.shape == (1, 16, 16, 3) and float(image.std()) > 0
+    # diffusers, on the exported folder as it is, samples what our pipeline samples from it
+    ours = LatentDiffusionPipeline.from_pretrained(full / "model")
+    prompt = "a red circle on a black background"
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    theirs = {
+        kind: pipe(prompt, num_inference_steps=2, latents=latents, output_type=kind).images
+        for kind in ("latent", "pt")
+    }
+    mine = ours(prompt, num_inference_steps=2, sampler="ddim", latents=latents, output_type="latent").images
+    torch.testing.assert_close(mine, theirs["latent"], rtol=0, atol=1e-4)
+    assert theirs["pt"].shape == (1, 3, 16, 16)
+    torch.testing.assert_close((ours.decode_latents(mine) + 1) / 2, theirs["pt"], rtol=0, atol=1e-4)
+    assert (mine - latents).abs().mean() > 0.01  # the steps moved the latents
 
     train_ldm(tiny(tmp_path / "part", tiny_vae, "train.stop_at=3"))
     assert not (tmp_path / "part" / "model").exists()
@@ -119,7 +131,7 @@ def test_latent_cache_gives_the_same_loss_as_encoding_on_the_fly(tiny_vae):
 
 
 def test_missing_autoencoder_and_channel_mismatch_are_clear(tmp_path, tiny_vae):
-    with pytest.raises(FileNotFoundError, match="run python train_vae.py first, or set vae=PATH"):
+    with pytest.raises(FileNotFoundError, match="nowhere: no autoencoder there"):
         build_models(tiny(tmp_path, tmp_path / "nowhere"))
     pipe = tmp_path / "pipe"
     train_ldm(
@@ -129,7 +141,7 @@ def test_missing_autoencoder_and_channel_mismatch_are_clear(tmp_path, tiny_vae):
     wide = AutoencoderKL.from_config({**wide.config, "latent_channels": 8})
     wide.save_pretrained(pipe / "run" / "model" / "vae")
     with pytest.raises(ValueError, match="8 latent channels but the UNet takes 4"):
-        build_models(tiny(tmp_path, tiny_vae, f"pretrained={pipe / 'run' / 'model'}"))
+        build_models(tiny(tmp_path, tiny_vae, f"pretrained={pipe / 'run' / 'model'}", "vae=null"))
 
 
 def _tiny_clip_folder(root):
@@ -167,7 +179,30 @@ def _tiny_open_clip(root):
 
 
 @pytest.mark.parametrize("kind", ["clip", "openclip"])
-def test_frozen_pretrained_text_encoders_train_with_the_text_cache(tmp_path, tiny_vae, kind, caplog):
+def test_frozen_pretrained_text_encoders_train_with_the_text_cache(
+    tmp_path, tiny_vae, kind, caplog, monkeypatch
+):
+    import ldm.diffusion.train as train_module
+    from conditioning.openclip import load_open_clip_text
+
+    built, optimized = [], []  # (text model, its weights at the start); the parameters given to AdamW
+    build_models_, adamw_ = train_module.build_models, train_module.adamw
+
+    def recorded_build_models(cfg):
+        models = build_models_(cfg)
+        text_model = models[2].model
+        built.append(
+            (text_model, {k: v.detach().clone() for k, v in text_model.state_dict().items()}, models[3])
+        )
+        return models
+
+    def recorded_adamw(params, *args, **kwargs):
+        params = list(params)
+        optimized.extend(params)
+        return adamw_(params, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "build_models", recorded_build_models)
+    monkeypatch.setattr(train_module, "adamw", recorded_adamw)
     if kind == "clip":
         text = ["text.kind=clip", f"text.name_or_path={_tiny_clip_folder(tmp_path / 'clip')}"]
     else:
@@ -179,11 +214,22 @@ def test_frozen_pretrained_text_encoders_train_with_the_text_cache(tmp_path, tin
         out = train_ldm(cfg)
     cached = [r.getMessage() for r in caplog.records if "text cache:" in r.getMessage()]
     assert cached and int(cached[0].split("text cache: ")[1].split()[0]) > 0
-    before = CLIPTextModel.from_pretrained(tmp_path / "clip") if kind == "clip" else None
+    # frozen: out of the optimizer (which holds exactly the UNet), bit-identical after the steps, exported as loaded
+    [(text_model, start, unet)] = built
+    text_params = {id(p) for p in text_model.parameters()}
+    assert not any(p.requires_grad for p in text_model.parameters())
+    assert optimized and not text_params & {id(p) for p in optimized}
+    assert [id(p) for p in optimized] == [id(p) for p in unet.parameters()]
+    now = text_model.state_dict()
+    assert now.keys() == start.keys() and all(torch.equal(now[k], start[k]) for k in start)
+    if kind == "clip":
+        before = CLIPTextModel.from_pretrained(tmp_path / "clip")
+    else:  # the same OpenCLIP weights, converted again
+        before = load_open_clip_text(name, str(weights))
     after = CLIPTextModel.from_pretrained(out / "model" / "text_encoder")
-    if before is not None:  # frozen: the exported text encoder is the one we started from
-        for x, y in zip(before.state_dict().values(), after.state_dict().values(), strict=True):
-            torch.testing.assert_close(x, y, rtol=0, atol=0)
+    before, after = before.state_dict(), after.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(before[k], start[k]) for k in before)
 
 
 @NEEDS_COMPILER

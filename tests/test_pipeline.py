@@ -52,9 +52,12 @@ def test_equals_diffusers_stable_diffusion_pipeline(pipe, sampler, guidance):
         requires_safety_checker=False,
     )
     sd.set_progress_bar_config(disable=True)
-    theirs = sd(
-        PROMPTS, num_inference_steps=4, guidance_scale=guidance, latents=latents, output_type="pt"
-    ).images
+    theirs = {
+        kind: sd(
+            PROMPTS, num_inference_steps=4, guidance_scale=guidance, latents=latents, output_type=kind
+        ).images
+        for kind in ("np", "pt")
+    }
     ours_pt = pipe(
         PROMPTS,
         num_inference_steps=4,
@@ -63,8 +66,23 @@ def test_equals_diffusers_stable_diffusion_pipeline(pipe, sampler, guidance):
         latents=latents,
         output_type="pt",
     ).images
-    torch.testing.assert_close((ours_pt + 1) / 2, theirs, rtol=0, atol=1e-4)
-    assert ours.images.dtype == np.uint8 and ours.images.shape == (2, 16, 16, 3)
+    # diffusers' conventions as they are, no conversion: float32 in [0, 1], NHWC for "np", NCHW for "pt"
+    assert ours.images.dtype == theirs["np"].dtype == np.float32 and ours.images.shape == (2, 16, 16, 3)
+    np.testing.assert_allclose(ours.images, theirs["np"], rtol=0, atol=1e-4)
+    assert ours_pt.dtype == theirs["pt"].dtype and ours_pt.shape == theirs["pt"].shape == (2, 3, 16, 16)
+    torch.testing.assert_close(ours_pt, theirs["pt"], rtol=0, atol=1e-4)
+    assert 0.0 <= float(ours_pt.min()) and float(ours_pt.max()) <= 1.0
+
+
+def test_output_types_are_one_image_in_each_form(pipe):
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    out = {kind: pipe(PROMPTS, num_inference_steps=2, guidance_scale=2.0, latents=latents, output_type=kind).images
+           for kind in ("pil", "np", "pt", "pt_signed", "latent")}  # fmt: skip
+    torch.testing.assert_close(out["pt_signed"], out["pt"] * 2 - 1, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(out["np"], out["pt"].permute(0, 2, 3, 1).numpy())
+    pil = np.stack([np.asarray(im) for im in out["pil"]]).astype(np.float32) / 255  # uint8, rounded
+    np.testing.assert_allclose(pil, out["np"], rtol=0, atol=0.5 / 255 + 1e-6)
+    assert out["latent"].shape == (2, 4, 8, 8)
 
 
 def test_seeds_reproduce_and_differ(pipe):
@@ -80,7 +98,8 @@ def test_seeds_reproduce_and_differ(pipe):
         seed=[5, 6],
         output_type="pt",
     )
-    torch.testing.assert_close(two.images[0], a[0]) and torch.testing.assert_close(two.images[1], c[0])
+    torch.testing.assert_close(two.images[0], a[0])  # image i depends on its own seed only
+    torch.testing.assert_close(two.images[1], c[0])
 
 
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
@@ -133,10 +152,43 @@ def test_v_prediction_equals_diffusers(pipe, sampler):
     theirs = sd(PROMPTS, num_inference_steps=4, guidance_scale=3.0, latents=latents, output_type="pt",
                 generator=[torch.Generator().manual_seed(s) for s in (11, 12)]).images  # fmt: skip
     assert sd.scheduler.config.prediction_type == "v_prediction"
-    torch.testing.assert_close((ours + 1) / 2, theirs, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
 
 
-def test_karras_sigmas_run_the_whole_schedule(pipe):
+def test_karras_sigmas_run_the_whole_schedule(pipe, monkeypatch):
     """Karras sigmas can round two high sigmas to one timestep: sampling must still start at step 0."""
-    out = pipe(PROMPTS[:1], num_inference_steps=30, guidance_scale=2.0, sampler="dpm++2m-karras", seed=0)
-    assert len(out.images) == 1
+    import ldm.pipeline as pipeline_module
+
+    schedulers, step_indices, unet_calls, seen = [], [], [], []
+
+    def recording_scheduler(*args, **kwargs):
+        scheduler = make_scheduler(*args, **kwargs)
+        step = scheduler.step
+
+        def recorded_step(*step_args, **step_kwargs):
+            out = step(*step_args, **step_kwargs)
+            step_indices.append(scheduler.step_index - 1)  # the index of the sigma this step ran at
+            return out
+
+        scheduler.step = recorded_step
+        schedulers.append(scheduler)
+        return scheduler
+
+    forward = pipe.unet.forward
+
+    def counted_forward(*args, **kwargs):
+        unet_calls.append(args[1] if len(args) > 1 else kwargs["timestep"])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "make_scheduler", recording_scheduler)
+    monkeypatch.setattr(pipe.unet, "forward", counted_forward)
+    out = pipe(PROMPTS[:1], num_inference_steps=30, guidance_scale=2.0, sampler="dpm++2m-karras", seed=0,
+               callback=lambda i, t, z: seen.append((i, int(t))))  # fmt: skip
+    assert len(out.images) == 1 and len(schedulers) == 1
+    scheduler = schedulers[0]
+    timesteps = scheduler.timesteps.tolist()
+    assert timesteps[0] == timesteps[1]  # the case this test is for: two high sigmas share a timestep
+    assert step_indices == list(range(30))  # from step 0 (the highest sigma), none skipped
+    assert scheduler.sigmas[step_indices[0]] == scheduler.sigmas.max()
+    assert seen == [(i, t) for i, t in enumerate(timesteps)] and seen[0][1] == max(timesteps)
+    assert len(unet_calls) == 30 and int(unet_calls[0]) == max(timesteps)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import NEEDS_COMPILER
 from test_pipeline import PROMPTS
 from test_pipeline import pipe as pipe  # noqa: F401  (the tiny pipeline fixture)
 
@@ -20,7 +21,12 @@ def test_img2img_stays_closer_to_the_image_at_low_strength(pipe):  # noqa: F811
     errors = {}
     for strength in (0.2, 1.0):
         out = pipe(
-            PROMPTS[:1], image=image, strength=strength, num_inference_steps=10, seed=0, output_type="pt"
+            PROMPTS[:1],
+            image=image,
+            strength=strength,
+            num_inference_steps=10,
+            seed=0,
+            output_type="pt_signed",
         )
         assert out.images.shape == (1, 3, 16, 16)
         errors[strength] = (out.images - target).square().mean().item()
@@ -31,13 +37,15 @@ def test_inpainting_keeps_the_unmasked_region(pipe):  # noqa: F811
     image = _image(1)
     target = pipe.decode_latents(pipe.encode_images(image))
     keep_all = torch.zeros(1, 1, 16, 16)  # mask in [0, 1]: 0 = keep everywhere
-    out = pipe(PROMPTS[:1], image=image, mask=keep_all, num_inference_steps=5, seed=0, output_type="pt")
+    out = pipe(
+        PROMPTS[:1], image=image, mask=keep_all, num_inference_steps=5, seed=0, output_type="pt_signed"
+    )
     torch.testing.assert_close(out.images, target, rtol=0, atol=1e-5)
     half = keep_all.clone()
     half[..., :, 8:] = 1  # regenerate the right half
     with pytest.raises(ValueError, match="mask"):
         pipe(PROMPTS[:1], image=image, mask=half * 2 - 1, num_inference_steps=2)
-    out = pipe(PROMPTS[:1], image=image, mask=half, num_inference_steps=5, seed=0, output_type="pt")
+    out = pipe(PROMPTS[:1], image=image, mask=half, num_inference_steps=5, seed=0, output_type="pt_signed")
     left, right = (out.images - target)[..., :6].abs().mean(), (out.images - target)[..., 10:].abs().mean()
     assert left < right
 
@@ -166,6 +174,7 @@ def test_sample_cli_writes_images_and_a_grid(pipe, tmp_path):  # noqa: F811
         main([*args, "--size", "15", "--device", "cpu", "--out", str(tmp_path / "bad")])
 
 
+@NEEDS_COMPILER
 def test_compiled_unet_and_decoder_give_the_same_images(pipe, tmp_path):  # noqa: F811
     """``compile=True, compile_vae=True`` run the UNet and the decoder through torch.compile (inductor;
     about a minute to compile on the CPU)."""
@@ -180,12 +189,16 @@ def test_compiled_unet_and_decoder_give_the_same_images(pipe, tmp_path):  # noqa
     assert (compiled.save_pretrained(tmp_path / "again") / "unet" / "config.json").exists()
 
 
-def test_swapped_vae_and_caption_eval_cli(pipe, tmp_path, capsys):  # noqa: F811
+def test_swapped_vae_and_caption_eval_cli(pipe, tmp_path, capsys, monkeypatch):  # noqa: F811
     import json
+    from types import SimpleNamespace
 
     from conftest import tiny_autoencoder
 
+    from ldm.data.shapes import BACKGROUNDS, COLORS, ShapeSpec, render
+    from ldm.diffusion import caption_eval as caption_eval_module
     from ldm.diffusion.caption_eval import main as caption_eval
+    from ldm.shapes_eval import parse_caption
 
     folder = pipe.save_pretrained(tmp_path / "model")
     other = tiny_autoencoder(scaling_factor=0.7)
@@ -201,4 +214,36 @@ def test_swapped_vae_and_caption_eval_cli(pipe, tmp_path, capsys):  # noqa: F811
     assert caption_eval(args) == 0
     results = json.loads(out.read_text())
     assert results["orange_captions"]["n"] == 9 and results["original_captions"]["n"] == 3
-    assert 0.0 <= results["orange_captions"]["accuracy"] <= 1.0
+
+    # a model that draws exactly what each prompt says scores 1.0 on both prompt sets (the new color
+    # included); one that draws the new color as red scores 0 on color for it and nothing else
+    palette = {**COLORS, "orange": (240, 140, 30)}
+    loaded, prompts = [], []
+
+    def drawing_model(red_for_orange: bool):
+        def draw(batch, output_type="pil", **kwargs):
+            prompts.extend(batch)
+            specs = []
+            for p in batch:
+                color, shape, background = parse_caption(p, palette, BACKGROUNDS)
+                color = "red" if red_for_orange and color == "orange" else color
+                specs.append(ShapeSpec(color, shape, background, size=0.6, cx=0.5, cy=0.5))
+            images = render(specs, 16, colors=palette).float() / 255  # (n, 3, 16, 16) in [0, 1]
+            assert output_type in ("pt", "pt_signed"), output_type
+            return SimpleNamespace(images=images * 2 - 1 if output_type == "pt_signed" else images)
+
+        return lambda model, vae=None: loaded.append(vae) or draw
+
+    for red_for_orange in (False, True):
+        monkeypatch.setattr(caption_eval_module, "LatentDiffusionPipeline",
+                            SimpleNamespace(from_pretrained=drawing_model(red_for_orange)))  # fmt: skip
+        assert caption_eval([*args, "--vae", str(tmp_path / "vae")]) == 0
+        scores = json.loads(out.read_text())
+        orange, original = scores["orange_captions"], scores["original_captions"]
+        assert original == {"accuracy": 1.0, "color": 1.0, "shape": 1.0, "background": 1.0, "n": 3}
+        if red_for_orange:
+            assert orange == {"accuracy": 0.0, "color": 0.0, "shape": 1.0, "background": 1.0, "n": 9}
+        else:
+            assert orange == {"accuracy": 1.0, "color": 1.0, "shape": 1.0, "background": 1.0, "n": 9}
+    assert loaded == [str(tmp_path / "vae")] * 2  # --vae reaches the pipeline
+    assert len(set(prompts[:9])) == 9 and all(p.startswith("an orange ") for p in prompts[:9])

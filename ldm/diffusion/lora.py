@@ -53,7 +53,9 @@ def inject_adapter(model: nn.Module, config, name: str = "default") -> list[nn.P
     for p in params:
         p.requires_grad_(True)
     if not params:
-        raise ValueError(f"LoRA target modules {config.target_modules} matched no layer of {type(model).__name__}")
+        raise ValueError(
+            f"LoRA target modules {config.target_modules} matched no layer of {type(model).__name__}"
+        )
     return params
 
 
