@@ -74,7 +74,7 @@ def test_pipeline_with_pickle_weights_is_refused_unless_allowed(tmp_path):
     for a, b in zip(pipe.unet.parameters(), unet.parameters(), strict=True):
         assert torch.equal(a, b)
 
-    cfg = tiny(tmp_path / "run", "unused", f"pretrained={folder}", "data.resolution=48")
+    cfg = tiny(tmp_path / "run", "unused", f"pretrained={folder}", "data.resolution=48", "vae=null")
     with pytest.raises(PickleRefusedError, match="allow_pickle"):
         build_models(cfg)  # train_ldm.py pretrained=... refuses it too
     cfg.allow_pickle = True
@@ -96,7 +96,9 @@ def test_pretrained_folder_with_missing_parts(tmp_path, damage, message):
     with pytest.raises(FileNotFoundError, match=message):
         LatentDiffusionPipeline.from_pretrained(folder)
     with pytest.raises(FileNotFoundError):
-        build_models(tiny(tmp_path / "run", "unused", f"pretrained={folder}", "data.resolution=48"))
+        build_models(
+            tiny(tmp_path / "run", "unused", f"pretrained={folder}", "data.resolution=48", "vae=null")
+        )
 
 
 def test_trust_remote_code_is_never_set():

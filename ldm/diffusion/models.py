@@ -68,8 +68,8 @@ def load_autoencoder(cfg: LDMRunConfig) -> tuple[AutoencoderKL, Path]:
         folder = Path(cfg.vae)
         if not (folder / "config.json").exists():
             raise MissingFileError(
-                f"vae={cfg.vae}: no autoencoder there (no config.json); give the model/ folder of a "
-                "train_vae.py run, or an AutoencoderKL folder"
+                f"no autoencoder at {folder} (no config.json): run python train_vae.py first, or set vae=PATH "
+                "to the model/ folder of a train_vae.py run (an AutoencoderKL folder)"
             )
     elif cfg.pretrained:
         folder = Path(cfg.pretrained) / "vae"
