@@ -20,7 +20,7 @@ from typing import Any, NoReturn, TypeVar
 import torch
 
 from ldm.config import CONFIG_DIR, load_config, to_yaml
-from ldm.errors import MissingFileError, UserError
+from ldm.errors import UserError
 
 T = TypeVar("T")
 USAGE_ERROR = 2  # argparse's exit status for a bad command line; ours for every error the user can fix
@@ -56,19 +56,6 @@ def int_at_least(low: int) -> Callable[[str], int]:
         return value
 
     return parse
-
-
-def pipeline_folder(path: str | Path) -> Path:
-    """``path`` if it holds a diffusers pipeline (``ldm.pipeline.check_pipeline_folder``), else a
-    ``MissingFileError`` saying what is missing."""
-    from ldm.pipeline import check_pipeline_folder
-
-    if not Path(path).is_dir():
-        raise MissingFileError(f"no model at {path}: the folder does not exist")
-    try:
-        return check_pipeline_folder(path)
-    except FileNotFoundError as err:  # ldm.pipeline raises the built-in error
-        raise MissingFileError(str(err)) from None
 
 
 def parse_and_load(

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from conditioning.tokenizer import clean_caption
+from ldm.errors import MissingFileError
 from ldm.images import to_uint8
 from ldm.safe_load import PICKLE_SUFFIXES, check_model_folder, from_pretrained_kwargs, pickle_refused
 from ldm.samplers import make_scheduler
@@ -73,11 +74,14 @@ PIPELINE_PARTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 
 
 def check_pipeline_folder(path: str | Path, parts: tuple[str, ...] = PIPELINE_PARTS) -> Path:
-    """``path`` if it holds a diffusers pipeline's ``parts``, else a ``FileNotFoundError`` saying what to do."""
+    """``path`` if it holds a diffusers pipeline's ``parts``, else a ``MissingFileError`` (a
+    ``FileNotFoundError``) saying what to do."""
     root = Path(path)
+    if not root.is_dir():
+        raise MissingFileError(f"no model at {root}: the folder does not exist")
     missing = [p for p in parts if not (root / p).is_dir()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{root} is not a diffusers pipeline folder: missing {', '.join(m + '/' for m in missing)}; "
             "give the model/ folder of a train_ldm.py run or a Stable Diffusion folder"
         )

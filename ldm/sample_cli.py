@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli_common import CliParser, int_at_least, pipeline_folder, setup_logging, user_errors
+from ldm.cli_common import CliParser, int_at_least, setup_logging, user_errors
 from ldm.errors import MissingFileError, UserError
 from ldm.images import save_grid
 from ldm.samplers import SAMPLERS
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.lora and not Path(args.lora).exists():
             raise MissingFileError(f"--lora {args.lora}: no such file or folder")
         pipe = LatentDiffusionPipeline.from_pretrained(
-            pipeline_folder(args.model),
+            args.model,
             device=args.device,
             dtype=DTYPES[args.dtype],
             vae=args.vae,

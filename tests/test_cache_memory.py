@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 ITEMS = 9000
@@ -37,7 +38,7 @@ data.keep_rendered = False  # as train_ldm: shapes would keep the images it rend
 encode_dataset(vae, torch.utils.data.Subset(data, range(64)), 64)  # warm up: workspaces, code paths
 before = resident_bytes()
 latents = cached_latents(vae, data, 64, None, "k", rank=accelerator.process_index,
-                         world_size=accelerator.num_processes, gather=gather_object, gather_tensor=gather)
+                         world_size=accelerator.num_processes, gather_object=gather_object, gather_tensor=gather)
 growth = peak_resident_bytes() - before
 assert len(latents) == int(sys.argv[3])
 with open(f"{sys.argv[1]}/rank{accelerator.process_index}.json", "w") as f:
@@ -79,3 +80,61 @@ def test_caching_memory_grows_with_the_cache_not_the_batches(tmp_path, processes
             f"caching memory grows {slope:.2f}x as fast as the cache"
         )
         assert big["growth"] < 2.5 * big["cache"] + 160 * 2**20
+
+
+class _Items(torch.utils.data.Dataset):
+    """Random images of one shape, or (with ``bucket_of``) of two shapes, with captions."""
+
+    def __init__(self, n: int, buckets: bool):
+        g = torch.Generator().manual_seed(0)
+        sizes = [(16, 16) if not buckets or i % 3 else (8, 24) for i in range(n)]
+        self.images = [torch.rand(3, *s, generator=g) * 2 - 1 for s in sizes]
+        self.bucket_of = [int(s != (16, 16)) for s in sizes] if buckets else None
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.images[i], "caption": f"item {i}"}
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+def test_sharded_cache_equals_one_process(buckets):
+    """Three simulated processes (threads with a barrier for the gathers) give the one-process cache."""
+    import threading
+
+    from conftest import tiny_autoencoder
+
+    from ldm.diffusion.cache import encode_dataset, encode_sharded
+
+    world, vae = 3, tiny_autoencoder(1.0).eval()
+    data = _Items(10, buckets)
+    slots, barrier = [None] * world, threading.Barrier(world)
+
+    def gathers(rank):
+        def gather_object(obj):  # each rank's one-element list, concatenated in rank order
+            barrier.wait()
+            slots[rank] = obj
+            barrier.wait()
+            out = [x for s in slots for x in s]
+            barrier.wait()
+            return out
+
+        def gather_tensor(t):
+            return torch.cat(gather_object([t]))
+
+        return gather_object, gather_tensor
+
+    results = [None] * world
+    threads = [threading.Thread(target=lambda r=r: results.__setitem__(
+        r, encode_sharded(vae, data, 4, r, world, *gathers(r)))) for r in range(world)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    whole = encode_dataset(vae, data, 4)
+    for latents in results:
+        assert latents.captions == whole.captions
+        for i in range(len(data)):
+            torch.testing.assert_close(latents[i]["mean"], whole[i]["mean"], rtol=0, atol=1e-6)
+            torch.testing.assert_close(latents[i]["std"], whole[i]["std"], rtol=0, atol=1e-6)

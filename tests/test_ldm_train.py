@@ -132,7 +132,7 @@ def test_latent_cache_gives_the_same_loss_as_encoding_on_the_fly(tiny_vae):
 
 def test_missing_autoencoder_and_channel_mismatch_are_clear(tmp_path, tiny_vae):
     with pytest.raises(
-        FileNotFoundError, match="nowhere .no config.json.: run python train_vae.py first, or set vae=PATH"
+        FileNotFoundError, match="no autoencoder at .*nowhere: run python train_vae.py first, or set vae=PATH"
     ):
         build_models(tiny(tmp_path, tmp_path / "nowhere"))
     pipe = tmp_path / "pipe"

@@ -50,7 +50,9 @@ def load_hf_dataset(
     was saved from. Raises ``DataError`` for a path or hub name that cannot be found, and naming
     the available splits when ``split`` is absent.
     """
-    if _names_a_local_path(str(path)) and not Path(path).expanduser().exists():
+    if _names_a_local_path(str(path)):
+        path = str(Path(path).expanduser())
+    if _names_a_local_path(str(path)) and not Path(path).exists():
         raise DataError(
             f"data.path={path}: no such folder; give a save_to_disk folder, a folder of data files "
             "or a hub name (org/name)"

@@ -64,20 +64,23 @@ Posteriors = tuple["torch.Tensor | list[torch.Tensor]", "torch.Tensor | list[tor
 
 @torch.no_grad()
 def encode_items(
-    vae: AutoencoderKL, dataset: Dataset, batch_size: int, desc: str = "caching latents"
+    vae: AutoencoderKL,
+    dataset: Dataset,
+    batch_size: int,
+    desc: str = "caching latents",
+    per_item: bool = False,
 ) -> Posteriors:
     """(means, stds, captions) of every item, encoded once (no augmentation), float32 on the CPU.
 
-    Compact: when every item has one shape, ``means`` and ``stds`` are single (N, C, h, w) tensors,
-    allocated once and filled batch by batch; otherwise (aspect-ratio buckets) lists of per-item
+    Compact: ``means`` and ``stds`` are (N, C, h, w) tensors, allocated once and filled batch by
+    batch; with ``per_item`` (aspect-ratio buckets: items of several shapes) lists of (C, h_i, w_i)
     tensors, each with storage of its own. Never views into a batch, which would keep (or, pickled
     for another process, copy) the whole batch.
     """
     device = next(vae.parameters()).device
     n = len(dataset)
-    compact: tuple[torch.Tensor, torch.Tensor] | None = None  # (N, C, h, w) each, while one shape
-    means: list[torch.Tensor] = []  # (C, h_i, w_i) per item, once shapes differ
-    stds: list[torch.Tensor] = []
+    means: torch.Tensor | list[torch.Tensor] | None = [] if per_item else None
+    stds: torch.Tensor | list[torch.Tensor] | None = [] if per_item else None
     captions: list[str] = []
     for items in tqdm(
         item_batches(dataset, n, batch_size), total=-(-n // batch_size), desc=desc, leave=False
@@ -85,6 +88,10 @@ def encode_items(
         groups: dict[tuple[int, ...], list[int]] = {}  # items of one shape encode together (buckets)
         for k, it in enumerate(items):
             groups.setdefault(tuple(it["pixel_values"].shape), []).append(k)
+        if not per_item and len(groups) > 1:
+            raise ValueError(
+                f"latent cache: items of several shapes {sorted(groups)} without aspect-ratio buckets"
+            )
         start = len(captions)
         item_mean: list[torch.Tensor | None] = [None] * len(items)
         item_std: list[torch.Tensor | None] = [None] * len(items)
@@ -92,25 +99,19 @@ def encode_items(
             x = torch.stack([items[k]["pixel_values"] for k in ks]).to(device, vae.dtype)  # (b, 3, H, W)
             posterior = vae.encode(x).latent_dist
             mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()  # (b, C, h, w)
-            if start == 0 and len(groups) == 1:
-                compact = mean.new_empty((n, *mean.shape[1:])), std.new_empty((n, *std.shape[1:]))
-            if len(groups) == 1 and compact is not None and mean.shape[1:] == compact[0].shape[1:]:
-                compact[0][start : start + len(ks)], compact[1][start : start + len(ks)] = mean, std
+            if per_item:
+                for j, k in enumerate(ks):
+                    item_mean[k], item_std[k] = mean[j].clone(), std[j].clone()
                 continue
-            for j, k in enumerate(ks):
-                item_mean[k], item_std[k] = mean[j].clone(), std[j].clone()
-        if item_mean[0] is not None:  # this batch went item by item
-            if compact is not None:  # the first of another shape: the cache becomes per item
-                means, stds = (
-                    [m.clone() for m in compact[0][:start]],
-                    [sd.clone() for sd in compact[1][:start]],
-                )
-                compact = None
+            if means is None:
+                means, stds = mean.new_empty((n, *mean.shape[1:])), std.new_empty((n, *std.shape[1:]))
+            means[start : start + len(ks)], stds[start : start + len(ks)] = mean, std
+        if per_item:
             means += item_mean
             stds += item_std
         captions.extend(it["caption"] for it in items)
-    if compact is not None:
-        return compact[0], compact[1], captions
+    if means is None:  # no items
+        return torch.empty(0), torch.empty(0), captions
     return means, stds, captions
 
 
@@ -126,7 +127,8 @@ def encode_dataset(
     vae: AutoencoderKL, dataset: Dataset, batch_size: int, desc: str = "caching latents"
 ) -> LatentDataset:
     """Encode every item once (no augmentation); posterior mean and std in float32."""
-    return LatentDataset(*encode_items(vae, dataset, batch_size, desc), getattr(dataset, "bucket_of", None))
+    bucket_of = getattr(dataset, "bucket_of", None)
+    return LatentDataset(*encode_items(vae, dataset, batch_size, desc, bucket_of is not None), bucket_of)
 
 
 GATHER_CHUNK_BYTES = 16 * 2**20  # rows of the cache cross between processes in pieces of about this size
@@ -138,50 +140,39 @@ def encode_sharded(
     batch_size: int,
     rank: int,
     world_size: int,
-    gather,
-    gather_tensor=None,
+    gather_object,
+    gather_tensor,
     device: torch.device | None = None,
 ) -> LatentDataset:
     """Every process encodes items rank, rank + N, ...; all of them then hold the whole cache in item order.
 
-    Items of one shape (no aspect-ratio buckets) travel as tensors, through ``gather_tensor``
-    (accelerate's ``gather``) in pieces of ``GATHER_CHUNK_BYTES`` written straight into the
-    preallocated cache, so caching peaks at about the cache plus this process's shard. Otherwise,
-    and when no ``gather_tensor`` is given, the shards travel as objects through ``gather``
-    (accelerate's ``gather_object``), which pickles them: about four times the cache.
+    Items of one shape travel as tensors, through ``gather_tensor`` (accelerate's ``gather``) in
+    pieces of ``GATHER_CHUNK_BYTES`` written straight into the preallocated cache, so caching peaks
+    at about the cache plus this process's shard. Aspect-ratio buckets (items of several shapes)
+    travel as per-item tensors through ``gather_object``, which pickles them.
     """
     n = len(dataset)
     indices = list(range(rank, n, world_size))
-    mean, std, captions = encode_items(
-        vae, Subset(dataset, indices), batch_size, f"caching latents (shard {rank}/{world_size})"
-    )
     bucket_of = getattr(dataset, "bucket_of", None)
-    if bucket_of is None and gather_tensor is not None and isinstance(mean, torch.Tensor):
-        shapes = [s for s in gather([tuple(mean.shape[1:]) if len(mean) else None]) if s is not None]
-        means = _gather_rows(mean, n, rank, world_size, shapes[0], gather_tensor, device)
+    desc = f"caching latents (shard {rank}/{world_size})"
+    mean, std, captions = encode_items(vae, Subset(dataset, indices), batch_size, desc, bucket_of is not None)
+    everyone = gather_object([captions])  # one list per process, in rank order
+    ordered = [everyone[i % world_size][i // world_size] for i in range(n)]
+    if bucket_of is None:
+        shapes = [s for s in gather_object([tuple(mean.shape[1:]) if len(mean) else None]) if s is not None]
+        means = _gather_rows(mean, n, world_size, shapes[0], gather_tensor, device)
         del mean
-        stds = _gather_rows(std, n, rank, world_size, shapes[0], gather_tensor, device)
-        del std
-        everyone = gather([captions])  # one list per process, in rank order
-        ordered = [everyone[i % world_size][i // world_size] for i in range(n)]
+        stds = _gather_rows(std, n, world_size, shapes[0], gather_tensor, device)
         return LatentDataset(means, stds, ordered, bucket_of)
-    shards = gather([(indices, mean, std, captions)])  # one (indices, means, stds, captions) per process
-    del mean, std
-    if sorted(i for idx, *_ in shards for i in idx) != list(range(n)):
-        raise RuntimeError("latent cache shards do not cover the dataset once each")
-    ordered = [""] * n
     mean_list: list[torch.Tensor | None] = [None] * n
     std_list: list[torch.Tensor | None] = [None] * n
-    for idx, m, sd, caps in shards:
-        for j, i in enumerate(idx):
-            mean_list[i], std_list[i], ordered[i] = m[j], sd[j], caps[j]
-    if bucket_of is None and all(isinstance(m, torch.Tensor) for _, m, _, _ in shards):
-        return LatentDataset(torch.stack(mean_list), torch.stack(std_list), ordered, bucket_of)
+    for r, (m, sd) in enumerate(gather_object([(mean, std)])):  # per rank: lists of (C, h_i, w_i)
+        mean_list[r::world_size], std_list[r::world_size] = m, sd
     return LatentDataset(mean_list, std_list, ordered, bucket_of)
 
 
 def _gather_rows(
-    local: torch.Tensor, n: int, rank: int, world_size: int, shape: tuple[int, ...], gather_tensor, device
+    local: torch.Tensor, n: int, world_size: int, shape: tuple[int, ...], gather_tensor, device
 ) -> torch.Tensor:
     """(n, *shape) float32 on every process, from each process's rows (items rank, rank + N, ...).
 
@@ -233,12 +224,12 @@ def cached_latents(
     write: bool = True,
     rank: int = 0,
     world_size: int = 1,
-    gather=None,
+    gather_object=None,
     gather_tensor=None,
     device: torch.device | None = None,
 ) -> LatentDataset:
     """The latent dataset from ``cache_dir/latents-<key>.safetensors`` if present, else encoded
-    (and saved there when ``write``, by one process). With ``world_size`` > 1 and ``gather``, the
+    (and saved there when ``write``, by one process). With ``world_size`` > 1 (and both gathers), the
     processes encode one shard each and share them (``encode_sharded``)."""
     path = Path(cache_dir) / f"latents-{key}.safetensors" if cache_dir else None
     bucket_of = getattr(dataset, "bucket_of", None)
@@ -255,8 +246,12 @@ def cached_latents(
             captions,
             bucket_of,
         )
-    if world_size > 1 and gather is not None:
-        latents = encode_sharded(vae, dataset, batch_size, rank, world_size, gather, gather_tensor, device)
+    if world_size > 1:
+        if gather_object is None or gather_tensor is None:
+            raise ValueError("cached_latents on several processes needs gather_object and gather_tensor")
+        latents = encode_sharded(
+            vae, dataset, batch_size, rank, world_size, gather_object, gather_tensor, device
+        )
     else:
         latents = encode_dataset(vae, dataset, batch_size)
     if path is not None and write:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli_common import CliParser, int_at_least, pipeline_folder, user_errors
+from ldm.cli_common import CliParser, int_at_least, user_errors
 from ldm.data.export_folder import parse_color
 from ldm.data.shapes import BACKGROUNDS, COLORS, SHAPES, ShapesDataset, caption
 from ldm.errors import MissingFileError
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             raise MissingFileError(f"--out {args.out}: the folder {args.out.parent} does not exist")
         if args.lora and not Path(args.lora).exists():
             raise MissingFileError(f"--lora {args.lora}: no such file or folder")
-        pipe = LatentDiffusionPipeline.from_pretrained(pipeline_folder(args.model), vae=args.vae)
+        pipe = LatentDiffusionPipeline.from_pretrained(args.model, vae=args.vae)
         if args.lora:
             pipe.load_lora_weights(args.lora)
     colors = dict(COLORS)

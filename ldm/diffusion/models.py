@@ -65,23 +65,14 @@ def load_autoencoder(cfg: LDMRunConfig) -> tuple[AutoencoderKL, Path]:
     exported pipeline carries it.
     """
     if cfg.vae:
-        folder = Path(cfg.vae)
-        if not (folder / "config.json").exists():
-            raise MissingFileError(
-                f"no autoencoder at {folder} (no config.json): run python train_vae.py first, or set vae=PATH "
-                "to the model/ folder of a train_vae.py run (an AutoencoderKL folder)"
-            )
+        folder, what = Path(cfg.vae), "autoencoder (vae=)"
     elif cfg.pretrained:
-        folder = Path(cfg.pretrained) / "vae"
-        if not (folder / "config.json").exists():
-            raise MissingFileError(f"pretrained={cfg.pretrained} has no vae/ folder with a config.json")
+        folder, what = Path(cfg.pretrained) / "vae", "autoencoder (pretrained=.../vae)"
     else:
-        folder = Path(DEFAULT_VAE)
-        if not (folder / "config.json").exists():
-            raise MissingFileError(
-                f"no autoencoder at {folder}: run python train_vae.py first, or set vae=PATH"
-            )
-    check_model_folder(folder, cfg.allow_pickle, "autoencoder")
+        folder, what = Path(DEFAULT_VAE), "autoencoder"
+    if not cfg.pretrained and not (folder / "config.json").exists():  # the stage-1 export, not there yet
+        raise MissingFileError(f"no autoencoder at {folder}: run python train_vae.py first, or set vae=PATH")
+    check_model_folder(folder, cfg.allow_pickle, what)
     vae = AutoencoderKL.from_pretrained(folder, **from_pretrained_kwargs(cfg.allow_pickle))
     if cfg.vae and cfg.pretrained:
         check_replacement(vae, folder, Path(cfg.pretrained) / "vae")
@@ -116,10 +107,7 @@ def check_replacement(vae: AutoencoderKL, folder: Path, original_dir: Path) -> N
 def build_models(cfg: LDMRunConfig) -> tuple[AutoencoderKL, Path, TextEncoder, UNet2DConditionModel]:
     """(autoencoder, its folder, text encoder, UNet), checked to fit together."""
     if cfg.pretrained:
-        try:
-            check_pipeline_folder(cfg.pretrained, PIPELINE_PARTS)
-        except FileNotFoundError as err:  # ldm.pipeline raises the built-in error
-            raise MissingFileError(f"pretrained: {err}") from None
+        check_pipeline_folder(cfg.pretrained, PIPELINE_PARTS)
         check_model_folder(Path(cfg.pretrained) / "unet", cfg.allow_pickle, "UNet")
     vae, vae_dir = load_autoencoder(cfg)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)

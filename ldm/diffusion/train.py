@@ -97,7 +97,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         # each process encodes a shard; all gather them; the main process writes the file
         train_set = cached_latents(
             vae, distinct, 256, cfg.cache_dir, key, write=main, rank=accelerator.process_index,
-            world_size=accelerator.num_processes, gather=gather_object, gather_tensor=gather, device=device,
+            world_size=accelerator.num_processes, gather_object=gather_object, gather_tensor=gather, device=device,
         )  # fmt: skip
         peak = peak_resident_bytes()
         logger.info(

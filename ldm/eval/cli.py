@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli_common import CliParser, pipeline_folder, setup_logging, user_errors
+from ldm.cli_common import CliParser, setup_logging, user_errors
 from ldm.config import load_config
 from ldm.errors import MissingFileError, UserError
 from ldm.io import write_json
@@ -57,7 +57,7 @@ def evaluate_pipeline_folder(model: Path, run: Path | None, out: Path, overrides
 
     cfg = load_config(LDMRunConfig, run / "config.yaml" if run else None, overrides)
     pipe = LatentDiffusionPipeline.from_pretrained(
-        pipeline_folder(model),
+        model,
         device="cuda" if torch.cuda.is_available() else "cpu",
         allow_pickle=cfg.allow_pickle,
     )
