@@ -2,7 +2,7 @@
 
 import sys
 
-from ldm.diffusion.cli import main
+from ldm.cli.train_ldm import main
 
 if __name__ == "__main__":
     sys.exit(main())

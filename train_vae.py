@@ -2,7 +2,7 @@
 
 import sys
 
-from autoencoder.cli import main
+from ldm.cli.train_vae import main
 
 if __name__ == "__main__":
     sys.exit(main())

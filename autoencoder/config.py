@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ldm.config import ConfigError, DataConfig, TrainConfig, check_bounds, check_choice
+from ldm.core.config import ConfigError, DataConfig, TrainConfig, check_bounds, check_choice
+from ldm.data.build import DATA_SOURCES
 
 
 @dataclass
@@ -110,6 +111,7 @@ class VAERunConfig:
     eval: VAEEvalConfig = field(default_factory=VAEEvalConfig)
 
     def __post_init__(self) -> None:
+        check_choice("data.dataset", self.data.dataset, tuple(DATA_SOURCES))
         if self.train.decoder_only and not self.pretrained:
             raise ConfigError(
                 "train.decoder_only=true needs pretrained=PATH: the autoencoder whose decoder to fine-tune"

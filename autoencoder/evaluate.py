@@ -11,9 +11,9 @@ from diffusers import AutoencoderKL
 from torch.utils.data import Dataset
 
 from autoencoder.config import VAEEvalConfig
+from ldm.core.images import save_grid
 from ldm.data.batches import image_batches
-from ldm.images import save_grid
-from ldm.quality import psnr, ssim
+from ldm.eval.quality import psnr, ssim
 
 logger = logging.getLogger("ldm")
 LPIPS_SKIPPED = (
@@ -67,7 +67,7 @@ def evaluate_autoencoder(
     if cfg.inception_weights is None:
         results["skipped"].append(RFID_SKIPPED)
     else:
-        from ldm.fid import frechet_distance_from_images
+        from ldm.eval.fid import frechet_distance_from_images
 
         results["rfid"] = frechet_distance_from_images(
             torch.cat(originals), torch.cat(recs), cfg.inception_weights, allow_pickle

@@ -10,8 +10,8 @@ import torch
 from diffusers import AutoencoderKL
 from torch.utils.data import Dataset
 
+from ldm.core.io import replace_dir
 from ldm.data.batches import image_batches
-from ldm.io import replace_dir
 
 logger = logging.getLogger("ldm")
 

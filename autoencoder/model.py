@@ -8,8 +8,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from autoencoder.config import AutoencoderConfig
-from ldm.errors import MissingFileError
-from ldm.safe_load import check_model_folder, from_pretrained_kwargs
+from ldm.core.errors import MissingFileError
+from ldm.core.safe_load import check_model_folder, from_pretrained_kwargs
 
 
 def build_autoencoder(cfg: AutoencoderConfig, sample_size: int) -> AutoencoderKL:

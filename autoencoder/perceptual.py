@@ -12,8 +12,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from ldm.errors import ModelError
-from ldm.safe_load import load_state_dict
+from ldm.core.errors import ModelError
+from ldm.core.safe_load import load_state_dict
 
 VGG16_FILENAME = "vgg16-397923af.pth"  # torchvision's IMAGENET1K_V1 weights, as its cache names them
 
@@ -47,7 +47,7 @@ def load_lpips(
 
     backbone_weights: a torchvision VGG16 state dict in .safetensors, or torchvision's own
     download (``vgg16-397923af.pth``, checked against the hash in its name), or with
-    ``allow_pickle`` any torch file, read with weights_only=True (``ldm.safe_load``); by default
+    ``allow_pickle`` any torch file, read with weights_only=True (``ldm.core.safe_load``); by default
     torchvision's cache file, when it exists. Returns (module, message) or (None, message); never
     downloads anything.
     """

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ldm.plots import plot_losses
-from ldm.report import Section, write_report
+from ldm.eval.markdown import Section, write_report
+from ldm.eval.plots import plot_losses
 
 
 def autoencoder_report(out: Path, results: dict, title: str, run: Path | None = None) -> Path:

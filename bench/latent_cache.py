@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ldm.config import CONFIG_DIR, load_config
-from ldm.diffusion.config import LDMRunConfig
-from ldm.diffusion.train import train_ldm
+from ldm.core.config import CONFIG_DIR, load_config
+from ldm.train.config import LDMRunConfig
+from ldm.train.diffusion import train_ldm
 from ldm.training.metrics import read_metrics
 
 

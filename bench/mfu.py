@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ldm.config import CONFIG_DIR, load_config
-from ldm.diffusion.config import LDMRunConfig
-from ldm.diffusion.models import build_models
-from ldm.diffusion.noise import training_scheduler
+from ldm.core.config import CONFIG_DIR, load_config
+from ldm.diffusion.ddpm import training_scheduler
 from ldm.diffusion.objective import denoising_loss
+from ldm.train.config import LDMRunConfig
+from ldm.train.models import build_models
 from ldm.training.optim import adamw
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -49,11 +49,11 @@ from diffusers.training_utils import EMAModel, compute_snr
 from torch.utils.data import DataLoader
 
 from conditioning import drop_captions
-from ldm.config import CONFIG_DIR, load_config
+from ldm.core.config import CONFIG_DIR, load_config
 from ldm.data import build_dataset
-from ldm.diffusion.config import LDMRunConfig
-from ldm.diffusion.models import build_models
-from ldm.diffusion.noise import training_scheduler
+from ldm.diffusion.ddpm import training_scheduler
+from ldm.train.config import LDMRunConfig
+from ldm.train.models import build_models
 
 # train.lr_schedule -> diffusers' get_scheduler name (ours warms up linearly in all three)
 LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}

@@ -14,12 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-from ldm.config import load_config
+from ldm.core.config import load_config
 from ldm.data import build_dataset
-from ldm.diffusion.config import LDMRunConfig
-from ldm.diffusion.evaluate import sample_accuracy
-from ldm.pipeline import LatentDiffusionPipeline
-from ldm.samplers import SAMPLERS
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
+from ldm.pipelines.samplers import samplers_for
+from ldm.train.config import LDMRunConfig
+from ldm.train.evaluate import sample_accuracy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| sampler ({args.steps} steps, guidance {guidance:g}) | caption accuracy | color | shape | background | seconds |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for name in SAMPLERS:
+    for name in samplers_for(pipe.objective.name):
         run_cfg = dataclasses.replace(
             cfg, sample=dataclasses.replace(cfg.sample, sampler=name, steps=args.steps)
         )

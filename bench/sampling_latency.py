@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from ldm.pipeline import LatentDiffusionPipeline
-from ldm.samplers import SAMPLERS, make_scheduler
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
+from ldm.pipelines.samplers import SAMPLERS, make_scheduler
 
 PROMPT = "a red circle on a black background"
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ldm.config import CONFIG_DIR, load_config
-from ldm.diffusion.config import LDMRunConfig
+from ldm.core.config import CONFIG_DIR, load_config
+from ldm.train.config import LDMRunConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mfu import DTYPES, time_steps, training_step  # noqa: E402

@@ -24,10 +24,10 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 
 from conditioning import drop_captions
-from ldm.config import CONFIG_DIR, load_config
+from ldm.core.config import CONFIG_DIR, load_config
 from ldm.data import build_dataset
-from ldm.diffusion.config import LDMRunConfig
-from ldm.diffusion.models import build_models
+from ldm.train.config import LDMRunConfig
+from ldm.train.models import build_models
 from ldm.training.ema import EMA
 from ldm.training.optim import adamw, clip_gradients
 

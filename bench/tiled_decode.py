@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from ldm.quality import psnr
-from ldm.tiled_decode import decode_tiled, default_tile, receptive_radius
+from ldm.eval.quality import psnr
+from ldm.models.autoencoder import downsampling_factor
+from ldm.pipelines.tiled_decode import decode_tiled, default_tile, receptive_radius
 
 
 def _timed(fn, device: torch.device) -> tuple[torch.Tensor, float, int]:
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     vae = AutoencoderKL.from_pretrained(args.vae).to(device).eval()
     size = vae.config.sample_size
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    f = downsampling_factor(vae)
     tile = args.tile_size // f if args.tile_size else default_tile(vae)
     shapes = ShapesDataset(size=args.scale**2, resolution=size, split="val")
     mosaic = torch.cat([torch.cat([shapes[r * args.scale + c]["pixel_values"] for c in range(args.scale)], -1)

@@ -31,8 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ldm.config import CONFIG_DIR, load_config
-from ldm.diffusion.config import LDMRunConfig
+from ldm.core.config import CONFIG_DIR, load_config
+from ldm.train.config import LDMRunConfig
 from ldm.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ldm.config import ConfigError, check_bounds, check_choice
+from ldm.core.config import ConfigError, check_bounds, check_choice
 
-TEXT_ENCODER_KINDS = ("scratch", "clip", "openclip")
 TEXT_LAYERS = ("last", "penultimate")
 
 
@@ -19,7 +18,8 @@ class TextEncoderConfig:
     stage-2 export can save it as a diffusers pipeline's ``text_encoder/``.
     """
 
-    kind: str = "scratch"  # scratch | clip | openclip
+    # the names of conditioning.encoders.TEXT_ENCODERS: scratch | clip | openclip
+    kind: str = "scratch"
     name_or_path: str | None = (
         None  # clip: hub id or local folder (a CLIPTextModel or a pipeline); openclip: model name ("ViT-H-14")
     )
@@ -45,7 +45,7 @@ class TextEncoderConfig:
     }
 
     def __post_init__(self) -> None:
-        check_choice("text.kind", self.kind, TEXT_ENCODER_KINDS)
+        # text.kind is checked against conditioning.encoders.TEXT_ENCODERS, the registry of kinds
         check_choice("text.layer", self.layer, TEXT_LAYERS)
         check_bounds("text", self)
         if self.kind in ("clip", "openclip") and not self.name_or_path:

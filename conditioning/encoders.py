@@ -35,8 +35,9 @@ from conditioning.tokenizer import (
     build_clip_tokenizer,
     clean_caption,
 )
-from ldm.errors import ConfigError, MissingFileError
-from ldm.safe_load import PICKLE_SUFFIXES, from_pretrained_kwargs, pickle_refused
+from ldm.core.config import check_choice
+from ldm.core.errors import ConfigError, MissingFileError
+from ldm.core.safe_load import PICKLE_SUFFIXES, from_pretrained_kwargs, pickle_refused
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +51,18 @@ class TextEncoder(nn.Module):
     """Captions -> context (B, L, D): a ``CLIPTextModel`` and its tokenizer.
 
     A frozen encoder (``trainable=False``) has ``requires_grad`` off, stays in eval mode through
-    ``.train()``, and runs without autograd.
+    ``.train()``, and runs without autograd; with ``freeze=False`` the model's flags are left as they are
+    (a pipeline's view of a model that may be training elsewhere).
     """
 
-    def __init__(self, model: CLIPTextModel, tokenizer: CLIPTokenizer, max_length: int, trainable: bool):
+    def __init__(
+        self,
+        model: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        max_length: int,
+        trainable: bool,
+        freeze: bool = True,
+    ):
         super().__init__()
         positions = model.config.max_position_embeddings
         if max_length > positions:
@@ -66,7 +75,7 @@ class TextEncoder(nn.Module):
         self.max_length = max_length
         self.trainable = trainable
         self._warned_long = False
-        if not trainable:
+        if not trainable and freeze:  # freeze=False: a view over a model whose owner sets its mode
             self.model.requires_grad_(False)
             self.model.eval()
 
@@ -282,7 +291,8 @@ TEXT_ENCODERS: dict[str, Callable[[TextEncoderConfig, bool], tuple[CLIPTextModel
 
 def build_text_encoder(cfg: TextEncoderConfig, allow_pickle: bool = False) -> TextEncoder:
     """The text encoder ``cfg`` describes, on the CPU in float32; frozen unless ``cfg.trainable``.
-    ``allow_pickle``: pretrained pickle weights may be read (with weights_only=True); see ``ldm.safe_load``."""
+    ``allow_pickle``: pretrained pickle weights may be read (with weights_only=True); see ``ldm.core.safe_load``."""
+    check_choice("text.kind", cfg.kind, tuple(TEXT_ENCODERS))
     model, tokenizer = TEXT_ENCODERS[cfg.kind](cfg, allow_pickle)
     if cfg.layer == "penultimate":
         drop_last_layer(model)

@@ -38,7 +38,7 @@ from pathlib import Path
 import ftfy
 from transformers import CLIPTokenizer
 
-from ldm.errors import MissingFileError
+from ldm.core.errors import MissingFileError
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"  # inside the open_clip package
 NUM_MERGES = 49152 - 256 - 2  # merges CLIP uses from the file (OpenAI CLIP, simple_tokenizer.py)

@@ -11,16 +11,16 @@ import torch
 from conftest import save_tiny_sd_pipeline, tiny_autoencoder
 from PIL import Image
 
-from autoencoder.cli import main as train_vae
-from ldm.cli_common import CliParser, user_errors
-from ldm.data.export_folder import main as export_folder
-from ldm.diffusion.caption_eval import main as caption_eval
-from ldm.diffusion.cli import main as train_ldm
-from ldm.errors import ConfigError, DataError, MissingFileError, UserError
-from ldm.eval.cli import main as ldm_eval
-from ldm.safe_load import PickleRefusedError
-from ldm.safe_load import main as safe_load
-from ldm.sample_cli import main as ldm_sample
+from ldm.cli.caption_eval import main as caption_eval
+from ldm.cli.common import CliParser, user_errors
+from ldm.cli.convert_pickle import main as safe_load
+from ldm.cli.eval import main as ldm_eval
+from ldm.cli.export_folder import main as export_folder
+from ldm.cli.sample import main as ldm_sample
+from ldm.cli.train_ldm import main as train_ldm
+from ldm.cli.train_vae import main as train_vae
+from ldm.core.errors import ConfigError, DataError, MissingFileError, UserError
+from ldm.core.safe_load import PickleRefusedError
 
 
 def one_line_error(capsys, main, prog: str, argv: list[str]) -> str:
@@ -273,21 +273,21 @@ def test_ldm_eval_user_errors_are_one_line(tmp_path, capsys):
 def test_module_clis_user_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
     line = one_line_error(
-        capsys, export_folder, "python -m ldm.data.export_folder", [str(tmp_path / "a-file")]
+        capsys, export_folder, "python -m ldm.cli.export_folder", [str(tmp_path / "a-file")]
     )
     assert "a-file" in line and "folder" in line
     line = one_line_error(
-        capsys, export_folder, "python -m ldm.data.export_folder", [str(tmp_path / "x"), "--count", "-1"]
+        capsys, export_folder, "python -m ldm.cli.export_folder", [str(tmp_path / "x"), "--count", "-1"]
     )
     assert "--count" in line
 
-    prog = "python -m ldm.diffusion.caption_eval"
+    prog = "python -m ldm.cli.caption_eval"
     line = one_line_error(capsys, caption_eval, prog, ["--model", str(tmp_path / "no-model")])
     assert "no-model" in line
     line = one_line_error(capsys, caption_eval, prog, ["--sampler", "foo"])
     assert "--sampler" in line and "'foo'" in line
 
-    prog = "python -m ldm.safe_load"
+    prog = "python -m ldm.cli.convert_pickle"
     line = one_line_error(capsys, safe_load, prog, [str(tmp_path / "no-weights.pt")])
     assert "no-weights.pt" in line
     torch.save({"w": torch.zeros(2), "f": print}, tmp_path / "code.pt")  # a reference to code, not a tensor

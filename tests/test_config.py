@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from autoencoder.config import VAERunConfig
-from ldm.config import CONFIG_DIR, ConfigError, load_config
+from ldm.core.config import CONFIG_DIR, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,7 +66,7 @@ def test_cli_rejects_a_bad_key_and_dry_run_prints_sizes():
 
 
 def test_ldm_presets():
-    from ldm.diffusion.config import LDMRunConfig
+    from ldm.train.config import LDMRunConfig
 
     assert load_config(LDMRunConfig, CONFIG_DIR / "ldm/shapes.yaml") == LDMRunConfig()
     cfg = load_config(LDMRunConfig, CONFIG_DIR / "ldm/txt2img-256.yaml", ["data.path=/data/images"])
@@ -98,7 +98,7 @@ def test_train_ldm_without_an_autoencoder_says_what_to_do(tmp_path):
     ],
 )
 def test_ldm_config_rejects_combinations_that_cannot_work(overrides, words):
-    from ldm.diffusion.config import LDMRunConfig
+    from ldm.train.config import LDMRunConfig
 
     with pytest.raises(ConfigError) as err:
         load_config(LDMRunConfig, None, overrides)
@@ -146,7 +146,7 @@ def test_ldm_config_rejects_combinations_that_cannot_work(overrides, words):
     ],
 )
 def test_values_that_cannot_work_are_refused_where_the_config_is_read(stage, override, words):
-    from ldm.diffusion.config import LDMRunConfig
+    from ldm.train.config import LDMRunConfig
 
     with pytest.raises(ConfigError) as err:
         load_config(VAERunConfig if stage == "vae" else LDMRunConfig, None, [override])
@@ -155,8 +155,8 @@ def test_values_that_cannot_work_are_refused_where_the_config_is_read(stage, ove
 
 
 def test_bounds_at_their_edges():
-    from ldm.config import TrainConfig, check_bounds
-    from ldm.diffusion.config import LDMRunConfig
+    from ldm.core.config import TrainConfig, check_bounds
+    from ldm.train.config import LDMRunConfig
 
     cfg = load_config(
         LDMRunConfig,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.config import DataConfig
+from ldm.core.config import DataConfig
 from ldm.data import (
     BACKGROUNDS,
     COLORS,
@@ -536,8 +536,9 @@ def test_streaming_tar_shards_split_across_ranks(tmp_path, shards):
 def test_export_folder_in_a_new_color_reads_back(tmp_path):
     import argparse
 
-    from ldm.data.export_folder import export_folder, parse_color
-    from ldm.shapes_eval import caption_accuracy
+    from ldm.cli.export_folder import parse_color
+    from ldm.data.export_folder import export_folder
+    from ldm.eval.shapes_reader import caption_accuracy
 
     orange = parse_color("orange=240,140,30")
     assert orange == ("orange", (240, 140, 30))

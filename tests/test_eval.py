@@ -11,13 +11,13 @@ from PIL import Image
 from test_ldm_train import tiny
 from transformers import CLIPModel
 
-from ldm.diffusion.train import train_ldm
+from ldm.cli.eval import main as ldm_eval
 from ldm.eval.bound import gaussian_kl, model_variance, posterior, variational_bound
-from ldm.eval.cli import main as ldm_eval
 from ldm.eval.clip_score import clip_score as score_images
 from ldm.eval.clip_score import load_clip_scorer
 from ldm.eval.pipeline_eval import sweep_prompts
-from ldm.quality import pairwise_diversity, psnr, ssim
+from ldm.eval.quality import pairwise_diversity, psnr, ssim
+from ldm.train.diffusion import train_ldm
 
 T = 100
 
@@ -127,11 +127,11 @@ def test_ldm_eval_pipeline_with_fid_kid_and_clip_score(
     tiny_run, inception_file, tiny_clip_folder, tmp_path, monkeypatch
 ):
     import ldm.eval.clip_score as clip_module
-    import ldm.fid as fid_module
-    from ldm.config import load_config
+    import ldm.eval.fid as fid_module
+    from ldm.core.config import load_config
     from ldm.data import build_dataset
-    from ldm.diffusion.config import LDMRunConfig
     from ldm.eval.pipeline_eval import reference_images
+    from ldm.train.config import LDMRunConfig
 
     run, _ = tiny_run
     calls = {}  # name -> [(args, result)] of each call of the metric functions the evaluation imports

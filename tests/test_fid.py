@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ldm.fid import (
+from ldm.eval.fid import (
     frechet_distance,
     frechet_distance_from_images,
     inception_features,

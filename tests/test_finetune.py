@@ -9,13 +9,13 @@ from conftest import save_tiny_sd_pipeline
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from ldm.config import load_config
+from ldm.core.config import load_config
 from ldm.data import build_dataset
 from ldm.data.shapes import ShapesDataset
-from ldm.diffusion.config import LDMRunConfig
-from ldm.diffusion.train import train_ldm
-from ldm.pipeline import LatentDiffusionPipeline
-from ldm.samplers import make_scheduler
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
+from ldm.pipelines.samplers import make_scheduler
+from ldm.train.config import LDMRunConfig
+from ldm.train.diffusion import train_ldm
 from ldm.training.loader import TrainBatches
 
 SIZES = [(64, 32), (32, 64), (48, 48), (96, 40), (40, 96), (50, 50), (70, 36), (36, 70), (64, 64), (80, 44),
@@ -142,7 +142,7 @@ def test_csv_source_with_a_missing_file_and_hf_buckets(tmp_path, mixed_folder, c
 
 def test_noise_schedule_comes_from_the_pretrained_folder(tmp_path):
     from ldm.diffusion.config import NoiseConfig
-    from ldm.diffusion.models import pretrained_noise
+    from ldm.train.models import pretrained_noise
 
     DDPMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction").save_pretrained(
         tmp_path / "sd2" / "scheduler"

@@ -6,8 +6,9 @@ from conftest import NEEDS_COMPILER
 from test_pipeline import PROMPTS
 from test_pipeline import pipe as pipe  # noqa: F401  (the tiny pipeline fixture)
 
-from ldm.pipeline import LatentDiffusionPipeline, rescale_guidance
-from ldm.quality import psnr
+from ldm.eval.quality import psnr
+from ldm.pipelines.guidance import rescale_guidance
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 
 
 def _image(seed: int = 0, size: int = 16) -> torch.Tensor:
@@ -108,7 +109,7 @@ def test_tiles_without_context_are_not_exact(pipe):  # noqa: F811
 
 
 def test_group_stats_merge_equals_whole_image_stats():
-    from ldm.tiled_decode import GroupStats, group_norm_with_stats
+    from ldm.pipelines.tiled_decode import GroupStats, group_norm_with_stats
 
     x = torch.randn(2, 8, 12, 10) * 3 + 1
     stats = GroupStats(groups=4)
@@ -148,7 +149,7 @@ def test_img2img_argument_errors(pipe, kwargs, word):  # noqa: F811
 
 
 def test_sample_cli_writes_images_and_a_grid(pipe, tmp_path):  # noqa: F811
-    from ldm.sample_cli import main
+    from ldm.cli.sample import main
 
     folder = pipe.save_pretrained(tmp_path / "model")
     args = ["--model", str(folder), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "-n", "2", "--steps", "2"]
@@ -195,10 +196,10 @@ def test_swapped_vae_and_caption_eval_cli(pipe, tmp_path, capsys, monkeypatch): 
 
     from conftest import tiny_autoencoder
 
+    from ldm.cli import caption_eval as caption_eval_module
+    from ldm.cli.caption_eval import main as caption_eval
     from ldm.data.shapes import BACKGROUNDS, COLORS, ShapeSpec, render
-    from ldm.diffusion import caption_eval as caption_eval_module
-    from ldm.diffusion.caption_eval import main as caption_eval
-    from ldm.shapes_eval import parse_caption
+    from ldm.eval.shapes_reader import parse_caption
 
     folder = pipe.save_pretrained(tmp_path / "model")
     other = tiny_autoencoder(scaling_factor=0.7)

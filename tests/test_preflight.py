@@ -15,11 +15,11 @@ from test_ldm_train import tiny
 
 from conditioning import build_clip_tokenizer
 from conditioning.vocabulary import load_trained_tokens, save_trained_tokens, unseen_token_share
-from ldm.config import load_config
+from ldm.core.config import load_config
+from ldm.core.errors import ModelError
 from ldm.data.export_folder import export_folder
-from ldm.diffusion.config import LDMRunConfig
-from ldm.diffusion.train import train_ldm
-from ldm.errors import ModelError
+from ldm.train.config import LDMRunConfig
+from ldm.train.diffusion import train_ldm
 
 NEW_WORDS = ["dark vertical stripes", "light checkerboard", "dark horizontal stripes", "light plain"]
 

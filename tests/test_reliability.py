@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 from test_ldm_train import tiny
 from test_vae_train import TINY
 
-from ldm.diffusion.models import build_models
-from ldm.diffusion.train import train_ldm
-from ldm.pipeline import LatentDiffusionPipeline
-from ldm.safe_load import PickleRefusedError, load_state_dict
-from ldm.safe_load import main as convert_main
+from ldm.cli.convert_pickle import main as convert_main
+from ldm.core.safe_load import PickleRefusedError, load_state_dict
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
+from ldm.train.diffusion import train_ldm
+from ldm.train.models import build_models
 from ldm.training.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
 from ldm.training.ema import EMA
 
@@ -59,7 +59,7 @@ def test_pickle_files_are_refused_unless_allowed_and_then_read_weights_only(tmp_
         load_state_dict(evil, allow_pickle=True)  # allowed, but weights_only: the code does not run
     assert not target.exists()
 
-    convert_main([str(weights)])  # python -m ldm.safe_load w.pt -> w.safetensors
+    convert_main([str(weights)])  # python -m ldm.cli.convert_pickle w.pt -> w.safetensors
     assert torch.equal(load_file(tmp_path / "w.safetensors")["w"], torch.arange(4.0))
 
 
@@ -248,7 +248,7 @@ assert attempts == ["socket.getaddrinfo 'selfcheck.invalid'"], attempts
 attempts.clear()
 
 out = Path(sys.argv[1])
-import autoencoder, conditioning, ldm, ldm.pipeline  # noqa: E401,F401  import time
+import autoencoder, conditioning, ldm, ldm.pipelines.latent_diffusion  # noqa: E401,F401  import time
 for script, args in json.loads(sys.argv[2]):
     sys.argv = [script, *args]
     try:

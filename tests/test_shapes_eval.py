@@ -11,7 +11,7 @@ from PIL import Image
 
 from ldm.data import shapes
 from ldm.data.shapes import BACKGROUNDS, COLORS, SHAPES, ShapesDataset, ShapeSpec, caption, render
-from ldm.shapes_eval import (
+from ldm.eval.shapes_reader import (
     NONE,
     caption_accuracy,
     classify,

@@ -19,7 +19,7 @@ from autoencoder.losses import (
     vanilla_d_loss,
 )
 from autoencoder.perceptual import load_lpips, perceptual_loss
-from ldm.safe_load import PickleRefusedError
+from ldm.core.safe_load import PickleRefusedError
 
 
 def test_reconstruction_loss():

@@ -20,7 +20,7 @@ from autoencoder.export import latent_std
 from autoencoder.model import AutoencoderTrainingForward, build_autoencoder, decoder_last_layer
 from autoencoder.objective import autoencoder_objective, discriminator_objective
 from autoencoder.train import train_autoencoder
-from ldm.config import ConfigError, load_config
+from ldm.core.config import ConfigError, load_config
 from ldm.data import build_dataset
 from ldm.training.metrics import read_metrics
 

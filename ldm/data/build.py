@@ -14,18 +14,19 @@ aspect-ratio buckets; validation items are square, center-cropped and never flip
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import datasets
 import numpy as np
 from torch.utils.data import Dataset, IterableDataset
 
-from ldm.config import DataConfig
+from ldm.core.config import DataConfig
+from ldm.core.errors import DataError
 from ldm.data.buckets import make_buckets, nearest_bucket
 from ldm.data.folder import ImageFolderDataset, scan_csv, scan_folder
 from ldm.data.hf import HFImageDataset, HFStreamingDataset, load_hf_dataset
 from ldm.data.repeat import RepeatedDataset
 from ldm.data.shapes import ShapesDataset
-from ldm.errors import DataError
 
 SPLITS = ("train", "val")
 logger = logging.getLogger("ldm")
@@ -107,36 +108,50 @@ def assign_buckets(dataset: Dataset, resolution: int, step: int, max_aspect: flo
     )
 
 
+def _shapes(cfg: DataConfig, train: bool, seed: int, crop: str, flip: bool) -> Dataset:
+    size = cfg.train_size if train else cfg.val_size
+    return ShapesDataset(
+        size, cfg.resolution, seed, "train" if train else "val", holdout=cfg.holdout, flip=flip
+    )
+
+
+def _listed(cfg: DataConfig, train: bool, seed: int, crop: str, flip: bool) -> Dataset:
+    """An image folder with ``metadata.jsonl`` / captions (``folder``), or a CSV of paths and captions."""
+    if cfg.dataset == "folder":
+        items = scan_folder(cfg.path, cfg.caption_column)
+    else:
+        items = scan_csv(cfg.path, cfg.image_column, cfg.caption_column)
+    train_idx, val_idx = split_indices(len(items), cfg.val_size, seed)
+    chosen = [items[i] for i in (train_idx if train else val_idx)]
+    return ImageFolderDataset(cfg.path, cfg.resolution, crop, flip, items=chosen)
+
+
+def _hf(cfg: DataConfig, train: bool, seed: int, crop: str, flip: bool) -> Dataset | IterableDataset:
+    if cfg.streaming:
+        return _build_hf_stream(cfg, train, crop, flip, seed)
+    if cfg.val_split and not train:
+        data = load_hf_dataset(cfg.path, cfg.val_split)
+        order = np.random.default_rng(seed).permutation(len(data))
+        data = data.select(sorted(order[: cfg.val_size].tolist()))
+    else:
+        data = load_hf_dataset(cfg.path, cfg.split)
+        if not cfg.val_split:
+            train_idx, val_idx = split_indices(len(data), cfg.val_size, seed)
+            data = data.select(train_idx if train else val_idx)
+    return HFImageDataset(data, cfg.resolution, crop, flip, cfg.image_column, cfg.caption_column)
+
+
+# the data sources by name (``data.dataset``): (config, train split?, seed, crop, flip) -> dataset
+DATA_SOURCES: dict[str, Callable[..., Dataset | IterableDataset]] = {
+    "shapes": _shapes,
+    "folder": _listed,
+    "csv": _listed,
+    "hf": _hf,
+}
+
+
 def _build(cfg: DataConfig, train: bool, seed: int) -> Dataset | IterableDataset:
     crop, flip = (cfg.crop, cfg.flip) if train else ("center", False)
-
-    if cfg.dataset == "shapes":
-        size = cfg.train_size if train else cfg.val_size
-        return ShapesDataset(
-            size, cfg.resolution, seed, "train" if train else "val", holdout=cfg.holdout, flip=flip
-        )
-
-    if cfg.dataset in ("folder", "csv"):
-        if cfg.dataset == "folder":
-            items = scan_folder(cfg.path, cfg.caption_column)
-        else:
-            items = scan_csv(cfg.path, cfg.image_column, cfg.caption_column)
-        train_idx, val_idx = split_indices(len(items), cfg.val_size, seed)
-        chosen = [items[i] for i in (train_idx if train else val_idx)]
-        return ImageFolderDataset(cfg.path, cfg.resolution, crop, flip, items=chosen)
-
-    if cfg.dataset == "hf":
-        if cfg.streaming:
-            return _build_hf_stream(cfg, train, crop, flip, seed)
-        if cfg.val_split and not train:
-            data = load_hf_dataset(cfg.path, cfg.val_split)
-            order = np.random.default_rng(seed).permutation(len(data))
-            data = data.select(sorted(order[: cfg.val_size].tolist()))
-        else:
-            data = load_hf_dataset(cfg.path, cfg.split)
-            if not cfg.val_split:
-                train_idx, val_idx = split_indices(len(data), cfg.val_size, seed)
-                data = data.select(train_idx if train else val_idx)
-        return HFImageDataset(data, cfg.resolution, crop, flip, cfg.image_column, cfg.caption_column)
-
-    raise ValueError(f"data.dataset is {cfg.dataset!r}; allowed: shapes | folder | csv | hf")
+    if cfg.dataset not in DATA_SOURCES:
+        raise ValueError(f"data.dataset is {cfg.dataset!r}; allowed: {' | '.join(DATA_SOURCES)}")
+    return DATA_SOURCES[cfg.dataset](cfg, train, seed, crop, flip)

@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ldm.core.errors import DataError
 from ldm.data.transforms import MIN_IMAGE_SIDE, ImageTransform, check_pixels, load_rgb, split_key
-from ldm.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, IterableDataset
 
+from ldm.core.errors import DataError
 from ldm.data.transforms import MIN_IMAGE_SIDE, ImageTransform, check_pixels, load_rgb, split_key, to_rgb
-from ldm.errors import DataError
 
 logger = logging.getLogger(__name__)
 

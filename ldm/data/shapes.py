@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ldm.core.errors import ConfigError
 from ldm.data.transforms import split_key
-from ldm.errors import ConfigError
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),

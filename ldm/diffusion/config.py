@@ -1,52 +1,23 @@
-"""Stage-2 config: the denoising UNet, the noise process, the text encoder and the run."""
+"""The diffusion objective's config: the noise process and what the UNet predicts."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
-from conditioning.config import TextEncoderConfig
-from ldm.config import ConfigError, DataConfig, TrainConfig, check_bounds, check_choice
-from ldm.samplers import SAMPLERS
+from ldm.core.config import ConfigError, check_bounds, check_choice
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-ATTENTION_BACKENDS = ("auto", "sdpa", "xformers", "math")
-
-
-@dataclass
-class UNetConfig:
-    """A diffusers ``UNet2DConditionModel``; ``cross_attention`` says which levels attend to the text."""
-
-    block_out_channels: list[int] = field(default_factory=lambda: [64, 128])
-    cross_attention: list[bool] = field(default_factory=lambda: [False, True])  # per level, top to bottom
-    layers_per_block: int = 1
-    attention_head_dim: int = 8
-    norm_num_groups: int = 32
-    attention: str = "auto"  # auto | sdpa | xformers | math
-    gradient_checkpointing: bool = False
-
-    BOUNDS: ClassVar[dict[str, str]] = {
-        "block_out_channels": ">= 1",
-        "layers_per_block": ">= 1",
-        "attention_head_dim": ">= 1",
-        "norm_num_groups": ">= 1",
-    }
-
-    def __post_init__(self) -> None:
-        check_choice("unet.attention", self.attention, ATTENTION_BACKENDS)
-        check_bounds("unet", self)
-        if len(self.cross_attention) != len(self.block_out_channels):
-            raise ConfigError(
-                f"unet.cross_attention has {len(self.cross_attention)} entries and unet.block_out_channels "
-                f"{len(self.block_out_channels)}: give one true/false per level"
-            )
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 
 
 @dataclass
 class NoiseConfig:
-    """The forward process q(z_t | z_0) and what the UNet predicts."""
+    """The objective (``ldm.diffusion.registry``): the forward process q(z_t | z_0) and what the UNet predicts."""
 
+    # ddpm | rectified_flow (the names of ldm.diffusion.registry.OBJECTIVES)
+    objective: str = "ddpm"
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"  # linear | scaled_linear | squaredcos_cap_v2
     beta_start: float = 0.00085
@@ -55,6 +26,12 @@ class NoiseConfig:
     prediction_type: str = "epsilon"  # epsilon | v_prediction | sample
     min_snr_gamma: float = 0.0  # min-SNR-gamma loss weight (Hang et al. 2023); 0 disables
     offset_noise: float = 0.0  # std of per-channel noise added to eps (offset noise); 0 disables
+    # rectified_flow: how t in [0, 1] is drawn, uniform | logit_normal (Esser et al. 2024)
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    # rectified_flow: t' = a t / (1 + (a - 1) t), a = sqrt(pixels / base pixels) for a larger resolution
+    shift: float = 1.0
 
     BOUNDS: ClassVar[dict[str, str]] = {
         "num_train_timesteps": ">= 1",
@@ -62,157 +39,29 @@ class NoiseConfig:
         "beta_end": "(0, 1)",
         "min_snr_gamma": ">= 0",
         "offset_noise": ">= 0",
+        "logit_std": "> 0",
+        "shift": "> 0",
     }
 
     def __post_init__(self) -> None:
         check_choice("noise.beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         check_choice("noise.prediction_type", self.prediction_type, PREDICTION_TYPES)
+        check_choice("noise.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
         check_bounds("noise", self)
+        if self.objective == "ddpm" and (self.timestep_sampling != "uniform" or self.shift != 1.0):
+            raise ConfigError(
+                "noise.timestep_sampling and noise.shift apply to noise.objective=rectified_flow; "
+                "DDPM draws t uniformly from 0..T-1"
+            )
+        if self.objective != "ddpm" and (
+            self.prediction_type != "epsilon" or self.min_snr_gamma or self.zero_terminal_snr
+        ):
+            raise ConfigError(
+                f"noise.objective={self.objective} predicts the velocity eps - z_0: noise.prediction_type, "
+                "noise.min_snr_gamma and noise.zero_terminal_snr apply to noise.objective=ddpm only"
+            )
         if self.zero_terminal_snr and self.prediction_type == "epsilon":
             raise ConfigError(
                 "noise.zero_terminal_snr=true needs noise.prediction_type=v_prediction (or sample): "
                 "at SNR 0 the noise is the whole input and eps cannot be learned (Lin et al. 2023)"
-            )
-
-
-@dataclass
-class SampleConfig:
-    """Sampling for the periodic grids and the final evaluation."""
-
-    sampler: str = "dpm++2m"
-    steps: int = 20
-    guidance_scale: float = 4.0
-    prompts: list[str] = field(default_factory=list)  # grid prompts; empty: the first validation captions
-    grid_prompts: int = 6  # prompts in a grid when `prompts` is empty
-    grid_seeds: int = 4  # seeds per prompt in a grid
-
-    BOUNDS: ClassVar[dict[str, str]] = {"steps": ">= 1", "grid_prompts": ">= 1", "grid_seeds": ">= 1"}
-
-    def __post_init__(self) -> None:
-        check_choice("sample.sampler", self.sampler, tuple(SAMPLERS))
-        check_bounds("sample", self)
-
-
-@dataclass
-class LoRAConfig:
-    """Low-rank adapters (peft) on the attention projections; rank 0 trains the full UNet instead.
-
-    W x + (alpha / rank) B A x, with B = 0 at the start, so training starts from the pretrained model.
-    """
-
-    rank: int = 0  # 0: full fine-tuning
-    alpha: float | None = None  # scale numerator; None: alpha = rank (scale 1)
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    text_encoder: bool = False  # adapters on the text encoder's attention too
-    text_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
-    merge: bool = False  # also export model/: the full pipeline with the adapters merged into its weights
-
-    # rank: 0 is full fine-tuning
-    BOUNDS: ClassVar[dict[str, str]] = {"rank": ">= 0", "alpha": "> 0", "dropout": "[0, 1)"}
-
-    def __post_init__(self) -> None:
-        check_bounds("lora", self)
-        if not self.target_modules:
-            raise ConfigError("config key 'lora.target_modules' is empty; name the UNet layers to adapt")
-
-
-@dataclass
-class LDMEvalConfig:
-    """The end-of-run evaluation and report (``ldm.eval``); ``ldm-eval`` takes the same keys."""
-
-    num_samples: int = (
-        324  # images per guidance scale: distinct validation captions x seeds_per_prompt; 0: no evaluation
-    )
-    seeds_per_prompt: int = 6  # images per caption (sample diversity compares them)
-    batch_size: int = 108
-    guidance_scales: list[float] = field(
-        default_factory=lambda: [1.0, 2.0, 4.0, 8.0]
-    )  # + sample.guidance_scale
-    bound_samples: int = 128  # held-out latents for the variational bound and the loss per timestep
-    bound_strata: int = 50  # timesteps sampled for the bound's sum over t (one per stratum)
-    timestep_points: int = 20  # timesteps of the loss-per-timestep curve
-    inception_weights: str | None = None  # local Inception-v3 weights: FID and KID; None: skipped
-    fid_reference: str | None = None  # folder of reference images for FID/KID; None: the validation images
-    clip_model: str | None = None  # local CLIPModel folder: CLIP score; None: skipped
-
-    BOUNDS: ClassVar[dict[str, str]] = {
-        "num_samples": ">= 0",
-        "seeds_per_prompt": ">= 1",
-        "batch_size": ">= 1",
-        "bound_samples": ">= 1",
-        "bound_strata": ">= 1",
-        "timestep_points": ">= 2",
-    }
-
-    def __post_init__(self) -> None:
-        check_bounds("eval", self)
-
-
-@dataclass
-class PreflightConfig:
-    """Checks before training that the base model can carry the data (``ldm/diffusion/preflight.py``)."""
-
-    # training images and captions the checks look at; 0: no checks
-    samples: int = 64
-    # reconstruction PSNR (dB) below which the autoencoder cannot draw the data
-    min_psnr: float = 22.0
-    # share of caption tokens a scratch text encoder never saw above which it must learn new words
-    max_unseen_tokens: float = 0.05
-
-    BOUNDS: ClassVar[dict[str, str]] = {"samples": ">= 0", "max_unseen_tokens": "[0, 1]"}
-
-    def __post_init__(self) -> None:
-        check_bounds("preflight", self)
-
-
-@dataclass
-class LDMRunConfig:
-    output_dir: str = "runs/ldm-shapes"
-    seed: int = 0
-    # a stage-1 export (AutoencoderKL folder); None: pretrained's vae/, else runs/vae-shapes/model.
-    # With pretrained, it replaces that pipeline's autoencoder (same latents, e.g. a fine-tuned decoder)
-    vae: str | None = None
-    # a diffusers StableDiffusionPipeline folder to start from: its vae, text encoder, UNet and noise
-    # schedule (ours, or Stable Diffusion 1.x/2.x); overrides unet, text, noise
-    pretrained: str | None = None
-    allow_pickle: bool = False  # let pretrained weights be pickle files (read with weights_only=True)
-    data: DataConfig = field(default_factory=lambda: DataConfig(train_size=20_000, val_size=324, flip=False))
-    unet: UNetConfig = field(default_factory=UNetConfig)
-    text: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(max_length=16))
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(
-            batch_size=64,
-            max_steps=1800,
-            lr=1e-3,
-            lr_warmup_steps=100,
-            weight_decay=0.01,
-            ema_decay=0.999,
-            compile=True,
-        )
-    )
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    eval: LDMEvalConfig = field(default_factory=LDMEvalConfig)
-    cache_latents: bool = True  # encode the dataset once with the frozen autoencoder
-    cache_dir: str | None = None  # keep the latent cache on disk here (None: in memory)
-    preflight: PreflightConfig = field(default_factory=PreflightConfig)
-
-    def __post_init__(self) -> None:
-        if self.lora.rank and self.text.train:
-            raise ConfigError(
-                "lora.rank > 0 with text.train=true: LoRA freezes the base weights; "
-                "set lora.text_encoder=true for adapters on the text encoder, or lora.rank=0 to train it in full"
-            )
-        if self.lora.text_encoder and not self.lora.rank:
-            raise ConfigError("lora.text_encoder=true needs lora.rank >= 1")
-        if self.cache_latents and self.data.streaming:
-            raise ConfigError(
-                "cache_latents=true needs a finite dataset: set cache_latents=false with data.streaming"
-            )
-        if self.cache_latents and (self.data.flip or self.data.crop == "random"):
-            raise ConfigError(
-                "cache_latents=true encodes each image once, unaugmented: set data.flip=false and "
-                "data.crop=center, or cache_latents=false to augment every step"
             )

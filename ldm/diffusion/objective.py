@@ -1,43 +1,104 @@
-"""The denoising objective on one batch of latents (Ho et al. 2020; Rombach et al. 2022, eq. 2).
+"""What a training objective is: one interface that training, sampling and evaluation share.
 
-    t ~ U{0..T-1}, eps ~ N(0, I), z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps,
-    loss = mean_b w_b * || UNet(z_t, t, context) - target ||^2
-with target eps, v or z_0 and w the min-SNR-gamma weight (1 when off).
+An objective says what a training step draws (timesteps, noise), the noised input and the target,
+the loss weight, the timestep the UNet sees, the prediction algebra (``to_x0``, ``to_eps``) and the
+scheduler config the export carries. The loss is the same for every objective
+(Ho et al. 2020, eq. 14; Rombach et al. 2022, eq. 2):
+
+    t ~ p(t), eps ~ N(0, I), z_t = noised(z_0, eps, t)
+    loss = mean_b w(t_b) * || denoiser(z_t, model_timestep(t)) - target(z_0, eps, t) ||^2 / D
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
 import torch
-from diffusers import UNet2DConditionModel
 from torch import Tensor
 
-from ldm.diffusion.config import NoiseConfig
-from ldm.diffusion.noise import add_noise, min_snr_weight, sample_noise, snr, target
-from ldm.training.randomness import StepRandom
+from ldm.core.randomness import StepRandom
+
+# (z_t, timestep as the UNet takes it) -> the UNet's prediction, conditioning bound in
+Denoiser = Callable[[Tensor, Tensor], Tensor]
 
 
-def denoising_loss(
-    unet: UNet2DConditionModel,
-    z0: Tensor,
-    context: Tensor,
-    alphas_cumprod: Tensor,
-    cfg: NoiseConfig,
-    rng: StepRandom | None = None,
-) -> Tensor:
-    """Loss for clean latents ``z0`` (B, C, h, w) under ``context`` (B, L, D); draws t and eps from
-    ``rng`` (the training loop's ``StepRandom``) or else the global RNG."""
-    b = z0.shape[0]
-    if rng is not None:
-        t = rng.randint(cfg.num_train_timesteps, b).to(z0.device)  # (B,)
-    else:
-        t = torch.randint(0, cfg.num_train_timesteps, (b,), device=z0.device)  # (B,)
-    eps = sample_noise(z0, cfg.offset_noise, rng)  # (B, C, h, w)
-    z_t = add_noise(z0, eps, t, alphas_cumprod)
-    pred = unet(z_t, t, encoder_hidden_states=context).sample  # (B, C, h, w)
-    per_sample = (pred.float() - target(cfg.prediction_type, z0, eps, t, alphas_cumprod).float()).square()
-    per_sample = per_sample.flatten(1).mean(1)  # (B,)
-    if cfg.min_snr_gamma > 0:
-        per_sample = per_sample * min_snr_weight(
-            cfg.prediction_type, snr(t, alphas_cumprod), cfg.min_snr_gamma
-        )
-    return per_sample.mean()
+def sample_noise(z0: Tensor, offset: float, rng: StepRandom | None = None) -> Tensor:
+    """eps ~ N(0, I), plus ``offset`` * N(0, 1) per (sample, channel) when offset noise is on (Guttenberg 2023).
+
+    Drawn from ``rng`` when given (the same numbers whatever the process count), else the global RNG.
+    """
+
+    def randn(*shape: int) -> Tensor:
+        if rng is not None:
+            return rng.randn(*shape).to(z0)
+        return torch.randn(shape, device=z0.device, dtype=z0.dtype)
+
+    eps = randn(*z0.shape)
+    if offset > 0:
+        eps = eps + offset * randn(*z0.shape[:2])[:, :, None, None]
+    return eps
+
+
+class Objective(ABC):
+    """One objective; ``t`` is the objective's own time (DDPM: an index, flow: a float in [0, 1])."""
+
+    name: ClassVar[str]  # the registry key (``noise.objective``)
+    default_sampler: ClassVar[str]  # the pipeline's sampler when none is named
+    num_train_timesteps: int
+    offset_noise: float = 0.0
+
+    @abstractmethod
+    def sample_timesteps(self, batch: int, rng: StepRandom | None, device: torch.device) -> Tensor:
+        """t for a batch, (B,)."""
+
+    @abstractmethod
+    def noised(self, z0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """z_t, (B, C, h, w)."""
+
+    @abstractmethod
+    def target(self, z0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """What the UNet regresses at z_t, (B, C, h, w)."""
+
+    @abstractmethod
+    def model_timestep(self, t: Tensor) -> Tensor:
+        """The timestep the UNet is given for t (what the sampling scheduler feeds it too)."""
+
+    @abstractmethod
+    def to_x0(self, pred: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
+        """The clean latent the prediction implies."""
+
+    @abstractmethod
+    def to_eps(self, pred: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
+        """The noise the prediction implies."""
+
+    @abstractmethod
+    def scheduler_config(self) -> dict[str, Any]:
+        """The diffusers scheduler config of the export's ``scheduler/``."""
+
+    @abstractmethod
+    def timestep_grid(self, points: int) -> Tensor:
+        """``points`` values of t spread over the whole range (the loss-per-timestep curve)."""
+
+    def loss_weight(self, t: Tensor) -> Tensor | None:
+        """Per-sample weight w(t), (B,); None: 1."""
+        return None
+
+    def sample_noise(self, z0: Tensor, rng: StepRandom | None = None) -> Tensor:
+        return sample_noise(z0, self.offset_noise, rng)
+
+    def losses(self, denoiser: Denoiser, z0: Tensor, rng: StepRandom | None = None) -> Tensor:
+        """Per-sample weighted squared error for clean latents ``z0`` (B, C, h, w), (B,); draws t and
+        eps from ``rng`` (the training loop's ``StepRandom``) or else the global RNG."""
+        t = self.sample_timesteps(z0.shape[0], rng, z0.device)  # (B,)
+        eps = self.sample_noise(z0, rng)  # (B, C, h, w)
+        z_t = self.noised(z0, eps, t)
+        pred = denoiser(z_t, self.model_timestep(t))  # (B, C, h, w)
+        per_sample = (pred.float() - self.target(z0, eps, t).float()).square()
+        per_sample = per_sample.flatten(1).mean(1)  # (B,)
+        weight = self.loss_weight(t)
+        return per_sample if weight is None else per_sample * weight
+
+    def loss(self, denoiser: Denoiser, z0: Tensor, rng: StepRandom | None = None) -> Tensor:
+        return self.losses(denoiser, z0, rng).mean()

@@ -4,8 +4,8 @@
 - ``ldm.eval.timestep_loss``: the denoising loss per timestep;
 - ``ldm.eval.clip_score``: CLIP score from a local CLIP model;
 - ``ldm.eval.pipeline_eval``: the guidance sweep (caption accuracy, diversity, CLIP score),
-  FID / KID (``ldm.fid``), and the two above on held-out latents;
-- ``ldm.eval.report``: ``report.md`` and its plots; ``ldm.eval.cli``: the ``ldm-eval`` command.
+  FID / KID (``ldm.eval.fid``), and the two above on held-out latents;
+- ``ldm.eval.report``: ``report.md`` and its plots; ``ldm.cli.eval``: the ``ldm-eval`` command.
 Autoencoders are evaluated by ``autoencoder.evaluate`` and reported by ``autoencoder.report``.
 """
 

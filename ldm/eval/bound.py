@@ -29,6 +29,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ldm.diffusion.ddpm import ddpm_to_x0
+
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 
 
@@ -69,16 +71,9 @@ def model_variance(variance_type: str, alphas_cumprod: Tensor) -> Tensor:
 
 
 def predicted_z0(kind: str, pred: Tensor, zt: Tensor, i: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """z^_0 from the model output: eps (z_t - sqrt(1 - abar) eps) / sqrt(abar), v, or z_0 itself."""
+    """z^_0 from the model output (eps, v or z_0), in float64: ``ldm.diffusion.ddpm.ddpm_to_x0``."""
     shape = (-1, *([1] * (zt.ndim - 1)))
-    a = alphas_cumprod.double().to(zt.device)[i].view(shape)
-    if kind == "epsilon":
-        return (zt - (1 - a).sqrt() * pred) / a.sqrt()
-    if kind == "v_prediction":
-        return a.sqrt() * zt - (1 - a).sqrt() * pred
-    if kind == "sample":
-        return pred
-    raise ValueError(f"unknown prediction type {kind!r}; allowed: epsilon | v_prediction | sample")
+    return ddpm_to_x0(kind, pred, zt, alphas_cumprod.double().to(zt.device)[i].view(shape))
 
 
 def prior_kl(z0: Tensor, alphas_cumprod: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTokenizer
 
 from conditioning import build_clip_tokenizer
-from ldm.safe_load import check_model_folder, from_pretrained_kwargs
+from ldm.core.safe_load import check_model_folder, from_pretrained_kwargs
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -1,7 +1,7 @@
 """Evaluating a text-to-image pipeline on held-out images and captions.
 
 - The guidance sweep: for each scale, P distinct held-out captions x K seeds are sampled; on
-  shapes data, caption accuracy (``ldm.shapes_eval``); always, diversity (mean RMS pixel
+  shapes data, caption accuracy (``ldm.eval.shapes_reader``); always, diversity (mean RMS pixel
   distance between the K images of a caption); CLIP score when a CLIP model is given.
 - FID and KID of the samples at the configured guidance against the held-out images, when
   Inception weights are given.
@@ -20,11 +20,12 @@ import torch
 from torch.utils.data import Dataset
 
 from ldm.data.batches import item_batches
+from ldm.diffusion.ddpm import DDPM
 from ldm.eval.bound import variational_bound
+from ldm.eval.quality import pairwise_diversity
+from ldm.eval.shapes_reader import caption_accuracy
 from ldm.eval.timestep_loss import loss_per_timestep
-from ldm.pipeline import LatentDiffusionPipeline
-from ldm.quality import pairwise_diversity
-from ldm.shapes_eval import caption_accuracy
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 
 logger = logging.getLogger("ldm")
 
@@ -117,9 +118,11 @@ def guidance_sweep(
 def latent_figures(
     pipe: LatentDiffusionPipeline, images: torch.Tensor, captions: list[str], s: PipelineEvalSettings
 ) -> dict:
-    """The bound (bits/dim, with its terms) and the loss per timestep on held-out latents."""
-    sc = pipe.scheduler_config
-    ac = torch.tensor(_alphas_cumprod(pipe))
+    """The loss per timestep on held-out latents and, for DDPM models, the bound (bits/dim, with its
+    terms). The bound is a DDPM quantity (Ho et al. 2020, eq. 5); for a rectified-flow model it is
+    not defined, and ``bpd`` is None."""
+    objective = pipe.objective
+    ddpm = isinstance(objective, DDPM)
     dtype = pipe.dtype
     parts: dict[str, list[torch.Tensor]] = {
         k: [] for k in ("prior", "diffusion", "decoder", "bpd", "per_timestep", "loss")
@@ -128,22 +131,28 @@ def latent_figures(
     for start in range(0, len(images), s.batch_size):
         generator = torch.Generator().manual_seed(0)  # every chunk: the same timesteps, so they average
         z0 = pipe.encode_images(images[start : start + s.batch_size])  # (b, C, h, w)
-        context = pipe.encode_prompt(captions[start : start + s.batch_size])
+        cond = pipe.encode_prompt(captions[start : start + s.batch_size])
 
-        def model(z_t: torch.Tensor, t: torch.Tensor, context=context) -> torch.Tensor:
-            return pipe.unet(z_t.to(dtype), t, encoder_hidden_states=context).sample
+        def model(z_t: torch.Tensor, t: torch.Tensor, cond=cond) -> torch.Tensor:
+            return pipe.unet(z_t.to(dtype), t, **pipe.conditioner.unet_kwargs(cond)).sample
 
-        terms = variational_bound(
-            model, z0.float(), ac, sc.get("prediction_type", "epsilon"), sc.get("variance_type", "fixed_small"),
-            s.bound_strata, generator,
-        )  # fmt: skip
-        loss_steps, loss = loss_per_timestep(
-            model, z0.float(), ac, sc.get("prediction_type", "epsilon"), s.timestep_points, generator
-        )
-        timesteps = terms["timesteps"]
-        for k in ("prior", "diffusion", "decoder", "bpd", "per_timestep"):
-            parts[k].append(terms[k].cpu())
+        if ddpm:
+            terms = variational_bound(
+                model, z0.float(), objective.alphas_cumprod, objective.prediction_type,
+                pipe.scheduler_config.get("variance_type", "fixed_small"), s.bound_strata, generator,
+            )  # fmt: skip
+            timesteps = terms["timesteps"]
+            for k in ("prior", "diffusion", "decoder", "bpd", "per_timestep"):
+                parts[k].append(terms[k].cpu())
+        loss_steps, loss = loss_per_timestep(model, z0.float(), objective, s.timestep_points, generator)
         parts["loss"].append(loss.cpu())
+    losses = {
+        "objective": objective.name,
+        "loss_timesteps": loss_steps.tolist(),
+        "loss_per_timestep": torch.cat(parts["loss"], dim=-1).mean(1).tolist(),
+    }
+    if not ddpm:
+        return {"num_latents": len(images), "bpd": None, **losses}
     cat = {k: torch.cat(v, dim=-1) for k, v in parts.items()}
     dims = z0[0].numel() * math.log(2)
     bpd = cat["bpd"]
@@ -156,15 +165,8 @@ def latent_figures(
         "decoder_bpd": float(cat["decoder"].mean() / dims),
         "bound_timesteps": timesteps.tolist(),
         "bound_per_timestep_bpd": (cat["per_timestep"].mean(1) / dims).tolist(),
-        "loss_timesteps": loss_steps.tolist(),
-        "loss_per_timestep": cat["loss"].mean(1).tolist(),
+        **losses,
     }
-
-
-def _alphas_cumprod(pipe: LatentDiffusionPipeline) -> list[float]:
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(pipe.scheduler_config).alphas_cumprod.tolist()
 
 
 FID_SKIPPED = "FID/KID skipped: no Inception weights (set eval.inception_weights=PATH to a local file)"
@@ -184,7 +186,7 @@ def distribution_figures(real: torch.Tensor, fake: torch.Tensor, s: PipelineEval
     """FID and KID of ``fake`` against ``real`` when Inception weights are given."""
     if s.inception_weights is None:
         return {}
-    from ldm.fid import frechet_distance, inception_features, kernel_inception_distance, load_inception
+    from ldm.eval.fid import frechet_distance, inception_features, kernel_inception_distance, load_inception
 
     net = load_inception(s.inception_weights, s.allow_pickle)
     a, b = inception_features(net, real), inception_features(net, fake)
@@ -229,5 +231,8 @@ def evaluate_pipeline(
     if "fid" in results:
         results["fid_reference"] = s.fid_reference or "held-out images"
     results |= latent_figures(pipe, images[: s.bound_samples], captions[: s.bound_samples], s)
-    logger.info("bound: %.4f bits/dim (+- %.4f)", results["bpd"], results["bpd_stderr"])
+    if results["bpd"] is not None:
+        logger.info("bound: %.4f bits/dim (+- %.4f)", results["bpd"], results["bpd_stderr"])
+    else:
+        logger.info("bound: not defined for the %s objective (DDPM only)", results["objective"])
     return results, sweep_images

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from ldm.images import save_grid
-from ldm.plots import plot_guidance_sweep, plot_losses, plot_timestep_curves
-from ldm.report import Section, write_report
+from ldm.core.images import save_grid
+from ldm.eval.markdown import Section, write_report
+from ldm.eval.plots import plot_guidance_sweep, plot_losses, plot_timestep_curves
 
 GRID_COLUMNS = 12  # images per guidance scale in the grid
 
@@ -24,7 +24,7 @@ def pipeline_report(
     plot_guidance_sweep(rows, out / "guidance_sweep.png")
     plot_timestep_curves(
         results["loss_timesteps"], results["loss_per_timestep"],
-        results["bound_timesteps"], results["bound_per_timestep_bpd"], out / "timestep_curves.png",
+        results.get("bound_timesteps"), results.get("bound_per_timestep_bpd"), out / "timestep_curves.png",
     )  # fmt: skip
     scales = sorted(sweep_images)
     columns = min(GRID_COLUMNS, *(len(v) for v in sweep_images.values()))
@@ -54,22 +54,31 @@ def pipeline_report(
         ],  # fmt: skip
         [out / "guidance_sweep.png", out / "guidance_grid.png"],
     )
-    bound = Section(
-        "Variational bound",
-        f"On {results['num_latents']} held-out latents (the autoencoder's posterior mean, scaled), "
-        "L_T + sum L_{t-1} + L_0 of Ho et al. (2020) with the Gaussian posterior q(z_{t-1} | z_t, z_0) "
-        "and the model's fixed variance; the sum over t is estimated from one timestep in each of "
-        f"{len(results['bound_timesteps'])} strata. Latents are continuous, so L_0 is a density and "
-        "the bound (bits per latent dimension) compares models on the same autoencoder; it can be negative.",
-        ["term", "bits/dim"],
-        [
-            ["total", f"{results['bpd']:.4f} +- {results['bpd_stderr']:.4f} (standard error)"],
-            ["L_T (prior)", results["prior_bpd"]],
-            ["sum L_{t-1} (diffusion)", results["diffusion_bpd"]],
-            ["L_0 (decoder)", results["decoder_bpd"]],
-        ],  # fmt: skip
-        [out / "timestep_curves.png"],
-    )
+    if results.get("bpd") is None:  # not a DDPM model
+        bound = Section(
+            "Loss per timestep",
+            f"On {results['num_latents']} held-out latents, the training loss of the {results.get('objective')} "
+            "objective at timesteps across its range. The variational bound of Ho et al. (2020) is defined for "
+            "the DDPM objective only; this model was trained with another, so no bound is reported.",
+            images=[out / "timestep_curves.png"],
+        )
+    else:
+        bound = Section(
+            "Variational bound",
+            f"On {results['num_latents']} held-out latents (the autoencoder's posterior mean, scaled), "
+            "L_T + sum L_{t-1} + L_0 of Ho et al. (2020) with the Gaussian posterior q(z_{t-1} | z_t, z_0) "
+            "and the model's fixed variance; the sum over t is estimated from one timestep in each of "
+            f"{len(results['bound_timesteps'])} strata. Latents are continuous, so L_0 is a density and "
+            "the bound (bits per latent dimension) compares models on the same autoencoder; it can be negative.",
+            ["term", "bits/dim"],
+            [
+                ["total", f"{results['bpd']:.4f} +- {results['bpd_stderr']:.4f} (standard error)"],
+                ["L_T (prior)", results["prior_bpd"]],
+                ["sum L_{t-1} (diffusion)", results["diffusion_bpd"]],
+                ["L_0 (decoder)", results["decoder_bpd"]],
+            ],  # fmt: skip
+            [out / "timestep_curves.png"],
+        )
     sections = [sweep]
     if "fid" in results:
         sections.append(

@@ -33,7 +33,7 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
-from ldm.errors import MissingFileError, UserError
+from ldm.core.errors import MissingFileError, UserError
 
 logger = logging.getLogger("ldm")
 

@@ -29,3 +29,12 @@ class EMA(EMAModel):
             torch._foreach_copy_([s for s, _ in frozen], [p for _, p in frozen])
         if trained:
             torch._foreach_lerp_([s for s, _ in trained], [p.detach() for _, p in trained], 1 - decay)
+
+
+def ema_for(params: list[torch.nn.Parameter], decay: float, device: torch.device) -> EMA | None:
+    """An EMA of ``params`` on ``device`` (``train.ema_decay`` > 0), else None."""
+    if decay <= 0:
+        return None
+    ema = EMA(params, decay=decay)
+    ema.to(device)  # in place (diffusers' EMAModel.to returns None)
+    return ema

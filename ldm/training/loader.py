@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ldm.core.errors import DataError
 from ldm.data.buckets import BucketBatchSampler
-from ldm.errors import DataError
 from ldm.training.sampler import ResumableSampler
 
 

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from ldm.errors import UserError
+from ldm.core.errors import UserError
 
 logger = logging.getLogger("ldm")
 

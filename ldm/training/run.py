@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,9 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import Dataset, IterableDataset
 
-from ldm.config import DataConfig, TrainConfig, to_yaml
-from ldm.io import write_json
-from ldm.plots import plot_losses
+from ldm.core.config import DataConfig, TrainConfig, to_yaml
+from ldm.core.io import write_json
+from ldm.core.randomness import StepRandom
 from ldm.training.checkpoint import load_checkpoint, resolve_checkpoint
 from ldm.training.loader import TrainBatches
 from ldm.training.metrics import MetricsWriter
@@ -50,6 +51,37 @@ def resume_run(
     return state["step"], state["data"], state.get("rng")
 
 
+@dataclass
+class Resumed:
+    """Where a run starts: its step, its batches from there, its metrics file and its random stream."""
+
+    step: int
+    batches: TrainBatches
+    metrics: MetricsWriter
+    rng: StepRandom
+
+
+def resume_training(
+    accelerator: Accelerator,
+    out: Path,
+    resume: str | None,
+    ema,
+    dataset,
+    train: TrainConfig,
+    data: DataConfig,
+    seed: int,
+) -> Resumed:
+    """The checkpoint ``resume`` names (or a fresh start), with the batches, metrics and random stream
+    that continue it."""
+    step, data_state, rng_state = resume_run(accelerator, out, resume, ema)
+    batches = train_batches(accelerator, dataset, train, data, seed, data_state)
+    metrics = metrics_writer(accelerator, out, step)
+    rng = StepRandom(seed, accelerator.process_index, accelerator.num_processes, accelerator.device)
+    if rng_state is not None:  # resumed: continue the stream where the checkpoint left it
+        rng.load_state_dict(rng_state)
+    return Resumed(step, batches, metrics, rng)
+
+
 def train_batches(
     accelerator: Accelerator,
     dataset: Dataset | IterableDataset,
@@ -83,6 +115,15 @@ def averaged(accelerator: Accelerator, sums: dict[str, torch.Tensor | float]) ->
     return dict(zip(keys, stacked.tolist(), strict=True))
 
 
+def process_mean(accelerator: Accelerator):
+    """tensor -> its mean over the processes (the global batch's value); itself on one process."""
+
+    def mean(tensor: torch.Tensor) -> torch.Tensor:
+        return accelerator.reduce(tensor, "mean") if accelerator.num_processes > 1 else tensor
+
+    return mean
+
+
 def global_batch_line(batch_size: int, processes: int, accumulation: int) -> str:
     return (
         f"global batch {batch_size * processes * accumulation} "
@@ -103,10 +144,9 @@ def set_lr(optimizer, lr: float) -> None:
 
 
 def finish_run(accelerator: Accelerator, out: Path, results: dict | None) -> Path:
-    """On the main process, ``eval.json`` and the loss curves; then every process ends the run."""
+    """On the main process, ``eval.json``; then every process ends the run."""
     if accelerator.is_main_process and results is not None:
         write_json(out / "eval.json", results)
-        plot_losses(out / "metrics.jsonl", out / "losses.png")
         logger.info("wrote %s: %s", out / "eval.json", results)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from ldm.errors import DataError
+from ldm.core.errors import DataError
 
 
 class ResumableSampler(Sampler[tuple[int, int]]):

@@ -1,0 +1,210 @@
+"""Typed configs: dataclasses loaded from YAML presets plus dotted ``key=value`` overrides.
+
+Each run is one dataclass tree (``VAERunConfig`` for stage 1, ...). ``load_config`` starts
+from its defaults, merges a YAML preset, then the command-line overrides, and checks
+every key and type on the way: an unknown key or a value of the wrong type raises
+``ConfigError`` naming the key and what is allowed. Then each dataclass checks its values in
+``__post_init__``: choices with ``check_choice``, ranges with ``check_bounds`` and the class's
+``BOUNDS`` table (``{"lr": "> 0", "ema_decay": "[0, 1)"}``), so a value that cannot work is
+refused when the config is read, not steps into a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from ldm.core.errors import ConfigError
+
+T = TypeVar("T")
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise ``ConfigError`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"config key '{name}' is {value!r}; allowed: {' | '.join(choices)}")
+
+
+def _within(value: float, bound: str) -> bool:
+    """Whether ``value`` meets ``bound``: ``"> 0"``, ``">= 1"``, or an interval ``"[0, 1)"``. NaN never does."""
+    if bound[0] in "[(":
+        low, high = (float(x) for x in bound[1:-1].split(","))
+        above = low <= value if bound[0] == "[" else low < value
+        below = value <= high if bound[-1] == "]" else value < high
+        return above and below
+    op, limit = bound.split()
+    return value >= float(limit) if op == ">=" else value > float(limit)
+
+
+def check_bounds(section: str, cfg: Any) -> None:
+    """Raise ``ConfigError`` for the first field of ``cfg`` outside its bound in ``type(cfg).BOUNDS``.
+
+    None (an unset optional key) passes; a list passes when each of its items does.
+    """
+    for name, bound in type(cfg).BOUNDS.items():
+        value = getattr(cfg, name)
+        items = value if isinstance(value, list) else [value]
+        if not all(v is None or _within(v, bound) for v in items):
+            allowed = f"in {bound}" if bound[0] in "[(" else bound
+            raise ConfigError(f"config key '{section}.{name}' is {value}; it must be {allowed}")
+
+
+@dataclass
+class DataConfig:
+    """Where images and captions come from, and how they become tensors."""
+
+    dataset: str = "shapes"  # the names of ldm.data.build.DATA_SOURCES: shapes | folder | csv | hf
+    path: str | None = (
+        None  # folder root (folder), .csv file (csv), or datasets name / load_from_disk path (hf)
+    )
+    resolution: int = 32  # square side in pixels after resize and crop
+    crop: str = "center"  # center | random
+    flip: bool = True  # random horizontal flip (p = 0.5)
+    val_size: int = 512  # validation items (folder/hf: at most a tenth of the data)
+    num_workers: int = 0  # DataLoader worker processes
+    repeats: int = 1  # walk the training items this many times per epoch (small datasets)
+    buckets: bool = False  # aspect-ratio buckets of about resolution^2 pixels (folder, csv, hf)
+    bucket_max_aspect: float = 2.0  # widest bucket: w/h (and h/w) at most this
+    # shapes only
+    train_size: int = 50_000  # items in the training split
+    holdout: list[str] = field(
+        default_factory=list
+    )  # "color shape" pairs kept out of training, e.g. "red circle"
+    # folder, csv and hf
+    caption_column: str = "text"  # caption key in metadata.jsonl (folder) or column (csv, hf)
+    image_column: str = "image"  # image column (hf), or image file column, relative to the csv (csv)
+    # hf only
+    split: str = "train"  # split to train on
+    val_split: str | None = None  # split to validate on (None: hold items out of `split`)
+    streaming: bool = False  # iterate the dataset without downloading it whole
+    shuffle_buffer: int = 1000  # streaming: items in the shuffle buffer (0 keeps the stream's order)
+
+    BOUNDS: ClassVar[dict[str, str]] = {
+        "resolution": ">= 8",
+        "val_size": ">= 0",
+        "num_workers": ">= 0",
+        "repeats": ">= 1",
+        "bucket_max_aspect": ">= 1",
+        "train_size": ">= 1",
+        "shuffle_buffer": ">= 0",
+    }
+
+    def __post_init__(self) -> None:
+        # data.dataset is checked against ldm.data.build.DATA_SOURCES (the registry) by the run configs
+        check_choice("data.crop", self.crop, ("center", "random"))
+        check_bounds("data", self)
+        if self.buckets and (self.dataset == "shapes" or self.streaming):
+            raise ConfigError(
+                "data.buckets=true needs images of many shapes from folder, csv or a map-style hf dataset "
+                "(shapes images are square; streams cannot be measured ahead)"
+            )
+        if self.dataset in ("folder", "csv", "hf") and not self.path:
+            raise ConfigError(f"data.dataset={self.dataset} needs data.path=PATH (the images to train on)")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping shared by both training programs."""
+
+    batch_size: int = 32  # per process, per accumulation step
+    max_steps: int = 1000  # optimizer steps
+    lr: float = 1e-3  # peak learning rate
+    lr_schedule: str = "cosine"  # constant | cosine | linear (after warm-up)
+    lr_warmup_steps: int = 100  # linear warm-up from 0
+    min_lr_ratio: float = 0.0  # final lr / peak lr for cosine and linear
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max grad norm; 0 disables clipping
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    channels_last: bool = True  # memory format of conv weights and inputs
+    tf32: bool = True  # CUDA: TF32 tensor cores for fp32 matmuls and convolutions (Ampere and newer)
+    compile: bool = False  # torch.compile the trained network's forward for the loss (needs g++ on CPUs)
+    max_nonfinite_steps: int = 10  # NaN/Inf-loss steps are skipped; this many in a row stop the run
+    ema_decay: float = 0.0  # EMA of the weights; 0 disables
+    log_every: int = 25  # steps between metrics.jsonl lines
+    sample_every: int = 500  # steps between sample grids; 0 disables
+    checkpoint_every: int = 500  # steps between resumable checkpoints; 0 disables
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    stop_at: int | None = None  # checkpoint and exit at this step (resume later with --resume latest)
+
+    BOUNDS: ClassVar[dict[str, str]] = {
+        "batch_size": ">= 1",
+        "max_steps": ">= 1",
+        "lr": "> 0",
+        "lr_warmup_steps": ">= 0",
+        "min_lr_ratio": "[0, 1]",
+        "adam_beta1": "[0, 1)",
+        "adam_beta2": "[0, 1)",
+        "weight_decay": ">= 0",
+        "grad_clip": ">= 0",
+        "gradient_accumulation_steps": ">= 1",
+        "max_nonfinite_steps": ">= 1",
+        "ema_decay": "[0, 1)",
+        "log_every": ">= 1",
+        "sample_every": ">= 0",
+        "checkpoint_every": ">= 0",
+        "keep_checkpoints": ">= 1",
+        "stop_at": ">= 1",
+    }
+
+    def __post_init__(self) -> None:
+        check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
+        check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        check_bounds("train", self)
+
+
+def _schema_keys(node: Any) -> list[str]:
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _explain(err: OmegaConfBaseException, schema: DictConfig) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError) or "not in struct" in str(err) or "Key '" in str(err):
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(schema, parent) if parent else schema
+        allowed = ", ".join(_schema_keys(node)) or "(none)"
+        where = f"'{parent}'" if parent else "the top level"
+        return f"unknown config key '{key}'; keys allowed at {where}: {allowed}"
+    if isinstance(err, ValidationError):
+        expected = OmegaConf.select(schema, key, throw_on_missing=False)
+        kind = type(expected).__name__ if expected is not None else "the schema's type"
+        msg = str(err).splitlines()[0]
+        return f"config key '{key}' has a value of the wrong type ({msg}); expected {kind}"
+    return f"config key '{key}': {str(err).splitlines()[0]}"
+
+
+def load_config(schema: type[T], preset: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Defaults of ``schema`` <- YAML ``preset`` <- dotted ``key=value`` ``overrides``.
+
+    Raises ``ConfigError`` for a missing preset, an unknown key or a wrong type.
+    """
+    base = OmegaConf.structured(schema)
+    layers = []
+    if preset is not None:
+        path = Path(preset)
+        if not path.is_file():
+            raise ConfigError(f"no config file at {path}; presets are in {CONFIG_DIR}")
+        layers.append(OmegaConf.load(path))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=200)")
+    if overrides:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    try:
+        merged = OmegaConf.merge(base, *layers)
+        return OmegaConf.to_object(merged)  # runs each dataclass's __post_init__ checks
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err, base)) from None
+
+
+def to_yaml(config: Any) -> str:
+    """The config as YAML, the way it is saved in a run folder."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

@@ -1,0 +1,293 @@
+"""Caches that take the frozen parts out of the training step.
+
+- Latent cache: the frozen autoencoder encodes the finite dataset once; each item keeps
+  its posterior mean and std, so that z = mean + std * eps is still sampled every step.
+  In memory, or in a safetensors file under ``cache_dir`` keyed by a fingerprint of the
+  autoencoder and the data.
+- Caption caches: each distinct caption is tokenized once, and, when the text encoder is
+  frozen, encoded once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset, Subset
+from tqdm.auto import tqdm
+
+from ldm.core.randomness import StepRandom
+from ldm.data.batches import item_batches
+from ldm.data.transforms import split_key
+
+logger = logging.getLogger("ldm")
+
+
+class LatentDataset(Dataset):
+    """Cached posteriors: item -> {"mean": (C, h, w), "std": (C, h, w), "caption": str}.
+
+    ``mean`` and ``std`` are stacked (N, C, h, w), or lists of (C, h_i, w_i) when aspect-ratio
+    buckets give items of several shapes; ``bucket_of`` carries the buckets over to the sampler.
+    """
+
+    def __init__(
+        self,
+        mean: torch.Tensor | list[torch.Tensor],
+        std: torch.Tensor | list[torch.Tensor],
+        captions: list[str],
+        bucket_of: list[int] | None = None,
+    ):
+        if not (len(mean) == len(std) == len(captions)):
+            raise ValueError(
+                "latent cache: mean, std and captions differ in length; delete the cache file to rebuild it"
+            )
+        self.mean, self.std, self.captions, self.bucket_of = mean, std, captions, bucket_of
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, _ = split_key(key, len(self))
+        return {"mean": self.mean[index], "std": self.std[index], "caption": self.captions[index]}
+
+
+Posteriors = tuple["torch.Tensor | list[torch.Tensor]", "torch.Tensor | list[torch.Tensor]", list[str]]
+
+
+@torch.no_grad()
+def encode_items(
+    vae: AutoencoderKL,
+    dataset: Dataset,
+    batch_size: int,
+    desc: str = "caching latents",
+    per_item: bool = False,
+) -> Posteriors:
+    """(means, stds, captions) of every item, encoded once (no augmentation), float32 on the CPU.
+
+    Compact: ``means`` and ``stds`` are (N, C, h, w) tensors, allocated once and filled batch by
+    batch; with ``per_item`` (aspect-ratio buckets: items of several shapes) lists of (C, h_i, w_i)
+    tensors, each with storage of its own. Never views into a batch, which would keep (or, pickled
+    for another process, copy) the whole batch.
+    """
+    device = next(vae.parameters()).device
+    n = len(dataset)
+    means: torch.Tensor | list[torch.Tensor] | None = [] if per_item else None
+    stds: torch.Tensor | list[torch.Tensor] | None = [] if per_item else None
+    captions: list[str] = []
+    for items in tqdm(
+        item_batches(dataset, n, batch_size), total=-(-n // batch_size), desc=desc, leave=False
+    ):
+        groups: dict[tuple[int, ...], list[int]] = {}  # items of one shape encode together (buckets)
+        for k, it in enumerate(items):
+            groups.setdefault(tuple(it["pixel_values"].shape), []).append(k)
+        if not per_item and len(groups) > 1:
+            raise ValueError(
+                f"latent cache: items of several shapes {sorted(groups)} without aspect-ratio buckets"
+            )
+        start = len(captions)
+        item_mean: list[torch.Tensor | None] = [None] * len(items)
+        item_std: list[torch.Tensor | None] = [None] * len(items)
+        for ks in groups.values():
+            x = torch.stack([items[k]["pixel_values"] for k in ks]).to(device, vae.dtype)  # (b, 3, H, W)
+            posterior = vae.encode(x).latent_dist
+            mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()  # (b, C, h, w)
+            if per_item:
+                for j, k in enumerate(ks):
+                    item_mean[k], item_std[k] = mean[j].clone(), std[j].clone()
+                continue
+            if means is None:
+                means, stds = mean.new_empty((n, *mean.shape[1:])), std.new_empty((n, *std.shape[1:]))
+            means[start : start + len(ks)], stds[start : start + len(ks)] = mean, std
+        if per_item:
+            means += item_mean
+            stds += item_std
+        captions.extend(it["caption"] for it in items)
+    if means is None:  # no items
+        return torch.empty(0), torch.empty(0), captions
+    return means, stds, captions
+
+
+def nbytes(latents: LatentDataset) -> int:
+    """Bytes held by the cached posteriors (mean and std)."""
+    tensors = [latents.mean, latents.std]
+    if not isinstance(latents.mean, torch.Tensor):
+        tensors = [*latents.mean, *latents.std]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def encode_dataset(
+    vae: AutoencoderKL, dataset: Dataset, batch_size: int, desc: str = "caching latents"
+) -> LatentDataset:
+    """Encode every item once (no augmentation); posterior mean and std in float32."""
+    bucket_of = getattr(dataset, "bucket_of", None)
+    return LatentDataset(*encode_items(vae, dataset, batch_size, desc, bucket_of is not None), bucket_of)
+
+
+GATHER_CHUNK_BYTES = 16 * 2**20  # rows of the cache cross between processes in pieces of about this size
+
+
+def encode_sharded(
+    vae: AutoencoderKL,
+    dataset: Dataset,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    gather_object,
+    gather_tensor,
+    device: torch.device | None = None,
+) -> LatentDataset:
+    """Every process encodes items rank, rank + N, ...; all of them then hold the whole cache in item order.
+
+    Items of one shape travel as tensors, through ``gather_tensor`` (accelerate's ``gather``) in
+    pieces of ``GATHER_CHUNK_BYTES`` written straight into the preallocated cache, so caching peaks
+    at about the cache plus this process's shard. Aspect-ratio buckets (items of several shapes)
+    travel as per-item tensors through ``gather_object``, which pickles them.
+    """
+    n = len(dataset)
+    indices = list(range(rank, n, world_size))
+    bucket_of = getattr(dataset, "bucket_of", None)
+    desc = f"caching latents (shard {rank}/{world_size})"
+    mean, std, captions = encode_items(vae, Subset(dataset, indices), batch_size, desc, bucket_of is not None)
+    everyone = gather_object([captions])  # one list per process, in rank order
+    ordered = [everyone[i % world_size][i // world_size] for i in range(n)]
+    if bucket_of is None:
+        shapes = [s for s in gather_object([tuple(mean.shape[1:]) if len(mean) else None]) if s is not None]
+        means = _gather_rows(mean, n, world_size, shapes[0], gather_tensor, device)
+        del mean
+        stds = _gather_rows(std, n, world_size, shapes[0], gather_tensor, device)
+        return LatentDataset(means, stds, ordered, bucket_of)
+    mean_list: list[torch.Tensor | None] = [None] * n
+    std_list: list[torch.Tensor | None] = [None] * n
+    for r, (m, sd) in enumerate(gather_object([(mean, std)])):  # per rank: lists of (C, h_i, w_i)
+        mean_list[r::world_size], std_list[r::world_size] = m, sd
+    return LatentDataset(mean_list, std_list, ordered, bucket_of)
+
+
+def _gather_rows(
+    local: torch.Tensor, n: int, world_size: int, shape: tuple[int, ...], gather_tensor, device
+) -> torch.Tensor:
+    """(n, *shape) float32 on every process, from each process's rows (items rank, rank + N, ...).
+
+    Each process pads its shard to ceil(n / N) rows; piece k of every shard is gathered at once
+    (the same number of calls on every process) and scattered into place.
+    """
+    out = torch.empty((n, *shape), dtype=torch.float32)  # (N, C, h, w)
+    per_rank = -(-n // world_size)
+    row_bytes = max(1, math.prod(shape) * 4)
+    rows = max(1, GATHER_CHUNK_BYTES // (row_bytes * world_size))
+    for start in range(0, per_rank, rows):
+        k = min(rows, per_rank - start)
+        piece = torch.zeros((k, *shape), dtype=torch.float32)
+        mine = local[start : start + k]
+        piece[: len(mine)] = mine
+        got = gather_tensor(piece.to(device) if device is not None else piece).cpu()  # (N * k, ...)
+        got = got.view(world_size, k, *shape)
+        j = torch.arange(start, start + k)
+        for r in range(world_size):
+            where = r + world_size * j  # the dataset indices of rank r's rows
+            valid = where < n
+            out[where[valid]] = got[r][valid]
+    return out
+
+
+def fingerprint(vae_dir: str | Path, data_config: dict[str, Any], seed: int) -> str:
+    """Key of a cache: the autoencoder's config and weights file, and the data that was encoded."""
+    vae_dir = Path(vae_dir)
+    h = hashlib.sha256()
+    h.update(
+        (vae_dir / "config.json").read_bytes()
+        if (vae_dir / "config.json").exists()
+        else str(vae_dir).encode()
+    )
+    for weights in sorted(vae_dir.glob("*.safetensors")):
+        stat = weights.stat()
+        h.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    h.update(json.dumps(data_config, sort_keys=True).encode())
+    h.update(str(seed).encode())
+    return h.hexdigest()[:16]
+
+
+def cached_latents(
+    vae: AutoencoderKL,
+    dataset: Dataset,
+    batch_size: int,
+    cache_dir: str | Path | None,
+    key: str,
+    write: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    gather_object=None,
+    gather_tensor=None,
+    device: torch.device | None = None,
+) -> LatentDataset:
+    """The latent dataset from ``cache_dir/latents-<key>.safetensors`` if present, else encoded
+    (and saved there when ``write``, by one process). With ``world_size`` > 1 (and both gathers), the
+    processes encode one shard each and share them (``encode_sharded``)."""
+    path = Path(cache_dir) / f"latents-{key}.safetensors" if cache_dir else None
+    bucket_of = getattr(dataset, "bucket_of", None)
+    if path is not None and path.exists():
+        tensors = load_file(str(path))
+        captions = json.loads(path.with_suffix(".json").read_text())
+        logger.info("latent cache: loaded %d items from %s", len(captions), path)
+        if "mean" in tensors:
+            return LatentDataset(tensors["mean"], tensors["std"], captions, bucket_of)
+        n = len(captions)
+        return LatentDataset(
+            [tensors[f"mean.{i}"] for i in range(n)],
+            [tensors[f"std.{i}"] for i in range(n)],
+            captions,
+            bucket_of,
+        )
+    if world_size > 1:
+        if gather_object is None or gather_tensor is None:
+            raise ValueError("cached_latents on several processes needs gather_object and gather_tensor")
+        latents = encode_sharded(
+            vae, dataset, batch_size, rank, world_size, gather_object, gather_tensor, device
+        )
+    else:
+        latents = encode_dataset(vae, dataset, batch_size)
+    if path is not None and write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        if isinstance(latents.mean, torch.Tensor):
+            tensors = {"mean": latents.mean.contiguous(), "std": latents.std.contiguous()}
+        else:  # one shape per bucket: one entry per item
+            tensors = {
+                f"{k}.{i}": t.contiguous() for k in ("mean", "std") for i, t in enumerate(getattr(latents, k))
+            }
+        save_file(tensors, str(tmp))
+        captions_tmp = path.with_name(f".{path.stem}.json.tmp")
+        captions_tmp.write_text(json.dumps(latents.captions))
+        os.replace(
+            captions_tmp, path.with_suffix(".json")
+        )  # captions first: the weights file marks completion
+        os.replace(tmp, path)
+        logger.info("latent cache: saved %d items to %s", len(latents), path)
+    return latents
+
+
+def sample_latents(
+    batch: dict[str, Any], vae: AutoencoderKL, device: torch.device, rng: StepRandom | None = None
+) -> torch.Tensor:
+    """z = mean + std * eps ~ q(z | x) for a batch, from the cached posterior or by encoding the images.
+
+    Both draw eps the same way (from ``rng`` when given, else the global RNG), so for a fixed seed
+    they give the same z.
+    """
+    if "mean" in batch:
+        mean, std = batch["mean"].to(device), batch["std"].to(device)  # (B, C, h, w)
+    else:
+        with torch.no_grad():
+            x = batch["pixel_values"].to(device, vae.dtype)  # (B, 3, H, W)
+            posterior = vae.encode(x).latent_dist
+            mean, std = posterior.mean.float(), posterior.std.float()
+    eps = rng.randn(*mean.shape).to(mean) if rng is not None else torch.randn_like(mean)
+    return mean + std * eps

@@ -1,3 +1,0 @@
-from ldm.eval.cli import main
-
-raise SystemExit(main())

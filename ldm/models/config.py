@@ -1,0 +1,63 @@
+"""Configs of the stage-2 networks: the denoising UNet and its LoRA adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from ldm.core.config import ConfigError, check_bounds, check_choice
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "xformers", "math")
+
+
+@dataclass
+class UNetConfig:
+    """A diffusers ``UNet2DConditionModel``; ``cross_attention`` says which levels attend to the text."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128])
+    cross_attention: list[bool] = field(default_factory=lambda: [False, True])  # per level, top to bottom
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    norm_num_groups: int = 32
+    attention: str = "auto"  # auto | sdpa | xformers | math
+    gradient_checkpointing: bool = False
+
+    BOUNDS: ClassVar[dict[str, str]] = {
+        "block_out_channels": ">= 1",
+        "layers_per_block": ">= 1",
+        "attention_head_dim": ">= 1",
+        "norm_num_groups": ">= 1",
+    }
+
+    def __post_init__(self) -> None:
+        check_choice("unet.attention", self.attention, ATTENTION_BACKENDS)
+        check_bounds("unet", self)
+        if len(self.cross_attention) != len(self.block_out_channels):
+            raise ConfigError(
+                f"unet.cross_attention has {len(self.cross_attention)} entries and unet.block_out_channels "
+                f"{len(self.block_out_channels)}: give one true/false per level"
+            )
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (peft) on the attention projections; rank 0 trains the full UNet instead.
+
+    W x + (alpha / rank) B A x, with B = 0 at the start, so training starts from the pretrained model.
+    """
+
+    rank: int = 0  # 0: full fine-tuning
+    alpha: float | None = None  # scale numerator; None: alpha = rank (scale 1)
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    text_encoder: bool = False  # adapters on the text encoder's attention too
+    text_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    merge: bool = False  # also export model/: the full pipeline with the adapters merged into its weights
+
+    # rank: 0 is full fine-tuning
+    BOUNDS: ClassVar[dict[str, str]] = {"rank": ">= 0", "alpha": "> 0", "dropout": "[0, 1)"}
+
+    def __post_init__(self) -> None:
+        check_bounds("lora", self)
+        if not self.target_modules:
+            raise ConfigError("config key 'lora.target_modules' is empty; name the UNet layers to adapt")

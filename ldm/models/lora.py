@@ -1,0 +1,102 @@
+"""LoRA fine-tuning with peft: adapters on the UNet (and the text encoder), saved as diffusers loads them.
+
+Each adapted linear layer computes W x + (alpha / r) B A x with A (r x in), B (out x r), B = 0 at the
+start (Hu et al. 2021); only A and B train. The adapters are saved in diffusers' LoRA format
+(``pytorch_lora_weights.safetensors``), which ``StableDiffusionPipeline.load_lora_weights`` and
+``LatentDiffusionPipeline.load_lora_weights`` load.
+
+Adapters go in through peft's own API (``inject_adapter_in_model``), not through transformers'
+``add_adapter``: transformers 5.24 gates that behind peft >= 0.22, a release that did not exist
+when it came out, and the UNet's ``add_adapter`` (diffusers) is itself a thin wrapper over the
+same peft call.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from torch import nn
+from transformers import CLIPTextModel
+
+from ldm.models.config import LoRAConfig
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def _peft_config(cfg: LoRAConfig, targets: list[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
+        lora_dropout=cfg.dropout,
+        init_lora_weights="gaussian",  # A ~ N(0, 1/r), B = 0: the model starts unchanged
+        target_modules=targets,
+    )
+
+
+def inject_adapter(model: nn.Module, config, name: str = "default") -> list[nn.Parameter]:
+    """Add peft adapter layers to ``model`` in place; returns their (trainable) parameters.
+
+    ``model.peft_config[name]`` keeps the config, where peft's ``get_peft_model_state_dict`` and
+    diffusers' LoRA savers look for it.
+    """
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, model, adapter_name=name)
+    if not isinstance(getattr(model, "peft_config", None), dict):
+        model.peft_config = {}
+    model.peft_config[name] = config
+    params = [p for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    if not params:
+        raise ValueError(
+            f"LoRA target modules {config.target_modules} matched no layer of {type(model).__name__}"
+        )
+    return params
+
+
+def add_lora(unet: UNet2DConditionModel, text_model: CLIPTextModel, cfg: LoRAConfig) -> list[nn.Parameter]:
+    """Freeze the base weights, add adapters; returns the parameters to train (the adapters')."""
+    unet.requires_grad_(False)
+    unet.add_adapter(_peft_config(cfg, cfg.target_modules))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if cfg.text_encoder:
+        text_model.requires_grad_(False)
+        params += inject_adapter(text_model, _peft_config(cfg, cfg.text_target_modules))
+    if not params:
+        raise ValueError(f"lora.target_modules {cfg.target_modules} matched no layer of the UNet")
+    return params
+
+
+def save_lora(folder: Path, unet: UNet2DConditionModel, text_model: CLIPTextModel | None) -> Path:
+    """Write ``folder/pytorch_lora_weights.safetensors`` (diffusers' format, with each adapter's rank
+    and alpha as metadata), atomically."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    def layers_and_metadata(model):
+        if model is None or not getattr(model, "peft_config", None):
+            return None, None
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        return state, model.peft_config["default"].to_dict()
+
+    unet_layers, unet_meta = layers_and_metadata(unet)
+    text_layers, text_meta = layers_and_metadata(text_model)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    StableDiffusionPipeline.save_lora_weights(
+        tmp,
+        unet_lora_layers=unet_layers,
+        text_encoder_lora_layers=text_layers,
+        unet_lora_adapter_metadata=unet_meta,
+        text_encoder_lora_adapter_metadata=text_meta,
+        safe_serialization=True,
+    )
+    from ldm.core.io import replace_dir
+
+    replace_dir(tmp, folder)
+    return folder

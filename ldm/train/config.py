@@ -1,0 +1,141 @@
+"""Stage-2 run config: the networks, the objective, the text encoder, sampling, evaluation and the run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from conditioning.config import TextEncoderConfig
+from conditioning.encoders import TEXT_ENCODERS
+from ldm.core.config import ConfigError, DataConfig, TrainConfig, check_bounds, check_choice
+from ldm.data.build import DATA_SOURCES
+from ldm.diffusion.config import NoiseConfig
+from ldm.diffusion.registry import OBJECTIVES
+from ldm.models.config import LoRAConfig, UNetConfig
+from ldm.pipelines.samplers import SAMPLERS, check_sampler
+
+
+@dataclass
+class SampleConfig:
+    """Sampling for the periodic grids and the final evaluation."""
+
+    sampler: str = "dpm++2m"
+    steps: int = 20
+    guidance_scale: float = 4.0
+    prompts: list[str] = field(default_factory=list)  # grid prompts; empty: the first validation captions
+    grid_prompts: int = 6  # prompts in a grid when `prompts` is empty
+    grid_seeds: int = 4  # seeds per prompt in a grid
+
+    BOUNDS: ClassVar[dict[str, str]] = {"steps": ">= 1", "grid_prompts": ">= 1", "grid_seeds": ">= 1"}
+
+    def __post_init__(self) -> None:
+        check_choice("sample.sampler", self.sampler, tuple(SAMPLERS))
+        check_bounds("sample", self)
+
+
+@dataclass
+class LDMEvalConfig:
+    """The end-of-run evaluation and report (``ldm.eval``); ``ldm-eval`` takes the same keys."""
+
+    num_samples: int = (
+        324  # images per guidance scale: distinct validation captions x seeds_per_prompt; 0: no evaluation
+    )
+    seeds_per_prompt: int = 6  # images per caption (sample diversity compares them)
+    batch_size: int = 108
+    guidance_scales: list[float] = field(
+        default_factory=lambda: [1.0, 2.0, 4.0, 8.0]
+    )  # + sample.guidance_scale
+    bound_samples: int = 128  # held-out latents for the variational bound and the loss per timestep
+    bound_strata: int = 50  # timesteps sampled for the bound's sum over t (one per stratum)
+    timestep_points: int = 20  # timesteps of the loss-per-timestep curve
+    inception_weights: str | None = None  # local Inception-v3 weights: FID and KID; None: skipped
+    fid_reference: str | None = None  # folder of reference images for FID/KID; None: the validation images
+    clip_model: str | None = None  # local CLIPModel folder: CLIP score; None: skipped
+
+    BOUNDS: ClassVar[dict[str, str]] = {
+        "num_samples": ">= 0",
+        "seeds_per_prompt": ">= 1",
+        "batch_size": ">= 1",
+        "bound_samples": ">= 1",
+        "bound_strata": ">= 1",
+        "timestep_points": ">= 2",
+    }
+
+    def __post_init__(self) -> None:
+        check_bounds("eval", self)
+
+
+@dataclass
+class PreflightConfig:
+    """Checks before training that the base model can carry the data (``ldm/train/preflight.py``)."""
+
+    # training images and captions the checks look at; 0: no checks
+    samples: int = 64
+    # reconstruction PSNR (dB) below which the autoencoder cannot draw the data
+    min_psnr: float = 22.0
+    # share of caption tokens a scratch text encoder never saw above which it must learn new words
+    max_unseen_tokens: float = 0.05
+
+    BOUNDS: ClassVar[dict[str, str]] = {"samples": ">= 0", "max_unseen_tokens": "[0, 1]"}
+
+    def __post_init__(self) -> None:
+        check_bounds("preflight", self)
+
+
+@dataclass
+class LDMRunConfig:
+    output_dir: str = "runs/ldm-shapes"
+    seed: int = 0
+    # a stage-1 export (AutoencoderKL folder); None: pretrained's vae/, else runs/vae-shapes/model.
+    # With pretrained, it replaces that pipeline's autoencoder (same latents, e.g. a fine-tuned decoder)
+    vae: str | None = None
+    # a diffusers StableDiffusionPipeline folder to start from: its vae, text encoder, UNet and noise
+    # schedule (ours, or Stable Diffusion 1.x/2.x); overrides unet, text, noise
+    pretrained: str | None = None
+    allow_pickle: bool = False  # let pretrained weights be pickle files (read with weights_only=True)
+    data: DataConfig = field(default_factory=lambda: DataConfig(train_size=20_000, val_size=324, flip=False))
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    text: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(max_length=16))
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            batch_size=64,
+            max_steps=1800,
+            lr=1e-3,
+            lr_warmup_steps=100,
+            weight_decay=0.01,
+            ema_decay=0.999,
+            compile=True,
+        )
+    )
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    eval: LDMEvalConfig = field(default_factory=LDMEvalConfig)
+    cache_latents: bool = True  # encode the dataset once with the frozen autoencoder
+    cache_dir: str | None = None  # keep the latent cache on disk here (None: in memory)
+    preflight: PreflightConfig = field(default_factory=PreflightConfig)
+
+    def __post_init__(self) -> None:
+        check_choice("data.dataset", self.data.dataset, tuple(DATA_SOURCES))
+        check_choice("noise.objective", self.noise.objective, tuple(OBJECTIVES))
+        check_choice("text.kind", self.text.kind, tuple(TEXT_ENCODERS))
+        try:
+            check_sampler(self.sample.sampler, self.noise.objective, "sample.sampler")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if self.lora.rank and self.text.train:
+            raise ConfigError(
+                "lora.rank > 0 with text.train=true: LoRA freezes the base weights; "
+                "set lora.text_encoder=true for adapters on the text encoder, or lora.rank=0 to train it in full"
+            )
+        if self.lora.text_encoder and not self.lora.rank:
+            raise ConfigError("lora.text_encoder=true needs lora.rank >= 1")
+        if self.cache_latents and self.data.streaming:
+            raise ConfigError(
+                "cache_latents=true needs a finite dataset: set cache_latents=false with data.streaming"
+            )
+        if self.cache_latents and (self.data.flip or self.data.crop == "random"):
+            raise ConfigError(
+                "cache_latents=true encodes each image once, unaugmented: set data.flip=false and "
+                "data.crop=center, or cache_latents=false to augment every step"
+            )

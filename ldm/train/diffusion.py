@@ -1,0 +1,97 @@
+"""Stage 2: a text-conditioned UNet on autoencoder latents, on the shared loop (``ldm.training.loop``).
+
+images -> frozen E (or the latent cache) -> z_0 = scaling_factor * z; captions -> condition dropout
+-> conditioner -> UNet keyword arguments; loss = objective.loss(UNet, z_0) (DDPM or rectified flow).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from conditioning import Conditioner
+from ldm.data import build_dataset
+from ldm.data.cache import sample_latents
+from ldm.diffusion.registry import build_objective
+from ldm.models.autoencoder import downsampling_factor
+from ldm.train import setup
+from ldm.train.config import LDMRunConfig
+from ldm.train.data import latent_training_set
+from ldm.train.evaluate import grid_prompts, save_prompt_grid
+from ldm.train.finish import export_and_evaluate
+from ldm.train.models import pretrained_noise
+from ldm.train.preflight import preflight
+from ldm.training.compile import compiled_for_training
+from ldm.training.ema import ema_for
+from ldm.training.loop import Stage, train_loop
+from ldm.training.optim import adamw
+from ldm.training.run import finish_run, resume_training, start_run
+
+logger = logging.getLogger("ldm")
+
+
+def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
+    """Train, export ``model/`` as a diffusers pipeline, evaluate into ``eval.json``; returns the output folder."""
+    if cfg.pretrained:  # train on the noise schedule (and objective) the pretrained UNet learned
+        cfg = dataclasses.replace(cfg, noise=pretrained_noise(cfg.pretrained, cfg.noise))
+    tc = cfg.train
+    accelerator, out = start_run(cfg, tc)
+    device, memory_format = (
+        accelerator.device,
+        torch.channels_last if tc.channels_last else torch.contiguous_format,
+    )
+    vae, vae_dir, conditioner, unet = setup.models_on_device(cfg, device, memory_format)
+    objective = build_objective(cfg.noise)
+    tokens = setup.TokenRecord.of_run(cfg)  # the words a scratch text encoder knows
+
+    # --- data: cached posteriors, or images encoded on the fly --------------------------------
+    train_set = build_dataset(cfg.data, "train", cfg.seed, bucket_step=8 * downsampling_factor(vae))
+    val_set = build_dataset(cfg.data, "val", cfg.seed)
+    if accelerator.is_main_process:  # can the base model carry this data at all? (seconds)
+        preflight(cfg, train_set, vae, vae_dir, conditioner, tokens.prior)
+    if cfg.cache_latents:  # the images (and any rendered copy) are done with once cached
+        train_set = latent_training_set(cfg, accelerator, vae, vae_dir, train_set)
+
+    # --- what trains, its optimizer, EMA; where the run starts -------------------------------
+    trainable = setup.trainable_parameters(cfg, unet, conditioner)
+    train_text = tokens.training = conditioner.trainable
+    optimizer = adamw(trainable, tc.lr, (tc.adam_beta1, tc.adam_beta2), tc.weight_decay)
+    unet, prepared, optimizer = setup.prepare(accelerator, unet, conditioner, optimizer)
+    conditions = conditioner.training_conditions(prepared, tokens)
+    loss_unet = compiled_for_training(unet, tc.compile, device)  # the loss's UNet; sampling uses `unet`
+    ema = ema_for(trainable, tc.ema_decay, device)
+    start = resume_training(accelerator, out, resume, ema, train_set, tc, cfg.data, cfg.seed)
+    prompts = grid_prompts(cfg, val_set)
+    setup.log_plan(cfg, trainable, train_text, objective.name, accelerator.num_processes)
+    pipeline = partial(setup.training_pipeline, vae, conditioner, accelerator.unwrap_model(unet), objective)
+
+    # --- the step: one micro-batch -----------------------------------------------------------
+    def step(batch: dict, _: int, rng, update) -> dict[str, torch.Tensor]:
+        z0 = sample_latents(batch, vae, device, rng) * vae.config.scaling_factor  # (B, C, h, w)
+        z0 = z0.contiguous(memory_format=memory_format)
+        uniform = rng.rand_host(len(batch["caption"]))  # on the CPU: no device-to-host copy
+        kwargs = Conditioner.unet_kwargs(conditions(conditioner.drop(batch["caption"], uniform=uniform)))
+        loss = objective.loss(lambda z_t, t: loss_unet(z_t, t, **kwargs).sample, z0, rng)
+        update(loss, optimizer, trainable)
+        return {"loss": torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0)}
+
+    grid = lambda path: save_prompt_grid(pipeline(), prompts, cfg, path, ema, trainable)  # noqa: E731
+    stage = Stage(
+        "train_ldm", step, (unet, prepared), [(optimizer, None)], trainable, grid, log_compile=tc.compile
+    )
+    reached = train_loop(
+        accelerator, out, tc, stage, start.batches, start.rng, start.step, start.metrics, ema
+    )
+    if not train_text:
+        logger.info("text cache: %d distinct captions encoded once", len(conditioner.cache))
+    if reached < tc.max_steps:
+        return out  # stopped early: resume with --resume latest
+    results = None
+    if accelerator.is_main_process:
+        record = tokens.final(conditioner, train_set)
+        results = export_and_evaluate(pipeline(), cfg, out, val_set, prompts, record)
+    return finish_run(accelerator, out, results)

@@ -1,0 +1,42 @@
+"""Stage 2 after training: the export (full pipeline or LoRA), the token record, the evaluation."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from conditioning.vocabulary import save_trained_tokens
+from ldm.eval.plots import plot_losses
+from ldm.models.lora import save_lora
+from ldm.pipelines.export import export_pipeline
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
+from ldm.train.config import LDMRunConfig
+from ldm.train.evaluate import evaluate_run, save_prompt_grid
+
+logger = logging.getLogger("ldm")
+
+
+def export_and_evaluate(
+    pipe: LatentDiffusionPipeline, cfg: LDMRunConfig, out: Path, val_set: Dataset, prompts: list[str],
+    tokens: set[int] | None,
+) -> dict:  # fmt: skip
+    """``out/model`` (a diffusers pipeline folder; with LoRA ``out/lora``, and the merged model when
+    ``lora.merge``), the scratch text encoder's ``trained_tokens.json`` (``tokens``), the final grid,
+    ``report.md`` and the loss curves; returns the evaluation's figures."""
+    for module in (pipe.unet, pipe.text_encoder):
+        module.eval()
+    if cfg.lora.rank:
+        save_lora(out / "lora", pipe.unet, pipe.text_encoder if cfg.lora.text_encoder else None)
+        logger.info("exported LoRA weights to %s", out / "lora")
+    if not cfg.lora.rank or cfg.lora.merge:
+        if cfg.lora.rank:
+            pipe.fuse_lora()
+        export_pipeline(pipe, out / "model")
+    if tokens is not None and (out / "model").exists():
+        save_trained_tokens(out / "model" / "text_encoder", tokens)
+    save_prompt_grid(pipe, prompts, cfg, out / "samples" / "final.png")
+    results = evaluate_run(pipe, val_set, cfg, out)
+    plot_losses(out / "metrics.jsonl", out / "losses.png")
+    return results

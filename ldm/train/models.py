@@ -1,0 +1,172 @@
+"""The three networks of stage 2: the frozen autoencoder, the text encoder and the UNet.
+
+Fresh: the stage-1 export at ``vae``, a text encoder from ``text``, a UNet from ``unet``.
+From ``pretrained`` (a diffusers Stable Diffusion folder, ours or SD 1.x/2.x): its vae/,
+text_encoder/ + tokenizer/ and unet/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTokenizer
+
+from conditioning import TextEncoder, build_text_encoder
+from ldm.core.errors import ConfigError, MissingFileError, ModelError
+from ldm.core.safe_load import check_model_folder, from_pretrained_kwargs
+from ldm.diffusion.config import BETA_SCHEDULES, PREDICTION_TYPES, NoiseConfig
+from ldm.diffusion.registry import FLOW_SCHEDULERS
+from ldm.models.autoencoder import downsampling_factor
+from ldm.models.unet import build_unet
+from ldm.pipelines.folder import PIPELINE_PARTS, check_pipeline_folder
+from ldm.train.config import LDMRunConfig
+
+MODEL_PARTS = tuple(p for p in PIPELINE_PARTS if p != "scheduler")  # scheduler/: read when present
+DEFAULT_VAE = "runs/vae-shapes/model"  # where python train_vae.py exports by default
+logger = logging.getLogger("ldm")
+
+
+def pretrained_noise(pretrained: str | Path, noise: NoiseConfig) -> NoiseConfig:
+    """``noise`` with the schedule and prediction type of ``pretrained``/scheduler: fine-tuning keeps
+    the process the UNet learned (SD 1.x: scaled_linear epsilon; SD 2.x 768: v_prediction)."""
+    from diffusers import DDPMScheduler
+
+    folder = Path(pretrained) / "scheduler"
+    if not (folder / "scheduler_config.json").exists():
+        raise MissingFileError(f"pretrained={pretrained} has no scheduler/scheduler_config.json")
+    sc = DDPMScheduler.load_config(folder)
+    if sc.get("_class_name") in FLOW_SCHEDULERS:  # a rectified-flow model: its time scale and shift
+        flow = dataclasses.replace(
+            noise, objective="rectified_flow", num_train_timesteps=sc.get("num_train_timesteps", 1000),
+            shift=sc.get("shift", 1.0), prediction_type="epsilon", min_snr_gamma=0.0, zero_terminal_snr=False,
+        )  # fmt: skip
+        logger.info("objective from %s: rectified flow, shift %g", folder, flow.shift)
+        return flow
+    if noise.objective != "ddpm":
+        raise ConfigError(
+            f"pretrained={pretrained} is a DDPM model ({sc.get('_class_name')}); noise.objective={noise.objective} "
+            "would train it on another objective: leave noise.objective=ddpm"
+        )
+    schedule, prediction = sc.get("beta_schedule", "linear"), sc.get("prediction_type", "epsilon")
+    if schedule not in BETA_SCHEDULES or prediction not in PREDICTION_TYPES:
+        raise ModelError(
+            f"{folder}: beta_schedule {schedule!r} / prediction_type {prediction!r} not supported "
+            f"(beta schedules: {', '.join(BETA_SCHEDULES)}; predictions: {', '.join(PREDICTION_TYPES)})"
+        )
+    adopted = dataclasses.replace(
+        noise,
+        num_train_timesteps=sc.get("num_train_timesteps", 1000),
+        beta_schedule=schedule,
+        beta_start=sc.get("beta_start", noise.beta_start),
+        beta_end=sc.get("beta_end", noise.beta_end),
+        zero_terminal_snr=bool(sc.get("rescale_betas_zero_snr", False)),
+        prediction_type=prediction,
+    )
+    logger.info(
+        "noise schedule from %s: %s, %d steps, beta %.5f..%.5f, predicts %s",
+        folder, schedule, adopted.num_train_timesteps, adopted.beta_start, adopted.beta_end, prediction,
+    )  # fmt: skip
+    return adopted
+
+
+def load_autoencoder(cfg: LDMRunConfig) -> tuple[AutoencoderKL, Path]:
+    """The frozen autoencoder: ``vae`` when set, else ``pretrained``/vae, else stage 1's default export.
+
+    ``vae`` next to ``pretrained`` replaces the pipeline's autoencoder, e.g. with its decoder fine-tuned
+    on the new data; it must make the same latents (channels and downsampling factor, checked), and the
+    exported pipeline carries it.
+    """
+    if cfg.vae:
+        folder, what = Path(cfg.vae), "autoencoder (vae=)"
+    elif cfg.pretrained:
+        folder, what = Path(cfg.pretrained) / "vae", "autoencoder (pretrained=.../vae)"
+    else:
+        folder, what = Path(DEFAULT_VAE), "autoencoder"
+    if not cfg.pretrained and not (folder / "config.json").exists():  # the stage-1 export, not there yet
+        raise MissingFileError(f"no autoencoder at {folder}: run python train_vae.py first, or set vae=PATH")
+    check_model_folder(folder, cfg.allow_pickle, what)
+    vae = AutoencoderKL.from_pretrained(folder, **from_pretrained_kwargs(cfg.allow_pickle))
+    if cfg.vae and cfg.pretrained:
+        check_replacement(vae, folder, Path(cfg.pretrained) / "vae")
+    return vae, folder
+
+
+def check_replacement(vae: AutoencoderKL, folder: Path, original_dir: Path) -> None:
+    """A replacement autoencoder must make the latents the pretrained UNet learned: same channels and
+    factor (an error otherwise); another ``scaling_factor`` gets a warning (the UNet's inputs rescale)."""
+    if not (original_dir / "config.json").exists():
+        return
+    original = AutoencoderKL.load_config(original_dir)
+    for key, what in (("latent_channels", "latent channels"), ("block_out_channels", "levels")):
+        mine, theirs = vae.config[key], original.get(key)
+        if key == "block_out_channels":
+            mine, theirs = len(mine), len(theirs or [])
+        if theirs is not None and mine != theirs:
+            raise ModelError(
+                f"vae={folder} has {mine} {what} but the pretrained pipeline's autoencoder ({original_dir}) "
+                f"has {theirs}: its latents would not be the ones the UNet learned; give an autoencoder "
+                "fine-tuned from that one (configs/vae/decoder-finetune.yaml keeps its encoder)"
+            )
+    theirs = original.get("scaling_factor")
+    if theirs is not None and abs(vae.config.scaling_factor - theirs) > 1e-6 * abs(theirs):
+        logger.warning(
+            "vae=%s has scaling_factor %g, the pretrained autoencoder %g: the UNet will see rescaled latents",
+            folder, vae.config.scaling_factor, theirs,
+        )  # fmt: skip
+    logger.info("autoencoder %s replaces %s", folder, original_dir)
+
+
+def build_models(cfg: LDMRunConfig) -> tuple[AutoencoderKL, Path, TextEncoder, UNet2DConditionModel]:
+    """(autoencoder, its folder, text encoder, UNet), checked to fit together."""
+    if cfg.pretrained:
+        check_pipeline_folder(cfg.pretrained, MODEL_PARTS)
+        check_model_folder(Path(cfg.pretrained) / "unet", cfg.allow_pickle, "UNet")
+    vae, vae_dir = load_autoencoder(cfg)
+    factor = downsampling_factor(vae)
+    if cfg.data.resolution % factor:
+        raise ConfigError(
+            f"config key 'data.resolution' is {cfg.data.resolution}; it must be a multiple of the "
+            f"downsampling factor {factor} of the autoencoder at {vae_dir}"
+        )
+    if cfg.pretrained:
+        # the pipeline's own text encoder as it is: its context length, its last layer
+        max_length = CLIPTokenizer.from_pretrained(Path(cfg.pretrained) / "tokenizer").model_max_length
+        text_cfg = dataclasses.replace(
+            cfg.text,
+            kind="clip",
+            name_or_path=cfg.pretrained,
+            pretrained=None,
+            layer="last",
+            max_length=max_length,
+        )
+        text_encoder = build_text_encoder(text_cfg, cfg.allow_pickle)
+        unet = UNet2DConditionModel.from_pretrained(
+            Path(cfg.pretrained) / "unet", **from_pretrained_kwargs(cfg.allow_pickle)
+        )
+        if cfg.unet.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+    else:
+        text_encoder = build_text_encoder(cfg.text, cfg.allow_pickle)
+        unet = build_unet(
+            cfg.unet, vae.config.latent_channels, cfg.data.resolution // factor, text_encoder.hidden_size
+        )
+    check_compatible(vae, text_encoder, unet)
+    return vae, vae_dir, text_encoder, unet
+
+
+def check_compatible(vae: AutoencoderKL, text_encoder: TextEncoder, unet: UNet2DConditionModel) -> None:
+    """Latent channels and context width must agree, with a message that says which and what to do."""
+    if unet.config.in_channels != vae.config.latent_channels:
+        raise ModelError(
+            f"the autoencoder has {vae.config.latent_channels} latent channels but the UNet takes "
+            f"{unet.config.in_channels}: use an autoencoder with {unet.config.in_channels} latent channels "
+            "(vae=PATH) or a UNet built for this one"
+        )
+    if unet.config.cross_attention_dim != text_encoder.hidden_size:
+        raise ModelError(
+            f"the text encoder gives {text_encoder.hidden_size}-wide contexts but the UNet's cross_attention_dim "
+            f"is {unet.config.cross_attention_dim}"
+        )

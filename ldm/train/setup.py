@@ -1,0 +1,95 @@
+"""Stage 2's models before training: on the device, and which of their parameters train."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from conditioning import Conditioner
+from conditioning.vocabulary import load_trained_tokens
+from ldm.models.lora import add_lora
+from ldm.models.unet import set_attention_backend
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
+from ldm.train.config import LDMRunConfig
+from ldm.train.data import caption_tokens
+from ldm.train.models import build_models
+from ldm.training.run import global_batch_line
+
+logger = logging.getLogger("ldm")
+
+
+def models_on_device(
+    cfg: LDMRunConfig, device: torch.device, memory_format: torch.memory_format
+) -> tuple[AutoencoderKL, Path, Conditioner, UNet2DConditionModel]:
+    """(frozen autoencoder, its folder, conditioner, UNet) on ``device``, attention backend set."""
+    vae, vae_dir, text_encoder, unet = build_models(cfg)
+    vae.to(device).eval().requires_grad_(False)
+    conditioner = Conditioner([text_encoder.to(device)], cfg.text.p_uncond)
+    unet = unet.to(device, memory_format=memory_format)
+    set_attention_backend(unet, cfg.unet.attention, device)
+    return vae, vae_dir, conditioner, unet
+
+
+def trainable_parameters(
+    cfg: LDMRunConfig, unet: UNet2DConditionModel, conditioner: Conditioner
+) -> list[torch.nn.Parameter]:
+    """LoRA adapters (``lora.rank`` > 0; the base weights stay frozen), or the whole UNet and, when it
+    learns, the text encoder."""
+    if cfg.lora.rank:
+        trainable = add_lora(unet, conditioner.encoders[0].model, cfg.lora)
+        conditioner.trainable = cfg.lora.text_encoder  # its forward then runs with autograd
+        return trainable
+    return list(unet.parameters()) + (list(conditioner.parameters()) if conditioner.trainable else [])
+
+
+def prepare(accelerator, unet: UNet2DConditionModel, conditioner: Conditioner, optimizer):
+    """(unet, conditioner, optimizer) through ``accelerator.prepare``; a frozen conditioner as it is."""
+    if conditioner.trainable:
+        return accelerator.prepare(unet, conditioner, optimizer)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    return unet, conditioner, optimizer
+
+
+def training_pipeline(vae, conditioner: Conditioner, unet, objective) -> LatentDiffusionPipeline:
+    """A pipeline over the modules being trained (no copies), for grids and the export."""
+    text = conditioner.encoders[0]
+    return LatentDiffusionPipeline(vae, text.model, text.tokenizer, unet, objective.scheduler_config())
+
+
+class TokenRecord:
+    """The token ids a scratch text encoder has trained on (``text_encoder/trained_tokens.json``):
+    the pretrained record, plus every caption it trains on in this run."""
+
+    def __init__(self, prior: set[int] | None, enabled: bool, training: bool = False):
+        self.prior, self.enabled, self.training = prior, enabled, training
+        self.seen: set[int] = set()
+
+    @classmethod
+    def of_run(cls, cfg: LDMRunConfig) -> TokenRecord:
+        """A pretrained model's record, or an empty one for a fresh scratch encoder (``enabled``);
+        pretrained CLIP-type encoders saw the whole vocabulary and keep none."""
+        prior = load_trained_tokens(Path(cfg.pretrained) / "text_encoder") if cfg.pretrained else None
+        return cls(prior, prior is not None or (not cfg.pretrained and cfg.text.kind == "scratch"))
+
+    def __call__(self, ids: list[torch.Tensor]) -> None:  # the conditioner's fresh token ids
+        if self.enabled and self.training:
+            self.seen.update(ids[0].unique().tolist())
+
+    def final(self, conditioner: Conditioner, train_set) -> set[int] | None:
+        if not self.enabled:
+            return None
+        from_run = caption_tokens(conditioner, train_set, self.seen) if self.training else set()
+        return (self.prior or set()) | from_run
+
+
+def log_plan(cfg: LDMRunConfig, trainable: list, train_text: bool, objective: str, processes: int) -> None:
+    tc = cfg.train
+    logger.info(
+        "training %.3fM parameters (%s; text encoder %s; %s) for %d steps, %s",
+        sum(p.numel() for p in trainable) / 1e6, f"LoRA rank {cfg.lora.rank}" if cfg.lora.rank else "full UNet",
+        "trained" if train_text else "frozen", objective, tc.max_steps,
+        global_batch_line(tc.batch_size, processes, tc.gradient_accumulation_steps),
+    )  # fmt: skip
