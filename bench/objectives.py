@@ -1,11 +1,12 @@
 """Caption accuracy against sampling steps for models trained with different objectives, in one run.
 
     python bench/objectives.py [--runs runs/ldm-shapes runs/ldm-flow-shapes] [--steps 4 10 20]
-        [--samples 324] [--guidance G]
+        [--guidance 2 4] [--samples 324]
 
-For each run folder (a ``train_ldm.py`` output: ``config.yaml`` and ``model/``) and each step count,
-every sampler that fits the model's objective samples the same validation captions with the same
-seeds; the table gives each sampler's caption accuracy and marks the best per model and step count.
+For each run folder (a ``train_ldm.py`` output: ``config.yaml`` and ``model/``), guidance scale and
+step count, every sampler that fits the model's objective samples the same validation captions with
+the same seeds; the tables give each sampler's caption accuracy, and the best sampler of each model
+per guidance scale and step count side by side.
 Writes ``bench/results/objectives.json`` and prints a Markdown table.
 """
 
@@ -33,39 +34,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, nargs="+", default=[4, 10, 20])
     parser.add_argument("--samples", type=int, default=324)
-    parser.add_argument(
-        "--guidance", type=float, default=None, help="default: each run's sample.guidance_scale"
-    )
+    parser.add_argument("--guidance", type=float, nargs="+", default=[2.0, 4.0])
     parser.add_argument("--samplers", nargs="*", default=None, help="only these (default: all that fit)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/objectives.json"))
     args = parser.parse_args(argv)
-    results: dict = {"steps": args.steps, "runs": {}}
+    results: dict = {"steps": args.steps, "guidance": args.guidance, "runs": {}}
     for run in args.runs:
         cfg = load_config(LDMRunConfig, run / "config.yaml")
-        guidance = cfg.sample.guidance_scale if args.guidance is None else args.guidance
         pipe = LatentDiffusionPipeline.from_pretrained(run / "model")
         val = build_dataset(cfg.data, "val", cfg.seed)
         captions = [val[i]["caption"] for i in range(min(args.samples, len(val)))]
         names = [s for s in samplers_for(pipe.objective.name) if args.samplers is None or s in args.samplers]
         rows: dict = {}
         for name in names:
-            for steps in args.steps:
-                run_cfg = dataclasses.replace(
-                    cfg, sample=dataclasses.replace(cfg.sample, sampler=name, steps=steps)
-                )
-                t0 = time.perf_counter()
-                scores = sample_accuracy(pipe, captions, guidance, run_cfg)
-                scores["seconds"] = round(time.perf_counter() - t0, 1)
-                rows.setdefault(name, {})[steps] = scores
-                sys.stdout.write(
-                    f"{run.name} {name} {steps} steps: {scores['accuracy']:.1%} ({scores['seconds']} s)\n"
-                )
-        results["runs"][str(run)] = {
-            "objective": pipe.objective.name,
-            "guidance": guidance,
-            "n": len(captions),
-            "samplers": rows,
-        }
+            for guidance in args.guidance:
+                for steps in args.steps:
+                    sample = dataclasses.replace(cfg.sample, sampler=name, steps=steps)
+                    t0 = time.perf_counter()
+                    scores = sample_accuracy(
+                        pipe, captions, guidance, dataclasses.replace(cfg, sample=sample)
+                    )
+                    scores["seconds"] = round(time.perf_counter() - t0, 1)
+                    rows.setdefault(name, {}).setdefault(guidance, {})[steps] = scores
+                    sys.stdout.write(
+                        f"{run.name} {name} guidance {guidance:g} {steps} steps: {scores['accuracy']:.1%} "
+                        f"({scores['seconds']} s)\n"
+                    )
+        results["runs"][str(run)] = {"objective": pipe.objective.name, "n": len(captions), "samplers": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     sys.stdout.write(table(results) + "\n")
@@ -73,20 +68,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(results: dict) -> str:
-    """One row per (model, sampler), one column per step count; the best sampler per column in bold."""
-    steps = results["steps"]
+    """Every sampler's accuracy (rows: model, sampler, guidance; columns: steps), then the best sampler
+    of each model per guidance and step count."""
+    steps, runs = results["steps"], results["runs"]
+    head = " | ".join(f"{s} steps" for s in steps)
     lines = [
-        "| model (objective) | sampler | " + " | ".join(f"{s} steps" for s in steps) + " |",
-        "| --- | --- | " + " | ".join("---" for _ in steps) + " |",
+        f"| model (objective) | sampler | guidance | {head} |",
+        "| --- | --- | --- |" + " --- |" * len(steps),
     ]
-    for run, r in results["runs"].items():
-        best = {s: max(v[s]["accuracy"] for v in r["samplers"].values()) for s in steps}
-        for name, by_steps in r["samplers"].items():
+    for run, r in runs.items():
+        for name, by_guidance in r["samplers"].items():
+            for guidance, by_steps in by_guidance.items():
+                cells = " | ".join(f"{by_steps[s]['accuracy']:.1%}" for s in steps)
+                lines.append(f"| `{Path(run).name}` ({r['objective']}) | `{name}` | {guidance:g} | {cells} |")
+    lines += ["", f"| guidance | model | {head} |", "| --- | --- |" + " --- |" * len(steps)]
+    for guidance in results["guidance"]:
+        for run, r in runs.items():
             cells = []
             for s in steps:
-                acc = by_steps[s]["accuracy"]
-                cells.append(f"**{acc:.1%}**" if acc == best[s] else f"{acc:.1%}")
-            lines.append(f"| `{Path(run).name}` ({r['objective']}) | `{name}` | " + " | ".join(cells) + " |")
+                name, best = max(
+                    ((n, g[guidance][s]["accuracy"]) for n, g in r["samplers"].items()), key=lambda x: x[1]
+                )
+                cells.append(f"{best:.1%} (`{name}`)")
+            lines.append(
+                f"| {guidance:g} | `{Path(run).name}` ({r['objective']}) | " + " | ".join(cells) + " |"
+            )
     return "\n".join(lines)
 
 

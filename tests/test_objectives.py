@@ -89,7 +89,7 @@ def test_flow_math_and_registry():
     assert set(OBJECTIVES) == {"ddpm", "rectified_flow"}
     assert isinstance(objective_for(flow.scheduler_config()), RectifiedFlow)
     assert isinstance(objective_for(build_objective(NoiseConfig()).scheduler_config()), DDPM)
-    assert samplers_for("rectified_flow") == ["flow-euler", "flow-heun"]
+    assert samplers_for("rectified_flow") == ["flow-euler", "flow-heun", "flow-dpm++2m", "flow-unipc"]
 
 
 def test_the_config_checks_the_objective_and_its_sampler():
@@ -148,6 +148,18 @@ def test_flow_models_refuse_ddpm_samplers(flow_pipe):
         CAPTIONS[:1], num_inference_steps=3, sampler="flow-heun", output_type="np", progress=False
     )
     assert out.images.shape == (1, 16, 16, 3) and 0 <= out.images.min() and out.images.max() <= 1
+
+
+@pytest.mark.parametrize("sampler", samplers_for("rectified_flow"))
+def test_every_flow_sampler_integrates_the_same_flow(flow_pipe, sampler):
+    """Each flow sampler ends near what 200 Euler steps give (first-order differences at 12 steps),
+    so each reads the velocity as eps - z_0 and the time as 1000 t."""
+    kw = {"guidance_scale": 1.0, "output_type": "latent", "progress": False}
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    fine = flow_pipe(CAPTIONS[:2], num_inference_steps=200, sampler="flow-euler", latents=z, **kw).images
+    coarse = flow_pipe(CAPTIONS[:2], num_inference_steps=12, sampler=sampler, latents=z, **kw).images
+    assert torch.isfinite(coarse).all()
+    assert (coarse - fine).abs().mean() < 0.1 * fine.abs().mean()
 
 
 def test_diffusers_loads_the_flow_export_but_its_sd_pipeline_cannot_sample_it(flow_pipe, tmp_path):

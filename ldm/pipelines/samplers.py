@@ -49,10 +49,16 @@ SAMPLERS: dict[str, Sampler] = {
     "heun": Sampler(HeunDiscreteScheduler, {}),
     "lms": Sampler(LMSDiscreteScheduler, {}),
     "unipc": Sampler(UniPCMultistepScheduler, {}),
-    # rectified-flow models: Euler and Heun steps along the learned velocity
+    # rectified-flow models: Euler and Heun steps along the learned velocity, and the multistep
+    # solvers on z_0 = z_t - t v (diffusers' flow sigmas, as SANA samples)
     "flow-euler": Sampler(FlowMatchEulerDiscreteScheduler, {}, "rectified_flow"),
     "flow-heun": Sampler(FlowMatchHeunDiscreteScheduler, {}, "rectified_flow"),
+    "flow-dpm++2m": Sampler(
+        DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}, "rectified_flow"
+    ),
+    "flow-unipc": Sampler(UniPCMultistepScheduler, {}, "rectified_flow"),
 }
+FLOW_MATCHING = (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler)
 
 
 # the command lines' samplers when none is named, per objective
@@ -94,7 +100,13 @@ def make_scheduler(name: str, config: dict[str, Any], objective: str = "ddpm") -
     """
     check_sampler(name, objective)
     cls, settings, _ = SAMPLERS[name]
-    base = {k: v for k, v in dict(config).items() if k not in _SAMPLER_KEYS and not k.startswith("_")}
-    if "clip_sample" in inspect.signature(cls.__init__).parameters:
+    if objective == "rectified_flow" and cls not in FLOW_MATCHING:  # a DDPM-family solver on flow sigmas
+        return cls(
+            num_train_timesteps=config.get("num_train_timesteps", 1000), use_flow_sigmas=True,
+            prediction_type="flow_prediction", flow_shift=config.get("shift", 1.0), **settings,
+        )  # fmt: skip
+    accepted = inspect.signature(cls.__init__).parameters  # another scheduler's keys would only warn
+    base = {k: v for k, v in dict(config).items() if k in accepted and k not in _SAMPLER_KEYS}
+    if "clip_sample" in accepted:
         base["clip_sample"] = False
     return cls.from_config(base, **settings)
