@@ -233,6 +233,7 @@ def test_swapped_vae_and_caption_eval_cli(pipe, tmp_path, capsys, monkeypatch): 
             assert output_type in ("pt", "pt_signed"), output_type
             return SimpleNamespace(images=images * 2 - 1 if output_type == "pt_signed" else images)
 
+        draw.objective = SimpleNamespace(name="ddpm")  # the CLI picks its default sampler by it
         return lambda model, vae=None: loaded.append(vae) or draw
 
     for red_for_orange in (False, True):
