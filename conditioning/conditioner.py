@@ -2,7 +2,7 @@
 
 It owns what the UNet is conditioned on, for training and sampling alike: tokenization, the encoders
 (one or several; their contexts are concatenated along the width, as SDXL does), condition dropout,
-the unconditional input for guidance, and the key and values of the caption cache.
+the unconditional input for guidance, and the caption cache (keyed by the caption).
 
     Conditioning = {"encoder_hidden_states": (B, L, D)}    # cross-attention context, and later
                    {"text_embeds": (B, P), ...}              # pooled embeddings (added_cond_kwargs)
@@ -10,8 +10,6 @@ the unconditional input for guidance, and the key and values of the caption cach
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Sequence
 
 import torch
@@ -99,20 +97,10 @@ class Conditioner(nn.Module):
         return kwargs
 
     @staticmethod
-    def cat(conds: Sequence[Conditioning]) -> Conditioning:
-        """Conditionings stacked along the batch ([uncond; cond] for one guided UNet call)."""
-        return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
-
-    @staticmethod
     def cast(cond: Conditioning, dtype: torch.dtype) -> Conditioning:
         return {k: v.to(dtype) for k, v in cond.items()}
 
-    # --- caching -------------------------------------------------------------------------------
-    def cache_key(self) -> str:
-        """What the cached values depend on: each encoder's config and token length."""
-        parts = [(e.model.config.to_dict(), e.max_length) for e in self.encoders]
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
+    # --- caching: the key is the caption itself ------------------------------------------------
     def training_conditions(
         self, forward: Callable[..., Conditioning], on_tokens: Callable[[list[Tensor]], None] | None = None
     ) -> Callable[[list[str]], Conditioning]:
@@ -135,7 +123,7 @@ class Conditioner(nn.Module):
 
         def conditions(captions: list[str]) -> Conditioning:
             ids = tokens(captions)
-            return forward([ids[str(i)].to(self.device) for i in range(len(self.encoders))], deduplicate=True)
+            return forward([ids[str(i)] for i in range(len(self.encoders))], deduplicate=True)
 
         return conditions
 

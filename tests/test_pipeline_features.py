@@ -50,6 +50,15 @@ def test_inpainting_keeps_the_unmasked_region(pipe):  # noqa: F811
     left, right = (out.images - target)[..., :6].abs().mean(), (out.images - target)[..., 10:].abs().mean()
     assert left < right
 
+    # the named entry points are the same calls
+    named = pipe.inpaint(PROMPTS[:1], image, half, num_inference_steps=5, seed=0, output_type="pt_signed")
+    assert torch.equal(named.images, out.images)
+    kw = {"num_inference_steps": 4, "seed": 0, "output_type": "pt_signed"}
+    assert torch.equal(
+        pipe.img2img(PROMPTS[:1], image, 0.5, **kw).images,
+        pipe(PROMPTS[:1], image=image, strength=0.5, **kw).images,
+    )
+
 
 def test_guidance_rescale():
     guided, cond = torch.randn(2, 4, 8, 8) * 3, torch.randn(2, 4, 8, 8)

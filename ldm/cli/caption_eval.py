@@ -21,7 +21,7 @@ import torch
 
 from ldm.cli.common import CliParser, int_at_least, user_errors
 from ldm.cli.export_folder import parse_color
-from ldm.core.errors import MissingFileError, UserError
+from ldm.core.errors import MissingFileError
 from ldm.data.shapes import BACKGROUNDS, COLORS, SHAPES, ShapesDataset, caption
 from ldm.eval.shapes_reader import caption_accuracy
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
@@ -68,10 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.lora and not Path(args.lora).exists():
             raise MissingFileError(f"--lora {args.lora}: no such file or folder")
         pipe = LatentDiffusionPipeline.from_pretrained(args.model, vae=args.vae)
-        try:
-            args.sampler = cli_sampler(args.sampler, pipe.objective.name)
-        except ValueError as err:
-            raise UserError(str(err)) from None
+        args.sampler = cli_sampler(args.sampler, pipe.objective.name)
         if args.lora:
             pipe.load_lora_weights(args.lora)
     colors = dict(COLORS)

@@ -85,10 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             vae=args.vae,
             allow_pickle=args.allow_pickle,
         )
-        try:
-            args.sampler = cli_sampler(args.sampler, pipe.objective.name)
-        except ValueError as err:
-            raise UserError(str(err)) from None
+        args.sampler = cli_sampler(args.sampler, pipe.objective.name)
         if args.size is not None and args.size % pipe.vae_scale_factor:
             raise UserError(
                 f"--size {args.size}: give a multiple of the autoencoder's factor {pipe.vae_scale_factor}"

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ldm.core.randomness import StepRandom
+from ldm.diffusion.config import NoiseConfig
 
 # (z_t, timestep as the UNet takes it) -> the UNet's prediction, conditioning bound in
 Denoiser = Callable[[Tensor, Tensor], Tensor]
@@ -48,6 +49,16 @@ class Objective(ABC):
     default_sampler: ClassVar[str]  # the pipeline's sampler when none is named
     num_train_timesteps: int
     offset_noise: float = 0.0
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: NoiseConfig) -> Objective:
+        """The objective ``noise.*`` describes (training)."""
+
+    @classmethod
+    @abstractmethod
+    def from_scheduler_config(cls, config: dict[str, Any]) -> Objective:
+        """The objective of an exported model, from its ``scheduler/`` config (sampling, evaluation)."""
 
     @abstractmethod
     def sample_timesteps(self, batch: int, rng: StepRandom | None, device: torch.device) -> Tensor:

@@ -12,7 +12,7 @@ from ldm.diffusion.ddpm import DDPM
 from ldm.diffusion.flow import RectifiedFlow
 from ldm.diffusion.objective import Objective
 
-OBJECTIVES: dict[str, type[DDPM] | type[RectifiedFlow]] = {
+OBJECTIVES: dict[str, type[Objective]] = {
     DDPM.name: DDPM,
     RectifiedFlow.name: RectifiedFlow,
 }

@@ -24,6 +24,9 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from ldm.core.errors import ConfigError
+from ldm.diffusion.registry import FLOW_SCHEDULERS
+
 
 class Sampler(NamedTuple):
     scheduler: type[SchedulerMixin]
@@ -58,7 +61,6 @@ SAMPLERS: dict[str, Sampler] = {
     ),
     "flow-unipc": Sampler(UniPCMultistepScheduler, {}, "rectified_flow"),
 }
-FLOW_MATCHING = (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler)
 
 
 # the command lines' samplers when none is named, per objective
@@ -66,7 +68,7 @@ CLI_DEFAULTS = {"ddpm": "dpm++2m", "rectified_flow": "flow-euler"}
 
 
 def cli_sampler(name: str | None, objective: str) -> str:
-    """``--sampler`` or the command lines' default for the model's objective, checked (a ``ValueError``)."""
+    """``--sampler`` or the command lines' default for the model's objective, checked."""
     name = name or CLI_DEFAULTS[objective]
     check_sampler(name, objective, "--sampler")
     return name
@@ -78,11 +80,12 @@ def samplers_for(objective: str) -> list[str]:
 
 
 def check_sampler(name: str, objective: str, key: str = "sampler") -> None:
-    """A ``ValueError`` naming the allowed samplers unless ``name`` samples ``objective`` models."""
+    """A ``ConfigError`` (a ``ValueError``, and a ``UserError`` the command lines report in one line)
+    naming the allowed samplers unless ``name`` samples ``objective`` models."""
     if name not in SAMPLERS:
-        raise ValueError(f"unknown {key} {name!r}; choose one of: {', '.join(samplers_for(objective))}")
+        raise ConfigError(f"unknown {key} {name!r}; choose one of: {', '.join(samplers_for(objective))}")
     if SAMPLERS[name].objective != objective:
-        raise ValueError(
+        raise ConfigError(
             f"{key} {name!r} samples {SAMPLERS[name].objective} models; this one is a {objective} model: "
             f"choose one of: {', '.join(samplers_for(objective))}"
         )
@@ -100,7 +103,7 @@ def make_scheduler(name: str, config: dict[str, Any], objective: str = "ddpm") -
     """
     check_sampler(name, objective)
     cls, settings, _ = SAMPLERS[name]
-    if objective == "rectified_flow" and cls not in FLOW_MATCHING:  # a DDPM-family solver on flow sigmas
+    if objective == "rectified_flow" and cls.__name__ not in FLOW_SCHEDULERS:  # a DDPM solver on flow sigmas
         return cls(
             num_train_timesteps=config.get("num_train_timesteps", 1000), use_flow_sigmas=True,
             prediction_type="flow_prediction", flow_shift=config.get("shift", 1.0), **settings,

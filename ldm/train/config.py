@@ -119,10 +119,7 @@ class LDMRunConfig:
         check_choice("data.dataset", self.data.dataset, tuple(DATA_SOURCES))
         check_choice("noise.objective", self.noise.objective, tuple(OBJECTIVES))
         check_choice("text.kind", self.text.kind, tuple(TEXT_ENCODERS))
-        try:
-            check_sampler(self.sample.sampler, self.noise.objective, "sample.sampler")
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        check_sampler(self.sample.sampler, self.noise.objective, "sample.sampler")
         if self.lora.rank and self.text.train:
             raise ConfigError(
                 "lora.rank > 0 with text.train=true: LoRA freezes the base weights; "
