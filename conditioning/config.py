@@ -28,6 +28,8 @@ class TextEncoderConfig:
     train: bool | None = None  # None: scratch trains, clip/openclip are frozen
     p_uncond: float = 0.1  # condition dropout: a caption becomes "" with this probability
     max_length: int = 77  # tokens per caption, start and end tokens included
+    # a CLIPTextModelWithProjection (its pooled, projected embedding: SDXL's second encoder)
+    with_projection: bool = False
     # scratch architecture (a small CLIP text transformer, random init)
     hidden_size: int = 128  # context width D
     num_layers: int = 2
@@ -55,6 +57,8 @@ class TextEncoderConfig:
                 else "an OpenCLIP model name such as ViT-H-14"
             )
             raise ConfigError(f"text.kind={self.kind} needs text.name_or_path=... ({what})")
+        if self.with_projection and self.kind == "openclip":
+            raise ConfigError("text.with_projection=true applies to scratch and clip encoders, not openclip")
         if self.pretrained is not None and self.kind != "openclip":
             raise ConfigError(
                 f"config key 'text.pretrained' is only used with text.kind=openclip (kind is {self.kind!r}); "

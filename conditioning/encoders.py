@@ -10,7 +10,9 @@ Every encoder is a ``transformers.CLIPTextModel`` with its tokenizer, whatever i
 
 The context is the model's ``last_hidden_state``, i.e. after ``final_layer_norm``. ``layer="penultimate"``
 (Stable Diffusion 2) drops the last transformer layer from the model itself, so that the exported
-``text_encoder/`` computes the same context in any diffusers pipeline.
+``text_encoder/`` computes the same context in any diffusers pipeline. SDXL instead reads
+``hidden_states[-2]`` (before ``final_layer_norm``) of the full model (``hidden_layer=-2``), and the
+pooled embedding of a ``CLIPTextModelWithProjection`` (``text_embeds``), so its models stay whole.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from conditioning.config import TextEncoderConfig
 from conditioning.openclip import load_open_clip_text
@@ -48,7 +50,11 @@ PIPELINE_TOKENIZER = "tokenizer"
 
 
 class TextEncoder(nn.Module):
-    """Captions -> context (B, L, D): a ``CLIPTextModel`` and its tokenizer.
+    """Captions -> context (B, L, D) and pooled embedding (B, P): a CLIP text model and its tokenizer.
+
+    ``hidden_layer``: None, the context is ``last_hidden_state`` (after ``final_layer_norm``); -2,
+    ``hidden_states[-2]`` as it is (SDXL's two encoders). The pooled embedding is ``text_embeds`` of a
+    ``CLIPTextModelWithProjection`` (SDXL's second encoder), else ``pooler_output``.
 
     A frozen encoder (``trainable=False``) has ``requires_grad`` off, stays in eval mode through
     ``.train()``, and runs without autograd; with ``freeze=False`` the model's flags are left as they are
@@ -57,11 +63,12 @@ class TextEncoder(nn.Module):
 
     def __init__(
         self,
-        model: CLIPTextModel,
+        model: CLIPTextModel | CLIPTextModelWithProjection,
         tokenizer: CLIPTokenizer,
         max_length: int,
         trainable: bool,
         freeze: bool = True,
+        hidden_layer: int | None = None,
     ):
         super().__init__()
         positions = model.config.max_position_embeddings
@@ -74,6 +81,7 @@ class TextEncoder(nn.Module):
         self.tokenizer.model_max_length = max_length  # diffusers pads prompts to model_max_length
         self.max_length = max_length
         self.trainable = trainable
+        self.hidden_layer = hidden_layer
         self._warned_long = False
         if not trainable and freeze:  # freeze=False: a view over a model whose owner sets its mode
             self.model.requires_grad_(False)
@@ -88,6 +96,13 @@ class TextEncoder(nn.Module):
     @property
     def hidden_size(self) -> int:
         """Context width D (the UNet's ``cross_attention_dim``)."""
+        return self.model.config.hidden_size
+
+    @property
+    def pooled_size(self) -> int:
+        """Width P of the pooled embedding: the projection's for a ``CLIPTextModelWithProjection``."""
+        if hasattr(self.model, "text_projection"):
+            return self.model.config.projection_dim
         return self.model.config.hidden_size
 
     @property
@@ -121,12 +136,20 @@ class TextEncoder(nn.Module):
         the same values and (summed through the gather) the same gradients, fewer FLOPs when captions
         repeat within a batch, as the dropped caption "" always does.
         """
+        return self.outputs(input_ids, deduplicate)[0]
+
+    def outputs(self, input_ids: Tensor, deduplicate: bool = False) -> tuple[Tensor, Tensor]:
+        """Token ids (B, L) -> (context (B, L, D), pooled embedding (B, P)); ``deduplicate`` as ``forward``."""
         if deduplicate:
             unique, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
             if len(unique) < len(input_ids):
-                return self(unique)[inverse]  # (B, L, D)
+                context, pooled = self.outputs(unique)
+                return context[inverse], pooled[inverse]  # (B, L, D), (B, P)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            return self.model(input_ids=input_ids).last_hidden_state  # (B, L, D)
+            out = self.model(input_ids=input_ids, output_hidden_states=self.hidden_layer is not None)
+        context = out.last_hidden_state if self.hidden_layer is None else out.hidden_states[self.hidden_layer]
+        pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+        return context, pooled  # (B, L, D), (B, P)
 
     def encode(self, captions: list[str]) -> Tensor:
         """Captions -> context (B, L, D) on the model's device."""
@@ -229,6 +252,10 @@ def _hub_first(load: Callable[..., Any], repo: str, subfolders: tuple[str, ...],
     )
 
 
+def _model_class(cfg: TextEncoderConfig) -> type[CLIPTextModel] | type[CLIPTextModelWithProjection]:
+    return CLIPTextModelWithProjection if cfg.with_projection else CLIPTextModel
+
+
 def _load_clip(cfg: TextEncoderConfig, allow_pickle: bool = False) -> tuple[CLIPTextModel, CLIPTokenizer]:
     """A pretrained ``CLIPTextModel`` and its tokenizer from a local folder or a hub id (safetensors,
     or pickle weights read with weights_only=True when ``allow_pickle``)."""
@@ -237,14 +264,14 @@ def _load_clip(cfg: TextEncoderConfig, allow_pickle: bool = False) -> tuple[CLIP
     if _is_local(source):
         folder = Path(source).expanduser()
         model_dir = _local_model_dir(folder, allow_pickle)
-        model = CLIPTextModel.from_pretrained(model_dir, local_files_only=True, **weights)
+        model = _model_class(cfg).from_pretrained(model_dir, local_files_only=True, **weights)
         tokenizer = _local_tokenizer(folder, model_dir, cfg.max_length)
         logger.info("loaded the CLIP text encoder from %s", model_dir)
         return model, tokenizer
     offline = _offline()
 
     def load_model(repo: str, **kwargs: Any) -> CLIPTextModel:
-        return CLIPTextModel.from_pretrained(repo, **weights, **kwargs)
+        return _model_class(cfg).from_pretrained(repo, **weights, **kwargs)
 
     model = _hub_first(load_model, source, ("", PIPELINE_TEXT_ENCODER), offline)
     try:
@@ -271,7 +298,8 @@ def _build_scratch(cfg: TextEncoderConfig, allow_pickle: bool = False) -> tuple[
         bos_token_id=BOS_TOKEN_ID,
         eos_token_id=EOS_TOKEN_ID,
     )
-    return CLIPTextModel(config), build_clip_tokenizer(cfg.max_length)
+    model_class = CLIPTextModelWithProjection if cfg.with_projection else CLIPTextModel
+    return model_class(config), build_clip_tokenizer(cfg.max_length)
 
 
 def _load_openclip(cfg: TextEncoderConfig, allow_pickle: bool = False) -> tuple[CLIPTextModel, CLIPTokenizer]:

@@ -111,3 +111,63 @@ def save_tiny_sd_pipeline(folder):
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     ).save_pretrained(folder)  # fmt: skip
     return folder
+
+
+def tiny_sdxl_parts(seed: int = 0) -> dict:
+    """The modules of a tiny SDXL pipeline (f=2 VAE; two CLIP text encoders, the second with a
+    projection; a UNet with ``addition_embed_type="text_time"``), diffusers and transformers classes only."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from conditioning import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[8, 8],
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+        scaling_factor=0.13025,
+    )
+    text = dict(vocab_size=49408, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=77, pad_token_id=0, bos_token_id=49406, eos_token_id=49407)  # fmt: skip
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, **text))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=16, **text))
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,  # 32 + 32: both encoders' contexts side by side
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 16,  # time ids + the pooled embedding
+        norm_num_groups=8,
+    )
+    return {
+        "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
+        "tokenizer": build_clip_tokenizer(77), "tokenizer_2": build_clip_tokenizer(77), "unet": unet,
+    }  # fmt: skip
+
+
+def save_tiny_sdxl_pipeline(folder, prediction_type: str = "epsilon", zero_terminal_snr: bool = False):
+    """A tiny SDXL pipeline saved by diffusers' ``StableDiffusionXLPipeline`` at ``folder``; its scheduler
+    is SDXL's (scaled_linear, leading spacing), with ``prediction_type`` and zero terminal SNR as asked."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    scheduler = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+        timestep_spacing="leading", prediction_type=prediction_type, rescale_betas_zero_snr=zero_terminal_snr,
+    )  # fmt: skip
+    StableDiffusionXLPipeline(
+        **tiny_sdxl_parts(), scheduler=scheduler, add_watermarker=False
+    ).save_pretrained(folder)
+    return folder

@@ -5,6 +5,11 @@ seeded generators -> the denoising core (``ldm.pipelines.denoise``) with the cho
 D(z_0 / scaling_factor) -> images. The model's objective (``ldm.diffusion.registry``), read from its
 scheduler config, says which samplers fit it.
 
+An SDXL model (a second text encoder, ``text_encoder_2``) is conditioned as diffusers'
+``StableDiffusionXLPipeline`` conditions it: both encoders' contexts, the pooled embedding and the
+micro-conditioning ``original_size`` / ``crops_coords_top_left`` / ``target_size``; without a
+negative prompt the unconditional input is zeros (``force_zeros_for_empty_prompt``).
+
 txt2img starts from pure noise; img2img from a noised encoding of ``image`` part-way down the
 schedule (``strength``); inpainting (any model) from noise, re-imposing the known region at each
 step's noise level (latent blending), so only the region where ``mask`` is 1 is generated.
@@ -25,9 +30,10 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTokenizer
+from torch import nn
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from conditioning.conditioner import Conditioner, Conditioning
+from conditioning.conditioner import Conditioner, Conditioning, sdxl_conditioner
 from conditioning.encoders import TextEncoder
 from ldm.core.images import to_uint8
 from ldm.core.safe_load import PICKLE_SUFFIXES, check_model_folder, from_pretrained_kwargs, pickle_refused
@@ -35,7 +41,7 @@ from ldm.diffusion.objective import Objective
 from ldm.diffusion.registry import objective_for
 from ldm.models.autoencoder import downsampling_factor
 from ldm.pipelines.denoise import Blend, denoise, initial_sigma, noise_to
-from ldm.pipelines.folder import check_pipeline_folder
+from ldm.pipelines.folder import check_pipeline_folder, is_sdxl_folder, pipeline_index
 from ldm.pipelines.inputs import (
     OUTPUT_TYPES,
     ImageInput,
@@ -56,7 +62,10 @@ class PipelineOutput:
 
 
 class LatentDiffusionPipeline:
-    """Autoencoder + text encoder + UNet + a noise-schedule config; samplers are chosen per call."""
+    """Autoencoder + text encoder(s) + UNet + a noise-schedule config; samplers are chosen per call.
+
+    SDXL: ``text_encoder_2`` (a ``CLIPTextModelWithProjection``) and ``tokenizer_2`` as well.
+    """
 
     def __init__(
         self,
@@ -65,23 +74,44 @@ class LatentDiffusionPipeline:
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel,
         scheduler_config: dict[str, Any],
+        text_encoder_2: CLIPTextModelWithProjection | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
+        force_zeros_for_empty_prompt: bool = True,
     ):
+        if (text_encoder_2 is None) != (tokenizer_2 is None):
+            raise ValueError("text_encoder_2 and tokenizer_2 go together (an SDXL pipeline has both)")
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        self.text_encoder_2 = text_encoder_2
+        self.tokenizer_2 = tokenizer_2
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.unet = unet
         self.scheduler_config = dict(scheduler_config)
         self.objective: Objective = objective_for(self.scheduler_config)  # what the UNet was trained with
         self._tiling: dict[str, Any] | None = None
 
     @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
+
+    @property
     def conditioner(self) -> Conditioner:
-        """The conditioner over this pipeline's text encoder and tokenizer (a view: no copy, no mode change)."""
-        positions = self.text_encoder.config.max_position_embeddings
-        max_length = min(self.tokenizer.model_max_length, positions)
-        return Conditioner(
-            [TextEncoder(self.text_encoder, self.tokenizer, max_length, trainable=False, freeze=False)]
-        )
+        """The conditioner over this pipeline's text encoders and tokenizers (a view: no copy, no mode change)."""
+
+        def view(model, tokenizer) -> TextEncoder:
+            max_length = min(tokenizer.model_max_length, model.config.max_position_embeddings)
+            return TextEncoder(model, tokenizer, max_length, trainable=False, freeze=False)
+
+        first = view(self.text_encoder, self.tokenizer)
+        if not self.is_sdxl:
+            return Conditioner([first])
+        second = view(self.text_encoder_2, self.tokenizer_2)
+        return sdxl_conditioner(first, second, zero_uncond=self.force_zeros_for_empty_prompt)
 
     # ------------------------------------------------------------------------------ loading, saving
     @classmethod
@@ -97,7 +127,7 @@ class LatentDiffusionPipeline:
         vae: str | Path | AutoencoderKL | None = None,
         allow_pickle: bool = False,
     ) -> LatentDiffusionPipeline:
-        """Load our exported folder or a diffusers Stable Diffusion 1.x/2.x folder.
+        """Load our exported folder or a diffusers Stable Diffusion 1.x/2.x or SDXL folder.
 
         ``attention``: auto (xformers when installed on CUDA, else PyTorch SDPA) | sdpa | xformers | math.
         ``compile``: ``torch.compile`` the UNet, in place (pays off on GPUs over many calls);
@@ -113,20 +143,33 @@ class LatentDiffusionPipeline:
         from diffusers import DDPMScheduler
 
         root = check_pipeline_folder(path)
+        sdxl = is_sdxl_folder(root)
         vae_dir = Path(vae) if isinstance(vae, (str, Path)) else root / "vae"
         parts = {"unet": root / "unet", "text_encoder": root / "text_encoder"}
+        if sdxl:
+            parts["text_encoder_2"] = root / "text_encoder_2"
         checks = parts if isinstance(vae, AutoencoderKL) else {"vae": vae_dir, **parts}
         for what, folder in checks.items():
             check_model_folder(folder, allow_pickle, what)
         kw = from_pretrained_kwargs(allow_pickle)
         if not isinstance(vae, AutoencoderKL):
             vae = AutoencoderKL.from_pretrained(vae_dir, **kw)
+        second = {}
+        if sdxl:
+            second = {
+                "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(parts["text_encoder_2"], **kw),
+                "tokenizer_2": CLIPTokenizer.from_pretrained(root / "tokenizer_2"),
+                "force_zeros_for_empty_prompt": pipeline_index(root).get(
+                    "force_zeros_for_empty_prompt", True
+                ),
+            }
         pipe = cls(
             vae=vae,
             text_encoder=CLIPTextModel.from_pretrained(parts["text_encoder"], **kw),
             tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
             unet=UNet2DConditionModel.from_pretrained(parts["unet"], **kw),
             scheduler_config=DDPMScheduler.load_config(root / "scheduler"),
+            **second,
         )
         pipe.to(device, dtype)
         if channels_last:
@@ -140,7 +183,8 @@ class LatentDiffusionPipeline:
         return pipe
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Save as a diffusers ``StableDiffusionPipeline`` folder (safetensors), atomically."""
+        """Save as a diffusers ``StableDiffusionPipeline`` (SDXL: ``StableDiffusionXLPipeline``) folder
+        (safetensors), atomically."""
         import shutil
 
         from ldm.core.io import replace_dir
@@ -154,10 +198,23 @@ class LatentDiffusionPipeline:
         return folder
 
     def as_diffusers(self):
-        """A diffusers ``StableDiffusionPipeline`` sharing these modules (no copies): diffusers' own
-        code for what it already does well (LoRA loading and fusing, saving)."""
-        from diffusers import StableDiffusionPipeline
+        """A diffusers ``StableDiffusionPipeline`` (SDXL: ``StableDiffusionXLPipeline``) sharing these
+        modules (no copies): diffusers' own code for what it already does well (LoRA loading and
+        fusing, saving)."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+        if self.is_sdxl:
+            return StableDiffusionXLPipeline(
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer,
+                tokenizer_2=self.tokenizer_2,
+                unet=getattr(self.unet, "_orig_mod", self.unet),
+                scheduler=self.make_scheduler(),
+                force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
+                add_watermarker=False,
+            )
         return StableDiffusionPipeline(
             vae=self.vae,
             text_encoder=self.text_encoder,
@@ -179,7 +236,7 @@ class LatentDiffusionPipeline:
         allow_pickle: bool = False,
     ) -> None:
         """Add the LoRA adapters of a diffusers LoRA folder or ``.safetensors`` file (ours from
-        ``train_ldm.py lora.rank=R``, or any SD 1.x/2.x LoRA) to the UNet and text encoder, at ``scale``.
+        ``train_ldm.py lora.rank=R``, or any SD 1.x/2.x or SDXL LoRA) to the UNet and text encoder(s), at ``scale``.
         A pickle file (``.bin``) needs ``allow_pickle=True`` (diffusers reads it with weights_only=True)."""
         path = Path(path)
         if not path.exists():
@@ -210,7 +267,7 @@ class LatentDiffusionPipeline:
     def to(
         self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
     ) -> LatentDiffusionPipeline:
-        for module in (self.vae, self.text_encoder, self.unet):
+        for module in (self.vae, *self.text_encoders, self.unet):
             if device is not None:
                 module.to(device)
             if dtype is not None:
@@ -268,8 +325,49 @@ class LatentDiffusionPipeline:
     # ------------------------------------------------------------------------------ pieces
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> Conditioning:
-        """Prompts -> conditioning ({"encoder_hidden_states": (B, L, D)}) in the UNet's dtype."""
+        """Prompts -> conditioning ({"encoder_hidden_states": (B, L, D)}, SDXL: and "text_embeds"
+        (B, P)) in the UNet's dtype."""
         return Conditioner.cast(self.conditioner.encode(prompts), self.dtype)
+
+    def _conditioning(
+        self,
+        prompts: list[str],
+        negatives: list[str] | None,
+        guided: bool,
+        size: tuple[int, int],
+        micro: dict[str, Any],
+    ) -> Conditioning:
+        """[negatives; prompts] (or prompts alone without guidance) with SDXL's time ids. ``negatives``
+        None: the empty prompt, or zeros where the model says so (``force_zeros_for_empty_prompt``)."""
+        conditioner = self.conditioner
+        if not guided:
+            cond = self.encode_prompt(prompts)
+            return conditioner.with_micro(cond, *self._micro_args(micro, size, negative=False))
+        if negatives is None and conditioner.zero_uncond:
+            positive = self.encode_prompt(prompts)
+            negative = {k: torch.zeros_like(v) for k, v in positive.items()}
+        else:
+            both = self.encode_prompt((negatives or [""] * len(prompts)) + prompts)
+            negative = {k: v[: len(prompts)] for k, v in both.items()}
+            positive = {k: v[len(prompts) :] for k, v in both.items()}
+        negative = conditioner.with_micro(negative, *self._micro_args(micro, size, negative=True))
+        positive = conditioner.with_micro(positive, *self._micro_args(micro, size, negative=False))
+        return {k: torch.cat([negative[k], positive[k]]) for k in positive}
+
+    @staticmethod
+    def _micro_args(micro: dict[str, Any], size: tuple[int, int], negative: bool) -> tuple:
+        """(original_size, crops_coords_top_left, target_size) as diffusers' SDXL pipeline defaults
+        them: (height, width), (0, 0), (height, width); the negative ones only when both sizes are given."""
+        if (
+            negative
+            and micro["negative_original_size"] is not None
+            and micro["negative_target_size"] is not None
+        ):
+            keys = ("negative_original_size", "negative_crops_coords_top_left", "negative_target_size")
+        else:
+            keys = ("original_size", "crops_coords_top_left", "target_size")
+        original, crop, target = (micro[k] for k in keys)
+        return tuple(torch.tensor(v) for v in (original or size, crop, target or size))
 
     def make_scheduler(self, sampler: str | None = None) -> SchedulerMixin:
         """The sampler ``sampler`` (default: the objective's) on this model's noise schedule."""
@@ -286,14 +384,22 @@ class LatentDiffusionPipeline:
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """z_0 (B, C, h, w) -> images (B, 3, h*f, w*f) in [-1, 1]."""
-        z = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)
-        tiling = self._tiling
-        if tiling is None or max(z.shape[-2:]) <= tiling["tile"]:
-            return self.vae.decode(z).sample.clamp(-1, 1)
-        from ldm.pipelines.tiled_decode import decode_tiled
+        dtype = self.vae.dtype
+        upcast = dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
+        if upcast:  # the SDXL autoencoder overflows in float16 (its config says force_upcast)
+            self.vae.to(torch.float32)
+        try:
+            z = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)
+            tiling = self._tiling
+            if tiling is None or max(z.shape[-2:]) <= tiling["tile"]:
+                return self.vae.decode(z).sample.clamp(-1, 1)
+            from ldm.pipelines.tiled_decode import decode_tiled
 
-        parts = z.split(1) if self.vae.use_slicing else [z]
-        return torch.cat([decode_tiled(self.vae, p, **tiling) for p in parts]).clamp(-1, 1)
+            parts = z.split(1) if self.vae.use_slicing else [z]
+            return torch.cat([decode_tiled(self.vae, p, **tiling) for p in parts]).clamp(-1, 1)
+        finally:
+            if upcast:
+                self.vae.to(dtype)
 
     def _noise(self, shape: tuple[int, ...], seeds: list[int | None]) -> torch.Tensor:
         """One CPU generator per image, so an image depends on its own seed only."""
@@ -326,6 +432,12 @@ class LatentDiffusionPipeline:
         image: ImageInput | list[ImageInput] | None = None,
         strength: float = 0.8,
         mask: ImageInput | list[ImageInput] | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
     ) -> PipelineOutput:
         """Generate images for ``prompt``; see the module docstring for the flow.
 
@@ -335,7 +447,18 @@ class LatentDiffusionPipeline:
         samplers (default: one per image, from its seed). ``callback(i, t, latents)`` runs after each
         step. ``image`` + ``strength`` in (0, 1]: img2img; with ``mask`` (1 where to generate, 0 where
         to keep ``image``): inpainting.
+
+        SDXL models take diffusers' micro-conditioning arguments, each (height, width) or (top, left)
+        in pixels: ``original_size`` and ``target_size`` (default: the output size),
+        ``crops_coords_top_left`` (default (0, 0)), and their ``negative_`` counterparts for the
+        unconditional input (used when both negative sizes are given). Other models ignore them.
         """
+        micro = {
+            "original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
+            "target_size": target_size, "negative_original_size": negative_original_size,
+            "negative_crops_coords_top_left": negative_crops_coords_top_left,
+            "negative_target_size": negative_target_size,
+        }  # fmt: skip
         prompts, negatives = prompt_lists(prompt, negative_prompt)
         if num_inference_steps <= 0:
             raise ValueError(f"num_inference_steps is {num_inference_steps}; it must be > 0")
@@ -362,7 +485,9 @@ class LatentDiffusionPipeline:
         if hasattr(scheduler, "set_begin_index"):  # start at index 0 even if the first timestep repeats
             scheduler.set_begin_index(0)  # (Karras sigmas can round two high sigmas to one timestep)
         guided = guidance_scale > 1.0
-        cond = self.encode_prompt(negatives + prompts if guided else prompts)  # 2n or n rows
+        size = (latent_shape[1] * self.vae_scale_factor, latent_shape[2] * self.vae_scale_factor)
+        given_negatives = negatives if negative_prompt is not None else None
+        cond = self._conditioning(prompts, given_negatives, guided, size, micro)  # 2n or n rows
         noise = self._noise(latent_shape, seeds) if latents is None else latents.to(self.device, self.dtype)
 
         blend = None
