@@ -58,7 +58,7 @@ def training_step(
     """One stage-2 step (UNet and text encoder forward and backward, fused AdamW) on random latents,
     and its FLOPs counted once (0 without ``count_flops``)."""
     torch.manual_seed(0)
-    _, _, text, unet = build_models(cfg)
+    _, _, (text, *_), unet = build_models(cfg)
     unet.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
     text.to(device)
     params = [p for p in [*unet.parameters(), *text.parameters()] if p.requires_grad]

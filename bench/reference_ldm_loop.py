@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator(
         mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.gradient_accumulation_steps
     )
-    vae, _, wrapper, unet = build_models(cfg)
+    vae, _, (wrapper, *_), unet = build_models(cfg)
     text_encoder, tokenizer = wrapper.model, wrapper.tokenizer  # a CLIPTextModel and its CLIPTokenizer
     noise_scheduler = training_scheduler(cfg.noise)
 

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(LDMRunConfig, CONFIG_DIR / "ldm/shapes.yaml", [])
     torch.manual_seed(0)
-    _, _, text, unet = build_models(cfg)
+    _, _, (text, *_), unet = build_models(cfg)
     params = [*unet.parameters(), *text.parameters()]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-4

@@ -132,7 +132,7 @@ def test_a_rectified_flow_run_exports_a_model_our_pipeline_samples(tmp_path, tin
 
 def test_latent_cache_gives_the_same_loss_as_encoding_on_the_fly(tiny_vae):
     cfg = tiny("unused", tiny_vae)
-    vae, _, text_encoder, unet = build_models(cfg)
+    vae, _, (text_encoder,), unet = build_models(cfg)
     images = build_dataset(cfg.data, "train", cfg.seed)
     cached = encode_dataset(vae, images, batch_size=16)
     idx = list(range(8))
@@ -207,23 +207,23 @@ def test_frozen_pretrained_text_encoders_train_with_the_text_cache(
     from conditioning.openclip import load_open_clip_text
 
     built, optimized = [], []  # (text model, its weights at the start); the parameters given to AdamW
-    build_models_, adamw_ = setup_module.build_models, train_module.adamw
+    build_models_, make_optimizer_ = setup_module.build_models, train_module.make_optimizer
 
     def recorded_build_models(cfg):
         models = build_models_(cfg)
-        text_model = models[2].model
+        text_model = models[2][0].model
         built.append(
             (text_model, {k: v.detach().clone() for k, v in text_model.state_dict().items()}, models[3])
         )
         return models
 
-    def recorded_adamw(params, *args, **kwargs):
+    def recorded_optimizer(name, params, *args, **kwargs):
         params = list(params)
         optimized.extend(params)
-        return adamw_(params, *args, **kwargs)
+        return make_optimizer_(name, params, *args, **kwargs)
 
     monkeypatch.setattr(setup_module, "build_models", recorded_build_models)
-    monkeypatch.setattr(train_module, "adamw", recorded_adamw)
+    monkeypatch.setattr(train_module, "make_optimizer", recorded_optimizer)
     if kind == "clip":
         text = ["text.kind=clip", f"text.name_or_path={_tiny_clip_folder(tmp_path / 'clip')}"]
     else:

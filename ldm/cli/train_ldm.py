@@ -17,28 +17,94 @@ def main(argv: list[str] | None = None) -> int:
     with user_errors(parser):
         cfg, args = parse_and_load(parser, LDMRunConfig, DEFAULT_PRESET, argv)
         if args.dry_run:
-            sys.stdout.write(dry_run_report(cfg, dry_run_models(cfg)))
+            models, memory = dry_run_models(cfg)
+            sys.stdout.write(dry_run_report(cfg, models) + "\n".join(memory.lines()) + "\n")
             return 0
         from ldm.train.diffusion import train_ldm
 
         return run_training(train_ldm, cfg, args.resume)
 
 
-def dry_run_models(cfg: LDMRunConfig) -> dict:
-    """The three networks as the run would build them; without the autoencoder, sizes assume f=4."""
-    from conditioning import build_text_encoder
-    from ldm.models.unet import build_unet
-    from ldm.train.models import load_autoencoder
+def dry_run_models(cfg: LDMRunConfig):
+    """The networks as the run would build them, on the meta device (shapes only: seconds and no
+    memory, even for SDXL; a pretrained folder needs only its config files), and the memory estimate
+    (``ldm.train.memory_estimate``). Without an autoencoder, sizes assume 4 latent channels and f=8."""
+    from pathlib import Path
 
-    models = {}
-    try:
-        vae, _ = load_autoencoder(cfg)
-        channels, factor = vae.config.latent_channels, downsampling_factor(vae)
-        models["autoencoder (frozen)"] = vae
-    except MissingFileError as err:
-        sys.stderr.write(f"note: {err}; sizes below assume 4 latent channels and f=4\n")
-        channels, factor = 4, 4
-    text = build_text_encoder(cfg.text)
-    models["text encoder"] = text
-    models["unet"] = build_unet(cfg.unet, channels, cfg.data.resolution // factor, text.hidden_size)
-    return models
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+
+    from ldm.train import memory_estimate as mem
+    from ldm.train.models import DEFAULT_VAE, make_conditioner
+    from ldm.train.setup import trainable_parameters
+
+    vae_dir = (
+        Path(cfg.vae) if cfg.vae else (Path(cfg.pretrained) / "vae" if cfg.pretrained else Path(DEFAULT_VAE))
+    )
+    with init_empty_weights():
+        models = {}
+        if (vae_dir / "config.json").exists():
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(vae_dir))
+            channels, factor = vae.config.latent_channels, downsampling_factor(vae)
+            models["autoencoder"] = vae
+        else:
+            sys.stderr.write(
+                f"note: no autoencoder config at {vae_dir}; sizes assume 4 latent channels and f=8\n"
+            )
+            channels, factor = 4, 8
+        encoders, unet = _meta_networks(cfg, channels, factor)
+    conditioner = make_conditioner(cfg, encoders)
+    for i, e in enumerate(encoders):
+        models[f"text encoder {i + 1} ({'trained' if e.trainable else 'frozen'})"] = e
+    models["unet"] = unet
+    if cfg.unet.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    trainable = trainable_parameters(cfg, unet, conditioner)
+    half = mem.HALF.get(cfg.train.mixed_precision, torch.float32)
+    side = cfg.data.resolution // factor
+    added = {"text_embeds": conditioner.pooled_size, "time_ids": 6} if conditioner.micro_conditioning else {}
+    context = (encoders[0].max_length, conditioner.hidden_size)
+    activations = mem.unet_activation_bytes(unet.to(half), (channels, side, side), context, added, half)
+    estimate = mem.estimate(models, trainable, half, cfg.train.optimizer, activations, cfg.train.batch_size)
+    return models, estimate
+
+
+def _meta_networks(cfg: LDMRunConfig, channels: int, factor: int):
+    """(text encoders, UNet) from the run's config or the pretrained folder's config files."""
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from conditioning import TextEncoder, build_clip_tokenizer, build_text_encoder
+    from ldm.models.unet import build_unet
+    from ldm.train.models import is_sdxl_run, make_conditioner
+
+    if cfg.pretrained:
+        root = Path(cfg.pretrained)
+        if not (root / "unet" / "config.json").exists():
+            raise MissingFileError(
+                f"no {root / 'unet' / 'config.json'}: --dry-run reads the pretrained folder's configs"
+            )
+        kinds = [("text_encoder", CLIPTextModel)] + (
+            [("text_encoder_2", CLIPTextModelWithProjection)] if is_sdxl_run(cfg) else []
+        )
+        encoders = [
+            TextEncoder(
+                cls(CLIPTextConfig.from_pretrained(root / sub)),
+                build_clip_tokenizer(77),
+                77,
+                bool(cfg.text.train),
+            )
+            for sub, cls in kinds
+        ]
+        return encoders, UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
+    encoders = [build_text_encoder(cfg.text)] + (
+        [build_text_encoder(cfg.text_2)] if cfg.conditioner == "sdxl" else []
+    )
+    conditioner = make_conditioner(cfg, encoders)
+    unet = build_unet(
+        cfg.unet, channels, cfg.data.resolution // factor, conditioner.hidden_size, conditioner.pooled_size
+    )
+    return encoders, unet

@@ -84,6 +84,9 @@ class DataConfig:
     val_split: str | None = None  # split to validate on (None: hold items out of `split`)
     streaming: bool = False  # iterate the dataset without downloading it whole
     shuffle_buffer: int = 1000  # streaming: items in the shuffle buffer (0 keeps the stream's order)
+    # shapes, train split: half the items drawn up to this many pixels larger and cropped, a crop per
+    # item (SDXL's micro-conditioning sees their original size and crop vary); 0: none
+    crop_margin: int = 0
 
     BOUNDS: ClassVar[dict[str, str]] = {
         "resolution": ">= 8",
@@ -93,6 +96,7 @@ class DataConfig:
         "bucket_max_aspect": ">= 1",
         "train_size": ">= 1",
         "shuffle_buffer": ">= 0",
+        "crop_margin": ">= 0",
     }
 
     def __post_init__(self) -> None:
@@ -103,6 +107,10 @@ class DataConfig:
             raise ConfigError(
                 "data.buckets=true needs images of many shapes from folder, csv or a map-style hf dataset "
                 "(shapes images are square; streams cannot be measured ahead)"
+            )
+        if self.crop_margin and self.dataset != "shapes":
+            raise ConfigError(
+                "data.crop_margin applies to the shapes dataset; for images use data.crop=random or data.buckets"
             )
         if self.dataset in ("folder", "csv", "hf") and not self.path:
             raise ConfigError(f"data.dataset={self.dataset} needs data.path=PATH (the images to train on)")
@@ -118,6 +126,9 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # constant | cosine | linear (after warm-up)
     lr_warmup_steps: int = 100  # linear warm-up from 0
     min_lr_ratio: float = 0.0  # final lr / peak lr for cosine and linear
+    # adamw | adafactor (factored second moments, no first: a fraction of AdamW's state) |
+    # adamw8bit (bitsandbytes' 8-bit states; needs bitsandbytes and CUDA)
+    optimizer: str = "adamw"
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 0.0
@@ -158,6 +169,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
         check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        check_choice("train.optimizer", self.optimizer, ("adamw", "adafactor", "adamw8bit"))
         check_bounds("train", self)
 
 

@@ -111,8 +111,9 @@ def assign_buckets(dataset: Dataset, resolution: int, step: int, max_aspect: flo
 def _shapes(cfg: DataConfig, train: bool, seed: int, crop: str, flip: bool) -> Dataset:
     size = cfg.train_size if train else cfg.val_size
     return ShapesDataset(
-        size, cfg.resolution, seed, "train" if train else "val", holdout=cfg.holdout, flip=flip
-    )
+        size, cfg.resolution, seed, "train" if train else "val", holdout=cfg.holdout, flip=flip,
+        crop_margin=cfg.crop_margin if train else 0,
+    )  # fmt: skip
 
 
 def _listed(cfg: DataConfig, train: bool, seed: int, crop: str, flip: bool) -> Dataset:

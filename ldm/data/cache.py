@@ -31,11 +31,16 @@ from ldm.data.transforms import split_key
 logger = logging.getLogger("ldm")
 
 
+MICRO_KEYS = ("original_size", "crop_top_left")  # per item, int64 (2,): SDXL's micro-conditioning
+
+
 class LatentDataset(Dataset):
-    """Cached posteriors: item -> {"mean": (C, h, w), "std": (C, h, w), "caption": str}.
+    """Cached posteriors: item -> {"mean": (C, h, w), "std": (C, h, w), "caption": str,
+    "original_size": (2,), "crop_top_left": (2,)} (the last two: what resize and crop did to the image).
 
     ``mean`` and ``std`` are stacked (N, C, h, w), or lists of (C, h_i, w_i) when aspect-ratio
-    buckets give items of several shapes; ``bucket_of`` carries the buckets over to the sampler.
+    buckets give items of several shapes; ``bucket_of`` carries the buckets over to the sampler;
+    ``micro`` maps each of ``MICRO_KEYS`` to (N, 2) int64.
     """
 
     def __init__(
@@ -44,22 +49,42 @@ class LatentDataset(Dataset):
         std: torch.Tensor | list[torch.Tensor],
         captions: list[str],
         bucket_of: list[int] | None = None,
+        micro: dict[str, torch.Tensor] | None = None,
     ):
-        if not (len(mean) == len(std) == len(captions)):
+        if not (len(mean) == len(std) == len(captions)) or any(
+            len(v) != len(captions) for v in (micro or {}).values()
+        ):
             raise ValueError(
-                "latent cache: mean, std and captions differ in length; delete the cache file to rebuild it"
+                "latent cache: mean, std, captions and sizes differ in length; delete the cache file to rebuild it"
             )
         self.mean, self.std, self.captions, self.bucket_of = mean, std, captions, bucket_of
+        self.micro = micro or {}
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, _ = split_key(key, len(self))
-        return {"mean": self.mean[index], "std": self.std[index], "caption": self.captions[index]}
+        item = {"mean": self.mean[index], "std": self.std[index], "caption": self.captions[index]}
+        return item | {k: v[index] for k, v in self.micro.items()}
 
 
-Posteriors = tuple["torch.Tensor | list[torch.Tensor]", "torch.Tensor | list[torch.Tensor]", list[str]]
+Posteriors = tuple[
+    "torch.Tensor | list[torch.Tensor]",
+    "torch.Tensor | list[torch.Tensor]",
+    list[str],
+    dict[str, torch.Tensor],
+]
+
+
+def item_micro(item: dict) -> list[torch.Tensor]:
+    """An item's ``MICRO_KEYS`` values; (h, w) of its pixels and (0, 0) where the dataset gives none."""
+    height, width = item["pixel_values"].shape[-2:]
+    default = {
+        "original_size": torch.tensor([height, width]),
+        "crop_top_left": torch.zeros(2, dtype=torch.long),
+    }
+    return [torch.as_tensor(item.get(k, default[k]), dtype=torch.long) for k in MICRO_KEYS]
 
 
 @torch.no_grad()
@@ -70,7 +95,8 @@ def encode_items(
     desc: str = "caching latents",
     per_item: bool = False,
 ) -> Posteriors:
-    """(means, stds, captions) of every item, encoded once (no augmentation), float32 on the CPU.
+    """(means, stds, captions, micro) of every item, encoded once (no augmentation), float32 on the CPU;
+    micro: each of ``MICRO_KEYS`` -> (N, 2) int64.
 
     Compact: ``means`` and ``stds`` are (N, C, h, w) tensors, allocated once and filled batch by
     batch; with ``per_item`` (aspect-ratio buckets: items of several shapes) lists of (C, h_i, w_i)
@@ -82,6 +108,7 @@ def encode_items(
     means: torch.Tensor | list[torch.Tensor] | None = [] if per_item else None
     stds: torch.Tensor | list[torch.Tensor] | None = [] if per_item else None
     captions: list[str] = []
+    micro: list[list[torch.Tensor]] = []
     for items in tqdm(
         item_batches(dataset, n, batch_size), total=-(-n // batch_size), desc=desc, leave=False
     ):
@@ -110,9 +137,14 @@ def encode_items(
             means += item_mean
             stds += item_std
         captions.extend(it["caption"] for it in items)
+        micro.extend(item_micro(it) for it in items)
+    sizes = {
+        k: torch.stack([m[j] for m in micro]) if micro else torch.zeros(0, 2, dtype=torch.long)
+        for j, k in enumerate(MICRO_KEYS)
+    }  # (N, 2) each
     if means is None:  # no items
-        return torch.empty(0), torch.empty(0), captions
-    return means, stds, captions
+        return torch.empty(0), torch.empty(0), captions, sizes
+    return means, stds, captions, sizes
 
 
 def nbytes(latents: LatentDataset) -> int:
@@ -128,7 +160,8 @@ def encode_dataset(
 ) -> LatentDataset:
     """Encode every item once (no augmentation); posterior mean and std in float32."""
     bucket_of = getattr(dataset, "bucket_of", None)
-    return LatentDataset(*encode_items(vae, dataset, batch_size, desc, bucket_of is not None), bucket_of)
+    mean, std, captions, micro = encode_items(vae, dataset, batch_size, desc, bucket_of is not None)
+    return LatentDataset(mean, std, captions, bucket_of, micro)
 
 
 GATHER_CHUNK_BYTES = 16 * 2**20  # rows of the cache cross between processes in pieces of about this size
@@ -155,20 +188,26 @@ def encode_sharded(
     indices = list(range(rank, n, world_size))
     bucket_of = getattr(dataset, "bucket_of", None)
     desc = f"caching latents (shard {rank}/{world_size})"
-    mean, std, captions = encode_items(vae, Subset(dataset, indices), batch_size, desc, bucket_of is not None)
-    everyone = gather_object([captions])  # one list per process, in rank order
-    ordered = [everyone[i % world_size][i // world_size] for i in range(n)]
+    mean, std, captions, sizes = encode_items(
+        vae, Subset(dataset, indices), batch_size, desc, bucket_of is not None
+    )
+    everyone = gather_object([(captions, sizes)])  # one (captions, sizes) per process, in rank order
+    ordered = [everyone[i % world_size][0][i // world_size] for i in range(n)]
+    micro = {
+        k: torch.stack([everyone[i % world_size][1][k][i // world_size] for i in range(n)]) if n else sizes[k]
+        for k in MICRO_KEYS
+    }
     if bucket_of is None:
         shapes = [s for s in gather_object([tuple(mean.shape[1:]) if len(mean) else None]) if s is not None]
         means = _gather_rows(mean, n, world_size, shapes[0], gather_tensor, device)
         del mean
         stds = _gather_rows(std, n, world_size, shapes[0], gather_tensor, device)
-        return LatentDataset(means, stds, ordered, bucket_of)
+        return LatentDataset(means, stds, ordered, bucket_of, micro)
     mean_list: list[torch.Tensor | None] = [None] * n
     std_list: list[torch.Tensor | None] = [None] * n
     for r, (m, sd) in enumerate(gather_object([(mean, std)])):  # per rank: lists of (C, h_i, w_i)
         mean_list[r::world_size], std_list[r::world_size] = m, sd
-    return LatentDataset(mean_list, std_list, ordered, bucket_of)
+    return LatentDataset(mean_list, std_list, ordered, bucket_of, micro)
 
 
 def _gather_rows(
@@ -237,14 +276,16 @@ def cached_latents(
         tensors = load_file(str(path))
         captions = json.loads(path.with_suffix(".json").read_text())
         logger.info("latent cache: loaded %d items from %s", len(captions), path)
+        micro = {k: tensors[k] for k in MICRO_KEYS if k in tensors}
         if "mean" in tensors:
-            return LatentDataset(tensors["mean"], tensors["std"], captions, bucket_of)
+            return LatentDataset(tensors["mean"], tensors["std"], captions, bucket_of, micro)
         n = len(captions)
         return LatentDataset(
             [tensors[f"mean.{i}"] for i in range(n)],
             [tensors[f"std.{i}"] for i in range(n)],
             captions,
             bucket_of,
+            micro,
         )
     if world_size > 1:
         if gather_object is None or gather_tensor is None:
@@ -263,6 +304,7 @@ def cached_latents(
             tensors = {
                 f"{k}.{i}": t.contiguous() for k in ("mean", "std") for i, t in enumerate(getattr(latents, k))
             }
+        tensors |= {k: v.contiguous() for k, v in latents.micro.items()}
         save_file(tensors, str(tmp))
         captions_tmp = path.with_name(f".{path.stem}.json.tmp")
         captions_tmp.write_text(json.dumps(latents.captions))

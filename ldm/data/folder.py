@@ -237,7 +237,8 @@ class ImageFolderDataset(Dataset):
                 logger.warning("cannot decode %s (%r); using the next image instead", path, err)
                 continue
             size = self.target_sizes[index] if self.target_sizes is not None else None
-            return {"pixel_values": self.transform(image, generator, size), "caption": text}
+            pixels, micro = self.transform.apply(image, generator, size)
+            return {"pixel_values": pixels, "caption": text, **micro}
         raise DataError(f"none of the {len(self.items)} images of {self.root} could be decoded")
 
 

@@ -213,7 +213,8 @@ class HFImageDataset(Dataset):
                 continue
             caption = pick_caption(row[self.caption_column], generator)
             size = self.target_sizes[index] if self.target_sizes is not None else None
-            return {"pixel_values": self.transform(image, generator, size), "caption": caption}
+            pixels, micro = self.transform.apply(image, generator, size)
+            return {"pixel_values": pixels, "caption": caption, **micro}
         raise DataError(f"none of the {n} images of the dataset could be decoded")
 
 
@@ -292,4 +293,5 @@ class HFStreamingDataset(IterableDataset):
                 logger.warning("cannot decode image of stream item %d (%r); skipping it", position, err)
                 continue
             caption = pick_caption(row[self.caption_column], generator)
-            yield {"pixel_values": self.transform(image, generator), "caption": caption}
+            pixels, micro = self.transform.apply(image, generator)
+            yield {"pixel_values": pixels, "caption": caption, **micro}

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ldm.core.errors import ConfigError
-from ldm.data.transforms import split_key
+from ldm.data.transforms import micro_conditions, split_key
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -146,6 +146,31 @@ def shape_specs(
     return specs
 
 
+def crop_windows(
+    seed: int, split: str, indices: np.ndarray, resolution: int, margin: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(canvas side S (N,), crop (top, left) (N, 2)) per item, int64, a pure function of (seed, split,
+    index): half the items S = R, uncropped; the others S uniform in R+1..R+margin, the R x R window at
+    a uniform position. Slots 5..7 of the item's hash (the spec takes 0..4)."""
+    u = _uniforms(seed, split, np.asarray(indices, dtype=np.int64).reshape(-1), 8)[:, 5:]  # (N, 3)
+    extra = np.where(
+        u[:, 0] < 0.5, 0, 1 + np.minimum((u[:, 0] * 2 - 1) * margin, margin - 1).astype(np.int64)
+    )
+    extra = extra if margin > 0 else np.zeros_like(extra)
+    crop = np.minimum((u[:, 1:] * (extra[:, None] + 1)).astype(np.int64), extra[:, None])  # (N, 2)
+    return resolution + extra, crop
+
+
+def cropped_spec(spec: ShapeSpec, canvas: int, top: int, left: int, resolution: int) -> ShapeSpec:
+    """The spec drawn on a ``canvas`` x ``canvas`` image, seen through its R x R window at (top, left):
+    the same shape, scaled by canvas / R and shifted (it may run off the window's edge)."""
+    scale = canvas / resolution
+    return ShapeSpec(
+        spec.color, spec.shape, spec.background, spec.size * scale,
+        spec.cx * scale - left / resolution, spec.cy * scale - top / resolution,
+    )  # fmt: skip
+
+
 def shape_spec(seed: int, split: str, index: int, holdout: Collection[str] = ()) -> ShapeSpec:
     """Item ``index`` of ``split``: (color, shape) uniform over ``allowed_combos``, background,
     size in [MIN_SIZE, MAX_SIZE] and a position keeping the shape inside the image, all uniform."""
@@ -234,6 +259,10 @@ class ShapesDataset(Dataset):
     in [-1, 1], "caption": str}``; with ``flip`` and an ``aug_seed`` the image is mirrored
     with p = 0.5 (the caption still holds). ``holdout`` lists "color shape" pairs that the
     train split never draws; the val split draws all pairs.
+
+    ``crop_margin`` > 0: half the items are drawn on a larger canvas (up to R + margin) and cropped
+    to an R x R window (``crop_windows``), so that the items' ``original_size`` and ``crop_top_left``
+    (SDXL's micro-conditioning, in every item) vary, each a pure function of the item.
     """
 
     def __init__(
@@ -244,7 +273,10 @@ class ShapesDataset(Dataset):
         split: str = "train",
         holdout: Collection[str] = (),
         flip: bool = False,
+        crop_margin: int = 0,
     ) -> None:
+        if crop_margin < 0:
+            raise ValueError(f"crop_margin must be >= 0, got {crop_margin}")
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
         allowed_combos(split, holdout)  # validates split and holdout
@@ -254,6 +286,7 @@ class ShapesDataset(Dataset):
         self.split = split
         self.holdout = tuple(holdout)
         self.flip = flip
+        self.crop_margin = crop_margin
         self._cache_enabled = size * 3 * resolution * resolution <= CACHE_MAX_BYTES
         self._chunks: dict[int, tuple[list[ShapeSpec], torch.Tensor]] = {}
         # False: keep only the newest chunk of rendered images, for one pass in order (latent caching)
@@ -265,20 +298,34 @@ class ShapesDataset(Dataset):
     def __repr__(self) -> str:
         return (
             f"ShapesDataset(size={self.size}, resolution={self.resolution}, seed={self.seed}, "
-            f"split={self.split!r}, holdout={list(self.holdout)}, flip={self.flip})"
+            f"split={self.split!r}, holdout={list(self.holdout)}, flip={self.flip}, crop_margin={self.crop_margin})"
         )
 
     def spec(self, i: int) -> ShapeSpec:
         """What item ``i`` shows (a pure function of seed, split, i and holdout)."""
         index, _ = split_key(i, self.size)
-        return shape_spec(self.seed, self.split, index, self.holdout)
+        return self.specs([index])[0]
 
     def specs(self, indices: Sequence[int] | None = None) -> list[ShapeSpec]:
-        """``spec`` for ``indices`` (default: every item), vectorised."""
+        """``spec`` for ``indices`` (default: every item), vectorised; as seen through the crop window."""
         idx = np.arange(self.size) if indices is None else np.asarray(indices, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.size):
             raise IndexError(f"indices out of range for a dataset of {self.size} items")
-        return shape_specs(self.seed, self.split, idx, self.holdout)
+        specs = shape_specs(self.seed, self.split, idx, self.holdout)
+        if not self.crop_margin:
+            return specs
+        canvas, crop = crop_windows(self.seed, self.split, idx, self.resolution, self.crop_margin)
+        return [
+            cropped_spec(spec, int(c), int(t), int(left), self.resolution)
+            for spec, c, (t, left) in zip(specs, canvas, crop, strict=True)
+        ]
+
+    def micro(self, index: int) -> dict[str, torch.Tensor]:
+        """Item ``index``'s ``original_size`` (S, S) and ``crop_top_left`` (top, left); (R, R), (0, 0) uncropped."""
+        canvas, crop = crop_windows(
+            self.seed, self.split, np.array([index]), self.resolution, self.crop_margin
+        )
+        return micro_conditions((int(canvas[0]),) * 2, (int(crop[0, 0]), int(crop[0, 1])))
 
     def _chunk(self, chunk_id: int) -> tuple[list[ShapeSpec], torch.Tensor]:
         if chunk_id not in self._chunks:
@@ -293,7 +340,7 @@ class ShapesDataset(Dataset):
         """Item ``i``'s spec and its uint8 image (3, R, R), unflipped."""
         index, _ = split_key(i, self.size)
         if not self._cache_enabled:
-            spec = shape_spec(self.seed, self.split, index, self.holdout)
+            spec = self.spec(index)
             return spec, render([spec], self.resolution)[0]
         specs, images = self._chunk(index // CACHE_CHUNK)
         return specs[index % CACHE_CHUNK], images[index % CACHE_CHUNK]
@@ -311,6 +358,10 @@ class ShapesDataset(Dataset):
         index, generator = split_key(key, self.size)
         spec, image = self.image(index)
         x = image.float().div(127.5).sub(1.0)  # (3, R, R) in [-1, 1]
+        micro = self.micro(index)
         if self.flip and generator is not None and bool(torch.rand((), generator=generator) < 0.5):
             x = x.flip(-1)
-        return {"pixel_values": x, "caption": spec.caption}
+            micro["crop_top_left"][1] = (
+                micro["original_size"][1] - self.resolution - micro["crop_top_left"][1]
+            )
+        return {"pixel_values": x, "caption": spec.caption, **micro}

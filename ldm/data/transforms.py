@@ -152,6 +152,17 @@ class ImageTransform:
     ) -> torch.Tensor:
         """-> (3, R, R), or (3, h, w) for ``size`` = (w, h) (an aspect-ratio bucket): resized to cover
         the target, then cropped to it."""
+        return self.apply(image, generator, size)[0]
+
+    def apply(
+        self,
+        image: Image.Image,
+        generator: torch.Generator | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(pixels as ``__call__``, what was done to the image): ``{"original_size": (h, w) before
+        resizing, "crop_top_left": (top, left) of the crop in the resized image}``, int64 (2,) each,
+        SDXL's micro-conditioning; a flip mirrors the crop's left edge (left -> resized width - left - w)."""
         image = to_rgb(image) if image.mode != "RGB" else image
         tw, th = size if size is not None else (self.resolution, self.resolution)
         w, h = image.size
@@ -173,4 +184,15 @@ class ImageTransform:
         x = pixels.permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, h, w) in [-1, 1]
         if self.flip and generator is not None and bool(torch.rand((), generator=generator) < 0.5):
             x = x.flip(-1)
-        return x.contiguous()
+            left = new_w - left - tw
+        return x.contiguous(), micro_conditions((h, w), (top, left))
+
+
+def micro_conditions(
+    original_size: tuple[int, int], crop_top_left: tuple[int, int]
+) -> dict[str, torch.Tensor]:
+    """An item's micro-conditioning keys: ``original_size`` (h, w) and ``crop_top_left`` (top, left)."""
+    return {
+        "original_size": torch.tensor(original_size, dtype=torch.long),
+        "crop_top_left": torch.tensor(crop_top_left, dtype=torch.long),
+    }

@@ -132,6 +132,8 @@ def latent_figures(
         generator = torch.Generator().manual_seed(0)  # every chunk: the same timesteps, so they average
         z0 = pipe.encode_images(images[start : start + s.batch_size])  # (b, C, h, w)
         cond = pipe.encode_prompt(captions[start : start + s.batch_size])
+        size = torch.tensor(images.shape[-2:])  # SDXL: uncropped images at their own size
+        cond = pipe.conditioner.with_micro(cond, size, torch.zeros(2), size)
 
         def model(z_t: torch.Tensor, t: torch.Tensor, cond=cond) -> torch.Tensor:
             return pipe.unet(z_t.to(dtype), t, **pipe.conditioner.unet_kwargs(cond)).sample

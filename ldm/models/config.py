@@ -21,17 +21,36 @@ class UNetConfig:
     norm_num_groups: int = 32
     attention: str = "auto"  # auto | sdpa | xformers | math
     gradient_checkpointing: bool = False
+    # attention heads per level (diffusers' attention_head_dim as a list; SDXL: [5, 10, 20]); None: attention_head_dim
+    heads_per_level: list[int] | None = None
+    transformer_layers_per_block: list[int] | None = None  # per level (SDXL: [1, 2, 10]); None: 1 each
+    use_linear_projection: bool = False  # linear (not 1x1 conv) projections around attention, as SD 2 / SDXL
+    addition_time_embed_dim: int = 256  # SDXL conditioner: width of each time id's Fourier embedding
 
     BOUNDS: ClassVar[dict[str, str]] = {
         "block_out_channels": ">= 1",
         "layers_per_block": ">= 1",
         "attention_head_dim": ">= 1",
         "norm_num_groups": ">= 1",
+        "heads_per_level": ">= 1",
+        "transformer_layers_per_block": ">= 1",
+        "addition_time_embed_dim": ">= 2",
     }
 
     def __post_init__(self) -> None:
         check_choice("unet.attention", self.attention, ATTENTION_BACKENDS)
         check_bounds("unet", self)
+        for key in ("heads_per_level", "transformer_layers_per_block"):
+            value = getattr(self, key)
+            if value is not None and len(value) != len(self.block_out_channels):
+                raise ConfigError(
+                    f"unet.{key} has {len(value)} entries and unet.block_out_channels {len(self.block_out_channels)}: "
+                    "give one per level"
+                )
+        if self.addition_time_embed_dim % 2:
+            raise ConfigError(
+                f"unet.addition_time_embed_dim is {self.addition_time_embed_dim}; it must be even"
+            )
         if len(self.cross_attention) != len(self.block_out_channels):
             raise ConfigError(
                 f"unet.cross_attention has {len(self.cross_attention)} entries and unet.block_out_channels "

@@ -16,7 +16,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextModel
 
@@ -59,22 +59,32 @@ def inject_adapter(model: nn.Module, config, name: str = "default") -> list[nn.P
     return params
 
 
-def add_lora(unet: UNet2DConditionModel, text_model: CLIPTextModel, cfg: LoRAConfig) -> list[nn.Parameter]:
-    """Freeze the base weights, add adapters; returns the parameters to train (the adapters')."""
+def add_lora(
+    unet: UNet2DConditionModel, text_models: list[CLIPTextModel], cfg: LoRAConfig
+) -> list[nn.Parameter]:
+    """Freeze the base weights, add adapters (to the UNet, and with ``lora.text_encoder`` to every
+    text encoder: SDXL has two); returns the parameters to train (the adapters')."""
     unet.requires_grad_(False)
     unet.add_adapter(_peft_config(cfg, cfg.target_modules))
     params = [p for p in unet.parameters() if p.requires_grad]
     if cfg.text_encoder:
-        text_model.requires_grad_(False)
-        params += inject_adapter(text_model, _peft_config(cfg, cfg.text_target_modules))
+        for text_model in text_models:
+            text_model.requires_grad_(False)
+            params += inject_adapter(text_model, _peft_config(cfg, cfg.text_target_modules))
     if not params:
         raise ValueError(f"lora.target_modules {cfg.target_modules} matched no layer of the UNet")
     return params
 
 
-def save_lora(folder: Path, unet: UNet2DConditionModel, text_model: CLIPTextModel | None) -> Path:
+def save_lora(
+    folder: Path,
+    unet: UNet2DConditionModel,
+    text_model: CLIPTextModel | None,
+    text_model_2=None,
+    sdxl: bool = False,
+) -> Path:
     """Write ``folder/pytorch_lora_weights.safetensors`` (diffusers' format, with each adapter's rank
-    and alpha as metadata), atomically."""
+    and alpha as metadata; SDXL's with the second text encoder's as well), atomically."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -88,13 +98,21 @@ def save_lora(folder: Path, unet: UNet2DConditionModel, text_model: CLIPTextMode
     text_layers, text_meta = layers_and_metadata(text_model)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    StableDiffusionPipeline.save_lora_weights(
+    kwargs = {}
+    if sdxl:
+        text_2_layers, text_2_meta = layers_and_metadata(text_model_2)
+        kwargs = {
+            "text_encoder_2_lora_layers": text_2_layers,
+            "text_encoder_2_lora_adapter_metadata": text_2_meta,
+        }
+    (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).save_lora_weights(
         tmp,
         unet_lora_layers=unet_layers,
         text_encoder_lora_layers=text_layers,
         unet_lora_adapter_metadata=unet_meta,
         text_encoder_lora_adapter_metadata=text_meta,
         safe_serialization=True,
+        **kwargs,
     )
     from ldm.core.io import replace_dir
 

@@ -1,4 +1,4 @@
-"""Exporting stage 2 as a diffusers ``StableDiffusionPipeline`` folder."""
+"""Exporting stage 2 as a diffusers ``StableDiffusionPipeline`` (SDXL: ``StableDiffusionXLPipeline``) folder."""
 
 from __future__ import annotations
 
@@ -17,5 +17,6 @@ def export_pipeline(pipe: LatentDiffusionPipeline, folder: Path) -> Path:
     ``LatentDiffusionPipeline.from_pretrained(folder)`` gives back the same images.
     """
     pipe.save_pretrained(folder)
-    logger.info("exported StableDiffusionPipeline folder to %s", folder)
+    kind = "StableDiffusionXLPipeline" if pipe.is_sdxl else "StableDiffusionPipeline"
+    logger.info("exported %s folder to %s", kind, folder)
     return Path(folder)

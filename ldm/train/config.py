@@ -14,6 +14,8 @@ from ldm.diffusion.registry import OBJECTIVES
 from ldm.models.config import LoRAConfig, UNetConfig
 from ldm.pipelines.samplers import SAMPLERS, check_sampler
 
+CONDITIONERS = ("text", "sdxl")
+
 
 @dataclass
 class SampleConfig:
@@ -96,6 +98,12 @@ class LDMRunConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(train_size=20_000, val_size=324, flip=False))
     unet: UNetConfig = field(default_factory=UNetConfig)
     text: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(max_length=16))
+    # text: one text encoder (SD 1.x/2.x); sdxl: text and text_2 (with a projection) as SDXL has them.
+    # A pretrained folder decides for itself (text_encoder_2/ makes it sdxl)
+    conditioner: str = "text"
+    text_2: TextEncoderConfig = field(
+        default_factory=lambda: TextEncoderConfig(max_length=16, with_projection=True)
+    )  # the sdxl conditioner's second encoder
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
@@ -119,6 +127,24 @@ class LDMRunConfig:
         check_choice("data.dataset", self.data.dataset, tuple(DATA_SOURCES))
         check_choice("noise.objective", self.noise.objective, tuple(OBJECTIVES))
         check_choice("text.kind", self.text.kind, tuple(TEXT_ENCODERS))
+        check_choice("conditioner", self.conditioner, CONDITIONERS)
+        if self.conditioner == "sdxl" and not self.pretrained:
+            check_choice("text_2.kind", self.text_2.kind, tuple(TEXT_ENCODERS))
+            if not self.text_2.with_projection:
+                raise ConfigError(
+                    "conditioner=sdxl: text_2.with_projection must be true (its pooled embedding)"
+                )
+            for key, text in (("text", self.text), ("text_2", self.text_2)):
+                if text.kind == "scratch" and text.num_layers < 2:
+                    raise ConfigError(
+                        f"conditioner=sdxl reads {key}'s second-to-last hidden state: set {key}.num_layers >= 2"
+                    )
+                if text.layer != "last":
+                    raise ConfigError(
+                        f"conditioner=sdxl reads hidden_states[-2] itself: leave {key}.layer=last"
+                    )
+            if self.text.max_length != self.text_2.max_length:
+                raise ConfigError("conditioner=sdxl: text.max_length and text_2.max_length must be equal")
         check_sampler(self.sample.sampler, self.noise.objective, "sample.sampler")
         if self.lora.rank and self.text.train:
             raise ConfigError(

@@ -28,7 +28,7 @@ from ldm.train.preflight import preflight
 from ldm.training.compile import compiled_for_training
 from ldm.training.ema import ema_for
 from ldm.training.loop import Stage, train_loop
-from ldm.training.optim import adamw
+from ldm.training.optim import make_optimizer
 from ldm.training.run import finish_run, resume_training, start_run
 
 logger = logging.getLogger("ldm")
@@ -58,8 +58,11 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
 
     # --- what trains, its optimizer, EMA; where the run starts -------------------------------
     trainable = setup.trainable_parameters(cfg, unet, conditioner)
+    setup.cast_frozen(cfg, unet, conditioner, trainable)
     train_text = tokens.training = conditioner.trainable
-    optimizer = adamw(trainable, tc.lr, (tc.adam_beta1, tc.adam_beta2), tc.weight_decay)
+    optimizer = make_optimizer(
+        tc.optimizer, trainable, tc.lr, (tc.adam_beta1, tc.adam_beta2), tc.weight_decay
+    )
     unet, prepared, optimizer = setup.prepare(accelerator, unet, conditioner, optimizer)
     conditions = conditioner.training_conditions(prepared, tokens)
     loss_unet = compiled_for_training(unet, tc.compile, device)  # the loss's UNet; sampling uses `unet`
@@ -67,6 +70,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     start = resume_training(accelerator, out, resume, ema, train_set, tc, cfg.data, cfg.seed)
     prompts = grid_prompts(cfg, val_set)
     setup.log_plan(cfg, trainable, train_text, objective.name, accelerator.num_processes)
+    factor = downsampling_factor(vae)
     pipeline = partial(setup.training_pipeline, vae, conditioner, accelerator.unwrap_model(unet), objective)
 
     # --- the step: one micro-batch -----------------------------------------------------------
@@ -74,7 +78,8 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         z0 = sample_latents(batch, vae, device, rng) * vae.config.scaling_factor  # (B, C, h, w)
         z0 = z0.contiguous(memory_format=memory_format)
         uniform = rng.rand_host(len(batch["caption"]))  # on the CPU: no device-to-host copy
-        kwargs = Conditioner.unet_kwargs(conditions(conditioner.drop(batch["caption"], uniform=uniform)))
+        target = (z0.shape[-2] * factor, z0.shape[-1] * factor)  # (h, w) in pixels, SDXL's target size
+        kwargs = Conditioner.unet_kwargs(conditioner.batch_conditions(conditions, batch, target, uniform))
         loss = objective.loss(lambda z_t, t: loss_unet(z_t, t, **kwargs).sample, z0, rng)
         update(loss, optimizer, trainable)
         return {"loss": torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0)}

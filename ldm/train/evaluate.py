@@ -104,7 +104,7 @@ def save_prompt_grid(pipe, prompts: list[str], cfg: LDMRunConfig, path: Path, em
     if ema is not None:
         ema.store(params)
         ema.copy_to(params)
-    modules = (pipe.unet, pipe.text_encoder)
+    modules = (pipe.unet, *pipe.text_encoders)
     modes = [m.training for m in modules]
     for m in modules:
         m.eval()

@@ -25,10 +25,11 @@ def export_and_evaluate(
     """``out/model`` (a diffusers pipeline folder; with LoRA ``out/lora``, and the merged model when
     ``lora.merge``), the scratch text encoder's ``trained_tokens.json`` (``tokens``), the final grid,
     ``report.md`` and the loss curves; returns the evaluation's figures."""
-    for module in (pipe.unet, pipe.text_encoder):
+    for module in (pipe.unet, *pipe.text_encoders):
         module.eval()
     if cfg.lora.rank:
-        save_lora(out / "lora", pipe.unet, pipe.text_encoder if cfg.lora.text_encoder else None)
+        texts = pipe.text_encoders if cfg.lora.text_encoder else [None, None]
+        save_lora(out / "lora", pipe.unet, texts[0], texts[1] if pipe.is_sdxl else None, sdxl=pipe.is_sdxl)
         logger.info("exported LoRA weights to %s", out / "lora")
     if not cfg.lora.rank or cfg.lora.merge:
         if cfg.lora.rank:

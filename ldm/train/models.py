@@ -1,8 +1,8 @@
 """The three networks of stage 2: the frozen autoencoder, the text encoder and the UNet.
 
-Fresh: the stage-1 export at ``vae``, a text encoder from ``text``, a UNet from ``unet``.
-From ``pretrained`` (a diffusers Stable Diffusion folder, ours or SD 1.x/2.x): its vae/,
-text_encoder/ + tokenizer/ and unet/.
+Fresh: the stage-1 export at ``vae``, a text encoder from ``text`` (SDXL conditioner: and one from
+``text_2``), a UNet from ``unet``. From ``pretrained`` (a diffusers Stable Diffusion folder, ours or
+SD 1.x/2.x/SDXL): its vae/, text_encoder/ + tokenizer/ (SDXL: text_encoder_2/ + tokenizer_2/) and unet/.
 """
 
 from __future__ import annotations
@@ -12,16 +12,17 @@ import logging
 from pathlib import Path
 
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTokenizer
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from conditioning import TextEncoder, build_text_encoder
+from conditioning import Conditioner, TextEncoder, build_text_encoder
+from conditioning.conditioner import sdxl_conditioner
 from ldm.core.errors import ConfigError, MissingFileError, ModelError
 from ldm.core.safe_load import check_model_folder, from_pretrained_kwargs
 from ldm.diffusion.config import BETA_SCHEDULES, PREDICTION_TYPES, NoiseConfig
 from ldm.diffusion.registry import FLOW_SCHEDULERS
 from ldm.models.autoencoder import downsampling_factor
 from ldm.models.unet import build_unet
-from ldm.pipelines.folder import PIPELINE_PARTS, check_pipeline_folder
+from ldm.pipelines.folder import PIPELINE_PARTS, check_pipeline_folder, is_sdxl_folder, pipeline_index
 from ldm.train.config import LDMRunConfig
 
 MODEL_PARTS = tuple(p for p in PIPELINE_PARTS if p != "scheduler")  # scheduler/: read when present
@@ -119,8 +120,38 @@ def check_replacement(vae: AutoencoderKL, folder: Path, original_dir: Path) -> N
     logger.info("autoencoder %s replaces %s", folder, original_dir)
 
 
-def build_models(cfg: LDMRunConfig) -> tuple[AutoencoderKL, Path, TextEncoder, UNet2DConditionModel]:
-    """(autoencoder, its folder, text encoder, UNet), checked to fit together."""
+def is_sdxl_run(cfg: LDMRunConfig) -> bool:
+    """Whether the run trains an SDXL-type model: a pretrained SDXL folder, or ``conditioner=sdxl``."""
+    return is_sdxl_folder(cfg.pretrained) if cfg.pretrained else cfg.conditioner == "sdxl"
+
+
+def make_conditioner(cfg: LDMRunConfig, encoders: list[TextEncoder]) -> Conditioner:
+    """The run's conditioner over its encoders: SDXL's for two (zeros as the unconditional input
+    unless the pretrained folder says otherwise), else the single encoder's."""
+    if len(encoders) == 1:
+        return Conditioner(encoders, cfg.text.p_uncond)
+    zeros = (
+        pipeline_index(cfg.pretrained).get("force_zeros_for_empty_prompt", True) if cfg.pretrained else True
+    )
+    return sdxl_conditioner(*encoders, p_uncond=cfg.text.p_uncond, zero_uncond=zeros)
+
+
+def _pretrained_second_encoder(cfg: LDMRunConfig) -> TextEncoder:
+    """An SDXL folder's text_encoder_2/ (a CLIPTextModelWithProjection) and tokenizer_2/, frozen
+    unless ``text.train``."""
+    root = Path(cfg.pretrained)
+    check_model_folder(root / "text_encoder_2", cfg.allow_pickle, "second text encoder")
+    model = CLIPTextModelWithProjection.from_pretrained(
+        root / "text_encoder_2", **from_pretrained_kwargs(cfg.allow_pickle)
+    ).float()
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer_2")
+    return TextEncoder(model, tokenizer, tokenizer.model_max_length, trainable=bool(cfg.text.train))
+
+
+def build_models(
+    cfg: LDMRunConfig,
+) -> tuple[AutoencoderKL, Path, list[TextEncoder], UNet2DConditionModel]:
+    """(autoencoder, its folder, text encoders, UNet), checked to fit together."""
     if cfg.pretrained:
         check_pipeline_folder(cfg.pretrained, MODEL_PARTS)
         check_model_folder(Path(cfg.pretrained) / "unet", cfg.allow_pickle, "UNet")
@@ -142,22 +173,28 @@ def build_models(cfg: LDMRunConfig) -> tuple[AutoencoderKL, Path, TextEncoder, U
             layer="last",
             max_length=max_length,
         )
-        text_encoder = build_text_encoder(text_cfg, cfg.allow_pickle)
+        encoders = [build_text_encoder(text_cfg, cfg.allow_pickle)]
+        if is_sdxl_folder(cfg.pretrained):
+            encoders.append(_pretrained_second_encoder(cfg))
         unet = UNet2DConditionModel.from_pretrained(
             Path(cfg.pretrained) / "unet", **from_pretrained_kwargs(cfg.allow_pickle)
         )
         if cfg.unet.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
     else:
-        text_encoder = build_text_encoder(cfg.text, cfg.allow_pickle)
+        encoders = [build_text_encoder(cfg.text, cfg.allow_pickle)]
+        if cfg.conditioner == "sdxl":
+            encoders.append(build_text_encoder(cfg.text_2, cfg.allow_pickle))
+        conditioner = make_conditioner(cfg, encoders)
         unet = build_unet(
-            cfg.unet, vae.config.latent_channels, cfg.data.resolution // factor, text_encoder.hidden_size
-        )
-    check_compatible(vae, text_encoder, unet)
-    return vae, vae_dir, text_encoder, unet
+            cfg.unet, vae.config.latent_channels, cfg.data.resolution // factor, conditioner.hidden_size,
+            conditioner.pooled_size,
+        )  # fmt: skip
+    check_compatible(vae, make_conditioner(cfg, encoders), unet)
+    return vae, vae_dir, encoders, unet
 
 
-def check_compatible(vae: AutoencoderKL, text_encoder: TextEncoder, unet: UNet2DConditionModel) -> None:
+def check_compatible(vae: AutoencoderKL, text_encoder: Conditioner, unet: UNet2DConditionModel) -> None:
     """Latent channels and context width must agree, with a message that says which and what to do."""
     if unet.config.in_channels != vae.config.latent_channels:
         raise ModelError(
@@ -169,4 +206,11 @@ def check_compatible(vae: AutoencoderKL, text_encoder: TextEncoder, unet: UNet2D
         raise ModelError(
             f"the text encoder gives {text_encoder.hidden_size}-wide contexts but the UNet's cross_attention_dim "
             f"is {unet.config.cross_attention_dim}"
+        )
+    added = unet.config.addition_embed_type == "text_time"
+    if added != text_encoder.micro_conditioning:
+        raise ModelError(
+            "the UNet takes SDXL's added conditioning (text_time) but the conditioner gives none"
+            if added
+            else "the conditioner gives SDXL's pooled embedding and time ids but the UNet takes none"
         )

@@ -15,7 +15,7 @@ from ldm.models.unet import set_attention_backend
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 from ldm.train.config import LDMRunConfig
 from ldm.train.data import caption_tokens
-from ldm.train.models import build_models
+from ldm.train.models import build_models, make_conditioner
 from ldm.training.run import global_batch_line
 
 logger = logging.getLogger("ldm")
@@ -25,9 +25,9 @@ def models_on_device(
     cfg: LDMRunConfig, device: torch.device, memory_format: torch.memory_format
 ) -> tuple[AutoencoderKL, Path, Conditioner, UNet2DConditionModel]:
     """(frozen autoencoder, its folder, conditioner, UNet) on ``device``, attention backend set."""
-    vae, vae_dir, text_encoder, unet = build_models(cfg)
+    vae, vae_dir, encoders, unet = build_models(cfg)
     vae.to(device).eval().requires_grad_(False)
-    conditioner = Conditioner([text_encoder.to(device)], cfg.text.p_uncond)
+    conditioner = make_conditioner(cfg, [e.to(device) for e in encoders])
     unet = unet.to(device, memory_format=memory_format)
     set_attention_backend(unet, cfg.unet.attention, device)
     return vae, vae_dir, conditioner, unet
@@ -39,10 +39,30 @@ def trainable_parameters(
     """LoRA adapters (``lora.rank`` > 0; the base weights stay frozen), or the whole UNet and, when it
     learns, the text encoder."""
     if cfg.lora.rank:
-        trainable = add_lora(unet, conditioner.encoders[0].model, cfg.lora)
+        trainable = add_lora(unet, [e.model for e in conditioner.encoders], cfg.lora)
         conditioner.trainable = cfg.lora.text_encoder  # its forward then runs with autograd
         return trainable
     return list(unet.parameters()) + (list(conditioner.parameters()) if conditioner.trainable else [])
+
+
+def cast_frozen(
+    cfg: LDMRunConfig, unet: UNet2DConditionModel, conditioner: Conditioner, trainable: list
+) -> None:
+    """Under mixed precision, keep what does not train in its half dtype (the UNet's base weights under
+    LoRA, frozen text encoders): half the memory, as diffusers' training examples do. What trains stays
+    float32 (autocast computes in the half dtype); the autoencoder stays float32 (SDXL's overflows in
+    float16)."""
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
+    if half is None:
+        return
+    modules = [e.model for e in conditioner.encoders if not e.trainable]
+    if cfg.lora.rank:
+        modules = [unet, *(e.model for e in conditioner.encoders)]
+    for module in modules:
+        module.to(half)
+    for p in trainable:  # the adapters (and anything trained inside those modules) back to float32
+        p.data = p.data.float()
+    logger.info("frozen weights kept in %s (%d modules)", half, len(modules))
 
 
 def prepare(accelerator, unet: UNet2DConditionModel, conditioner: Conditioner, optimizer):
@@ -56,7 +76,17 @@ def prepare(accelerator, unet: UNet2DConditionModel, conditioner: Conditioner, o
 def training_pipeline(vae, conditioner: Conditioner, unet, objective) -> LatentDiffusionPipeline:
     """A pipeline over the modules being trained (no copies), for grids and the export."""
     text = conditioner.encoders[0]
-    return LatentDiffusionPipeline(vae, text.model, text.tokenizer, unet, objective.scheduler_config())
+    second = {}
+    if len(conditioner.encoders) > 1:  # SDXL
+        text_2 = conditioner.encoders[1]
+        second = {
+            "text_encoder_2": text_2.model,
+            "tokenizer_2": text_2.tokenizer,
+            "force_zeros_for_empty_prompt": conditioner.zero_uncond,
+        }
+    return LatentDiffusionPipeline(
+        vae, text.model, text.tokenizer, unet, objective.scheduler_config(), **second
+    )
 
 
 class TokenRecord:

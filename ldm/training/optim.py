@@ -19,6 +19,50 @@ def adamw(
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
+def make_optimizer(
+    name: str,
+    params: Iterable[torch.nn.Parameter],
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+) -> torch.optim.Optimizer:
+    """``train.optimizer``: adamw (above); adafactor (Shazeer & Stern 2018: the second moment of an
+    (n x m) weight as a row and a column vector, n + m numbers instead of n m, and no first moment;
+    transformers' implementation at a fixed ``lr``); adamw8bit (bitsandbytes' AdamW with 8-bit
+    block-quantized states, Dettmers et al. 2022: 2 bytes a parameter instead of 8; CUDA only)."""
+    params = list(params)
+    if name == "adamw":
+        return adamw(params, lr, betas, weight_decay)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            params,
+            lr=lr,
+            weight_decay=weight_decay,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+        )
+    if name == "adamw8bit":
+        from ldm.core.errors import ConfigError
+
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ConfigError(
+                "train.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes, CUDA only); "
+                "or use train.optimizer=adafactor"
+            ) from err
+        if not params or params[0].device.type != "cuda":
+            raise ConfigError("train.optimizer=adamw8bit runs on CUDA only; use adamw or adafactor here")
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; allowed: adamw | adafactor | adamw8bit")
+
+
+OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adafactor": 0.0, "adamw8bit": 2.0}  # per parameter (adafactor: ~0)
+
+
 def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip the global gradient norm to ``max_norm`` (g <- g * min(1, max_norm / ||g||)); returns ||g||.
 
