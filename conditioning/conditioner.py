@@ -212,6 +212,17 @@ def build_conditioner(cfg: TextEncoderConfig, allow_pickle: bool = False) -> Con
     return Conditioner([build_text_encoder(cfg, allow_pickle)], cfg.p_uncond)
 
 
+def unreached_parameters(encoder: TextEncoder) -> list[nn.Parameter]:
+    """The parameters after ``encoder.hidden_layer`` (the last layers and ``final_layer_norm``), which
+    its context never reaches: SDXL's first encoder, whose pooled output is unused, trains without them."""
+    if encoder.hidden_layer is None:
+        return []
+    body = getattr(encoder.model, "text_model", encoder.model)  # transformers < 5 nests under .text_model
+    layers = list(body.encoder.layers)
+    unused = layers[len(layers) + encoder.hidden_layer + 1 :]  # hidden_states[k]: the output of layer n + k
+    return [p for m in [*unused, body.final_layer_norm] for p in m.parameters()]
+
+
 def sdxl_conditioner(
     first: TextEncoder, second: TextEncoder, p_uncond: float = 0.0, zero_uncond: bool = True
 ) -> Conditioner:
@@ -220,6 +231,8 @@ def sdxl_conditioner(
     unconditional input."""
     for encoder in (first, second):
         encoder.hidden_layer = -2
+    for p in unreached_parameters(first):  # no gradient reaches them: DDP must not wait for one
+        p.requires_grad_(False)
     if not hasattr(second.model, "text_projection"):
         raise ValueError(
             "SDXL's second text encoder must be a CLIPTextModelWithProjection (its pooled embedding)"

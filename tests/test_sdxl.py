@@ -126,3 +126,22 @@ def test_negative_micro_conditioning_rows_follow_their_prompts(pipes):
     for i in range(2):
         alone = ours(PROMPTS[i : i + 1], latents=latents()[i : i + 1], **kw).images
         np.testing.assert_allclose(both[i : i + 1], alone, rtol=0, atol=1e-5)
+
+
+def test_every_trainable_parameter_of_a_scratch_sdxl_conditioner_gets_a_gradient():
+    """DDP needs a gradient for each parameter that requires one: encoder 1's last layer and final norm
+    (past hidden_states[-2], its pooled output unused) are frozen."""
+    from conditioning import TextEncoderConfig, build_text_encoder
+    from conditioning.conditioner import sdxl_conditioner
+
+    small = dict(hidden_size=16, num_heads=2, intermediate_size=32, num_layers=2, max_length=8)
+    first = build_text_encoder(TextEncoderConfig(**small))
+    second = build_text_encoder(TextEncoderConfig(**small, with_projection=True))
+    conditioner = sdxl_conditioner(first, second)
+    cond = conditioner.encode(PROMPTS)
+    (cond["encoder_hidden_states"].sum() + cond["text_embeds"].sum()).backward()
+    trainable = [(n, p) for n, p in conditioner.named_parameters() if p.requires_grad]
+    missing = [n for n, p in trainable if p.grad is None]
+    assert trainable and not missing, missing
+    norm = lambda e: getattr(e.model, "text_model", e.model).final_layer_norm.weight  # noqa: E731
+    assert not norm(first).requires_grad and norm(second).requires_grad

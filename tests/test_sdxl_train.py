@@ -229,15 +229,15 @@ def test_sdxl_lora_under_bf16_keeps_frozen_weights_half_and_adapters_float32(
 
 def test_sdxl_img2img_inpainting_and_tiled_decoding_run(sdxl_folder):
     pipe = LatentDiffusionPipeline.from_pretrained(sdxl_folder)
-    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     mask = torch.zeros(1, 1, 32, 32)
     mask[..., :16] = 1  # generate the left half
     kw = {"num_inference_steps": 4, "seed": 0, "output_type": "pt_signed", "progress": False}
-    low = pipe.img2img(PROMPT, image, strength=0.25, **kw).images
-    high = pipe.img2img(PROMPT, image, strength=1.0, **kw).images
-    assert (low - image).abs().mean() < (high - image).abs().mean()
     latent_kw = {**kw, "output_type": "latent"}
     known = pipe.encode_images(image)  # (1, 4, 16, 16)
+    low = pipe.img2img(PROMPT, image, strength=0.25, **latent_kw).images
+    high = pipe.img2img(PROMPT, image, strength=1.0, **latent_kw).images
+    assert (low - known).abs().mean() < (high - known).abs().mean()  # low strength stays nearer the image
     painted = pipe.inpaint(PROMPT, image, mask, **latent_kw).images
     torch.testing.assert_close(
         painted[..., 10:], known[..., 10:], rtol=0, atol=1e-5
@@ -246,3 +246,47 @@ def test_sdxl_img2img_inpainting_and_tiled_decoding_run(sdxl_folder):
     plain = pipe(PROMPT, height=64, width=64, **kw).images
     pipe.enable_vae_tiling(tile_size=32)
     torch.testing.assert_close(pipe(PROMPT, height=64, width=64, **kw).images, plain, rtol=0, atol=1e-4)
+
+
+def test_dry_run_memory_estimate_counts_what_trains(tmp_path, tiny_vae_folder, sdxl_folder, capsys):
+    from ldm.cli.train_ldm import dry_run_models, main
+
+    def estimate(*extra):
+        base = [f"output_dir={tmp_path}", f"vae={tiny_vae_folder}", *SCRATCH_XL]
+        return dry_run_models(load_config(LDMRunConfig, None, [*base, *extra]))
+
+    models, full = estimate()
+    counted = sum(p.numel() for name, m in models.items() if name != "autoencoder" for p in m.parameters())
+    assert full.trained_parameters == counted  # the UNet and both scratch encoders train
+    assert (
+        full.gradients == 4 * counted and full.optimizer == 8 * counted
+    )  # float32 grads, AdamW's two moments
+    _, adafactor = estimate("train.optimizer=adafactor")
+    assert 0 < adafactor.optimizer < full.optimizer / 4
+    _, checkpointed = estimate("unet.gradient_checkpointing=true")
+    assert 0 < checkpointed.activations_per_image < full.activations_per_image
+    _, bigger = estimate("data.resolution=32")
+    assert (
+        bigger.activations_per_image > 1.5 * full.activations_per_image
+    )  # 4x the pixels (some costs are fixed)
+    # a pretrained SDXL folder under LoRA and bf16: adapters only train, the frozen weights count 2 bytes each
+    cfg = finetune_config(tmp_path, sdxl_folder, "unused", "lora.rank=4", "train.mixed_precision=bf16")
+    models, lora = dry_run_models(cfg)
+    frozen = sum(p.numel() for name, m in models.items() if name != "autoencoder" for p in m.parameters())
+    assert 0 < lora.trained_parameters < frozen / 10
+    vae = sum(p.numel() for p in models["autoencoder"].parameters())
+    assert lora.weights == 2 * (frozen - lora.trained_parameters) + 4 * lora.trained_parameters + 4 * vae
+    assert (
+        main(
+            [
+                "--config",
+                "configs/ldm/sdxl-lora.yaml",
+                f"pretrained={sdxl_folder}",
+                "data.path=unused",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "memory estimate" in out and "activations:" in out and "text encoder 2 (frozen)" in out

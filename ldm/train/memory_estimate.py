@@ -9,8 +9,9 @@ Everything is counted on the meta device (shapes and dtypes only, no memory, sec
   (n x m) matrix and 4 per vector element;
 - activations per image: the bytes autograd saves for backward in one UNet forward on one image at
   ``data.resolution`` (``torch.autograd.graph.saved_tensors_hooks``), in the compute dtype, with
-  gradient checkpointing as configured. A tensor saved by two operations counts twice, so this is
-  an upper estimate; attention is counted as memory-efficient kernels store it (flash / xformers:
+  gradient checkpointing as configured (then: what the checkpointed forward keeps, plus the largest
+  checkpointed unit's activations, recomputed during backward). A tensor saved by two operations
+  counts twice, so this is an upper estimate; attention is counted as memory-efficient kernels store it (flash / xformers:
   O(tokens), not the tokens x tokens matrix), which is what CUDA runs use.
 
 Not counted: the CUDA context and allocator slack (typically 0.5 to 1.5 GiB), the text encoders'
@@ -19,9 +20,11 @@ activations (they run once per distinct caption when frozen), and the latent and
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 GIB = 2**30
@@ -35,6 +38,7 @@ class MemoryEstimate:
     optimizer: int
     activations_per_image: int
     batch_size: int
+    trained_parameters: int = 0
 
     @property
     def total(self) -> int:
@@ -44,6 +48,7 @@ class MemoryEstimate:
         b = self.batch_size
         return [
             "# memory estimate (per process; see ldm/train/memory_estimate.py for what is counted)",
+            f"#   trained parameters: {self.trained_parameters / 1e6:.3f}M",
             f"#   weights:            {self.weights / GIB:7.2f} GiB",
             f"#   gradients:          {self.gradients / GIB:7.2f} GiB",
             f"#   optimizer state:    {self.optimizer / GIB:7.2f} GiB",
@@ -61,6 +66,38 @@ def optimizer_state_bytes(name: str, params: list[nn.Parameter]) -> int:
     return 4 * sum(p.shape[0] + p[0].numel() if p.ndim >= 2 else p.numel() for p in params)
 
 
+class _FlashAttention(torch.autograd.Function):
+    """What a memory-efficient attention kernel (flash, xformers) keeps for backward: q, k, v, the
+    output and the log-sum-exp per query, O(tokens); the meta device's SDPA would count the
+    tokens x tokens matrix of the math fallback instead."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)  # (B, H, N)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never run: the estimate only does forwards
+        raise NotImplementedError
+
+
+def _flash_sdpa(query, key, value, *args, **kwargs):
+    return _FlashAttention.apply(query, key, value)
+
+
+@contextmanager
+def memory_efficient_attention():
+    """``F.scaled_dot_product_attention`` counted as a memory-efficient kernel stores it (meta only)."""
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _flash_sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
 def saved_activation_bytes(forward) -> int:
     """Bytes of the tensors autograd saves for backward while ``forward()`` runs."""
     total = 0
@@ -70,14 +107,19 @@ def saved_activation_bytes(forward) -> int:
         total += t.numel() * t.element_size()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), memory_efficient_attention():
         forward()
     return total
 
 
+CHECKPOINT_UNITS = ("ResnetBlock2D", "BasicTransformerBlock")  # what diffusers' UNet checkpoints one by one
+
+
 def unet_activation_bytes(unet: nn.Module, latent: tuple[int, int, int], context: tuple[int, int],
                           added: dict[str, int], dtype: torch.dtype) -> int:  # fmt: skip
-    """Saved-for-backward bytes of one image through ``unet`` (on the meta device)."""
+    """Saved-for-backward bytes of one image through ``unet`` (on the meta device). With gradient
+    checkpointing: what the checkpointed forward keeps, plus the largest unit's own activations,
+    which its recomputation holds during backward."""
     z = torch.empty(1, *latent, device="meta", dtype=dtype)  # the parameters need grad, not the input
     kwargs: dict = {"encoder_hidden_states": torch.empty(1, *context, device="meta", dtype=dtype)}
     if added:
@@ -86,7 +128,47 @@ def unet_activation_bytes(unet: nn.Module, latent: tuple[int, int, int], context
         }
     t = torch.zeros(1, device="meta", dtype=torch.long)
     unet.train()
-    return saved_activation_bytes(lambda: unet(z, t, **kwargs))
+
+    def run():
+        return unet(z, t, **kwargs)
+
+    if not getattr(unet, "is_gradient_checkpointing", False):
+        return saved_activation_bytes(run)
+    kept = saved_activation_bytes(run)
+    unet.disable_gradient_checkpointing()
+    try:
+        return kept + max(_unit_bytes(unet, run), default=0)
+    finally:
+        unet.enable_gradient_checkpointing()
+
+
+def _unit_bytes(unet: nn.Module, run) -> list[int]:
+    """Saved bytes inside each checkpointed unit, in one forward without checkpointing."""
+    counts: list[int] = []
+    total = [0]
+    starts: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    def start(module, args) -> None:
+        starts[id(module)] = total[0]
+
+    def end(module, args, output) -> None:
+        counts.append(total[0] - starts[id(module)])
+
+    handles = []
+    for module in unet.modules():
+        if type(module).__name__ in CHECKPOINT_UNITS:
+            handles += [module.register_forward_pre_hook(start), module.register_forward_hook(end)]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), memory_efficient_attention():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
 
 
 def estimate(
@@ -105,6 +187,6 @@ def estimate(
         for p in module.parameters():
             weights += p.numel() * (4 if id(p) in trained else dtype_bytes)
     grads = 4 * sum(p.numel() for p in trainable)
-    return MemoryEstimate(
-        weights, grads, optimizer_state_bytes(optimizer, trainable), activations_per_image, batch_size
-    )
+    state = optimizer_state_bytes(optimizer, trainable)
+    trained_count = sum(p.numel() for p in trainable)
+    return MemoryEstimate(weights, grads, state, activations_per_image, batch_size, trained_count)
