@@ -135,7 +135,7 @@ class Conditioner(nn.Module):
             return cond
         ids = time_ids(original_size, crop_top_left, target_size)
         ids = ids.expand(len(cond[CONTEXT]), -1) if len(ids) == 1 else ids
-        return {**cond, TIME_IDS: ids.to(cond[CONTEXT].device, cond[CONTEXT].dtype)}
+        return {**cond, TIME_IDS: ids.to(cond[CONTEXT].device)}  # float32: sizes exact (the UNet embeds them)
 
     def batch_conditions(
         self,
@@ -224,15 +224,21 @@ def unreached_parameters(encoder: TextEncoder) -> list[nn.Parameter]:
 
 
 def sdxl_conditioner(
-    first: TextEncoder, second: TextEncoder, p_uncond: float = 0.0, zero_uncond: bool = True
+    first: TextEncoder,
+    second: TextEncoder,
+    p_uncond: float = 0.0,
+    zero_uncond: bool = True,
+    freeze_unreached: bool = False,
 ) -> Conditioner:
     """SDXL's conditioner: both encoders' ``hidden_states[-2]`` concatenated, the second's pooled
     projection as ``text_embeds``, ``time_ids``, and (``force_zeros_for_empty_prompt``) zeros as the
-    unconditional input."""
+    unconditional input. ``freeze_unreached`` (training): the first encoder's parameters past
+    ``hidden_states[-2]`` stop requiring gradients (``unreached_parameters``)."""
     for encoder in (first, second):
         encoder.hidden_layer = -2
-    for p in unreached_parameters(first):  # no gradient reaches them: DDP must not wait for one
-        p.requires_grad_(False)
+    if freeze_unreached:  # training: no gradient reaches them, and DDP must not wait for one
+        for p in unreached_parameters(first):
+            p.requires_grad_(False)
     if not hasattr(second.model, "text_projection"):
         raise ValueError(
             "SDXL's second text encoder must be a CLIPTextModelWithProjection (its pooled embedding)"

@@ -137,7 +137,7 @@ def test_every_trainable_parameter_of_a_scratch_sdxl_conditioner_gets_a_gradient
     small = dict(hidden_size=16, num_heads=2, intermediate_size=32, num_layers=2, max_length=8)
     first = build_text_encoder(TextEncoderConfig(**small))
     second = build_text_encoder(TextEncoderConfig(**small, with_projection=True))
-    conditioner = sdxl_conditioner(first, second)
+    conditioner = sdxl_conditioner(first, second, freeze_unreached=True)
     cond = conditioner.encode(PROMPTS)
     (cond["encoder_hidden_states"].sum() + cond["text_embeds"].sum()).backward()
     trainable = [(n, p) for n, p in conditioner.named_parameters() if p.requires_grad]

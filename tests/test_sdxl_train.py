@@ -12,6 +12,7 @@ from conftest import save_tiny_sdxl_pipeline
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
+from conditioning.conditioner import unreached_parameters
 from ldm.core.config import load_config
 from ldm.data.cache import encode_dataset
 from ldm.data.shapes import ShapesDataset
@@ -218,13 +219,26 @@ def test_sdxl_lora_under_bf16_keeps_frozen_weights_half_and_adapters_float32(
             p.dtype for e in conditioner.encoders for n, p in e.model.named_parameters() if "lora_" not in n
         }
         seen["adapters"] = {p.dtype for p in trainable}
+        unreached = {id(p) for p in unreached_parameters(conditioner.encoders[0])}
+        seen["unreached trained"] = sum(id(p) in unreached for p in trainable)
+        seen["unreached"] = len(unreached)
 
     monkeypatch.setattr(setup_module, "cast_frozen", recorded)
     cfg = finetune_config(tmp_path, sdxl_folder, mixed_folder, "lora.rank=2", "lora.text_encoder=true",
-                          "train.mixed_precision=bf16", "train.max_steps=2", "train.optimizer=adafactor")  # fmt: skip
+                          "train.mixed_precision=bf16", "train.max_steps=2", "train.optimizer=adafactor",
+                          "lora.merge=true")  # fmt: skip
     out = train_ldm(cfg)
+    unreached = seen.pop("unreached")
+    assert (
+        unreached > 0 and seen.pop("unreached trained") == 0
+    )  # adapters past hidden_states[-2] do not train
     assert seen == {"base": {torch.bfloat16}, "text": {torch.bfloat16}, "adapters": {torch.float32}}
     assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
+    merged = StableDiffusionXLPipeline.from_pretrained(
+        out / "model"
+    )  # exported in float32, as diffusers runs it
+    assert {merged.unet.dtype, merged.text_encoder.dtype, merged.text_encoder_2.dtype} == {torch.float32}
+    assert torch.isfinite(diffusers_image(merged)).all()
 
 
 def test_sdxl_img2img_inpainting_and_tiled_decoding_run(sdxl_folder):
@@ -261,8 +275,9 @@ def test_dry_run_memory_estimate_counts_what_trains(tmp_path, tiny_vae_folder, s
     assert (
         full.gradients == 4 * counted and full.optimizer == 8 * counted
     )  # float32 grads, AdamW's two moments
+    assert full.ema == 4 * counted  # train.ema_decay defaults to 0.999: a float32 copy
     _, adafactor = estimate("train.optimizer=adafactor")
-    assert 0 < adafactor.optimizer < full.optimizer / 4
+    assert 0 < adafactor.optimizer < full.optimizer / 2
     _, checkpointed = estimate("unet.gradient_checkpointing=true")
     assert 0 < checkpointed.activations_per_image < full.activations_per_image
     _, bigger = estimate("data.resolution=32")
@@ -290,3 +305,20 @@ def test_dry_run_memory_estimate_counts_what_trains(tmp_path, tiny_vae_folder, s
     )
     out = capsys.readouterr().out
     assert "memory estimate" in out and "activations:" in out and "text encoder 2 (frozen)" in out
+
+
+def test_optimizer_state_estimate_equals_the_real_optimizers_state():
+    from ldm.train.memory_estimate import optimizer_state_bytes
+    from ldm.training.optim import make_optimizer
+
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in [(8, 4, 3, 3), (16, 8), (5,)]]
+    for name in ("adamw", "adafactor"):
+        optimizer = make_optimizer(name, params, 1e-3, (0.9, 0.999), 0.0)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+        state = sum(
+            v.numel() * v.element_size()
+            for s in optimizer.state.values() for k, v in s.items() if torch.is_tensor(v) and v.ndim > 0
+        )  # fmt: skip
+        assert optimizer_state_bytes(name, params) == state, name

@@ -66,7 +66,15 @@ def dry_run_models(cfg: LDMRunConfig):
     added = {"text_embeds": conditioner.pooled_size, "time_ids": 6} if conditioner.micro_conditioning else {}
     context = (encoders[0].max_length, conditioner.hidden_size)
     activations = mem.unet_activation_bytes(unet.to(half), (channels, side, side), context, added, half)
-    estimate = mem.estimate(models, trainable, half, cfg.train.optimizer, activations, cfg.train.batch_size)
+    estimate = mem.estimate(
+        models,
+        trainable,
+        half,
+        cfg.train.optimizer,
+        activations,
+        cfg.train.batch_size,
+        cfg.train.ema_decay > 0,
+    )
     return models, estimate
 
 

@@ -32,6 +32,7 @@ logger = logging.getLogger("ldm")
 
 
 MICRO_KEYS = ("original_size", "crop_top_left")  # per item, int64 (2,): SDXL's micro-conditioning
+CACHE_FORMAT = "2: posteriors, captions, original_size, crop_top_left"
 
 
 class LatentDataset(Dataset):
@@ -251,6 +252,7 @@ def fingerprint(vae_dir: str | Path, data_config: dict[str, Any], seed: int) -> 
         h.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     h.update(json.dumps(data_config, sort_keys=True).encode())
     h.update(str(seed).encode())
+    h.update(CACHE_FORMAT.encode())  # a cache of an older format is rebuilt, not read without its keys
     return h.hexdigest()[:16]
 
 

@@ -200,7 +200,7 @@ def evaluate_pipeline(
     pipe: LatentDiffusionPipeline, dataset: Dataset, s: PipelineEvalSettings
 ) -> tuple[dict, dict[float, torch.Tensor]]:
     """(every figure of the module docstring as one JSON-ready dict, the sweep's images per scale)."""
-    for module in (pipe.unet, pipe.text_encoder):
+    for module in (pipe.unet, *pipe.text_encoders):
         module.eval()
     images, captions = held_out(dataset, max(s.num_samples, s.bound_samples))
     skipped = [m for m, off in [(ACCURACY_SKIPPED, not s.shapes), (FID_SKIPPED, s.inception_weights is None),

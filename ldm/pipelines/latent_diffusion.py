@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -375,20 +376,33 @@ class LatentDiffusionPipeline:
             sampler or self.objective.default_sampler, self.scheduler_config, self.objective.name
         )
 
+    @contextmanager
+    def _vae_precision(self):
+        """The autoencoder in float32 for the duration when it is float16 and its config says
+        ``force_upcast`` (SDXL's overflows in float16), as diffusers' SDXL pipelines do (its SD
+        pipelines do not)."""
+        dtype = self.vae.dtype
+        upcast = self.is_sdxl and dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
+        if upcast:
+            self.vae.to(torch.float32)
+        try:
+            yield
+        finally:
+            if upcast:
+                self.vae.to(dtype)
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> z_0 = scaling_factor * mean of q(z | x), (B, C, h, w)."""
-        x = images.to(self.device, self.vae.dtype)
-        return (self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor).to(self.dtype)
+        with self._vae_precision():
+            x = images.to(self.device, self.vae.dtype)
+            z = self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor
+        return z.to(self.dtype)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """z_0 (B, C, h, w) -> images (B, 3, h*f, w*f) in [-1, 1]."""
-        dtype = self.vae.dtype
-        upcast = dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
-        if upcast:  # the SDXL autoencoder overflows in float16 (its config says force_upcast)
-            self.vae.to(torch.float32)
-        try:
+        with self._vae_precision():
             z = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)
             tiling = self._tiling
             if tiling is None or max(z.shape[-2:]) <= tiling["tile"]:
@@ -397,9 +411,6 @@ class LatentDiffusionPipeline:
 
             parts = z.split(1) if self.vae.use_slicing else [z]
             return torch.cat([decode_tiled(self.vae, p, **tiling) for p in parts]).clamp(-1, 1)
-        finally:
-            if upcast:
-                self.vae.to(dtype)
 
     def _noise(self, shape: tuple[int, ...], seeds: list[int | None]) -> torch.Tensor:
         """One CPU generator per image, so an image depends on its own seed only."""

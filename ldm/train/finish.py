@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
 from torch.utils.data import Dataset
 
 from conditioning.vocabulary import save_trained_tokens
@@ -27,6 +28,7 @@ def export_and_evaluate(
     ``report.md`` and the loss curves; returns the evaluation's figures."""
     for module in (pipe.unet, *pipe.text_encoders):
         module.eval()
+        module.to(torch.float32)  # mixed precision kept frozen weights in half (cast_frozen): export float32
     if cfg.lora.rank:
         texts = pipe.text_encoders if cfg.lora.text_encoder else [None, None]
         save_lora(out / "lora", pipe.unet, texts[0], texts[1] if pipe.is_sdxl else None, sdxl=pipe.is_sdxl)

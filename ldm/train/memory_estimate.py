@@ -5,14 +5,17 @@ Everything is counted on the meta device (shapes and dtypes only, no memory, sec
 - weights: every parameter in the dtype the run keeps it in (trained ones in float32; frozen ones in
   the mixed-precision dtype, see ``ldm.train.setup.cast_frozen``; the autoencoder in float32);
 - gradients: 4 bytes per trained parameter;
-- optimizer state: AdamW 8 bytes per trained parameter, 8-bit AdamW 2, Adafactor (n + m) * 4 per
-  (n x m) matrix and 4 per vector element;
+- optimizer state: AdamW 8 bytes per trained parameter, 8-bit AdamW 2 (bitsandbytes keeps small
+  tensors' state in 32 bits: a little more), Adafactor its factored second moment (transformers'
+  shapes); an EMA (``train.ema_decay`` > 0) adds a float32 copy of the trained parameters;
 - activations per image: the bytes autograd saves for backward in one UNet forward on one image at
   ``data.resolution`` (``torch.autograd.graph.saved_tensors_hooks``), in the compute dtype, with
   gradient checkpointing as configured (then: what the checkpointed forward keeps, plus the largest
-  checkpointed unit's activations, recomputed during backward). A tensor saved by two operations
-  counts twice, so this is an upper estimate; attention is counted as memory-efficient kernels store it (flash / xformers:
-  O(tokens), not the tokens x tokens matrix), which is what CUDA runs use.
+  checkpointed unit's activations, recomputed during backward). Attention is counted as
+  memory-efficient kernels store it (flash / xformers: O(tokens), not the tokens x tokens matrix),
+  which is what CUDA runs use. An estimate, not a bound either way: a tensor saved by two operations
+  counts twice (over), and the forward runs wholly in the half dtype, where autocast would keep
+  the norms' outputs in float32 (under).
 
 Not counted: the CUDA context and allocator slack (typically 0.5 to 1.5 GiB), the text encoders'
 activations (they run once per distinct caption when frozen), and the latent and caption caches.
@@ -20,6 +23,7 @@ activations (they run once per distinct caption when frozen), and the latent and
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -39,10 +43,12 @@ class MemoryEstimate:
     activations_per_image: int
     batch_size: int
     trained_parameters: int = 0
+    ema: int = 0  # bytes of the EMA's float32 copy
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations_per_image * self.batch_size
+        per_batch = self.activations_per_image * self.batch_size
+        return self.weights + self.gradients + self.optimizer + self.ema + per_batch
 
     def lines(self) -> list[str]:
         b = self.batch_size
@@ -52,6 +58,7 @@ class MemoryEstimate:
             f"#   weights:            {self.weights / GIB:7.2f} GiB",
             f"#   gradients:          {self.gradients / GIB:7.2f} GiB",
             f"#   optimizer state:    {self.optimizer / GIB:7.2f} GiB",
+            f"#   EMA weights:        {self.ema / GIB:7.2f} GiB",
             f"#   activations:        {self.activations_per_image / GIB:7.2f} GiB per image x {b}",
             f"#   total:              {self.total / GIB:7.2f} GiB (+ CUDA context and allocator slack)",
         ]
@@ -62,8 +69,12 @@ def optimizer_state_bytes(name: str, params: list[nn.Parameter]) -> int:
         return 8 * sum(p.numel() for p in params)
     if name == "adamw8bit":
         return 2 * sum(p.numel() for p in params)
-    # adafactor: a row and a column vector per matrix (factored second moment), full for vectors
-    return 4 * sum(p.shape[0] + p[0].numel() if p.ndim >= 2 else p.numel() for p in params)
+    # adafactor (transformers'): for 2+ dims, the second moment factored over the last two dims,
+    # shape[:-1] and shape[:-2] + shape[-1:] (a conv weight (o, i, k, k): o i k + o i k); full for vectors
+    return 4 * sum(
+        math.prod(p.shape[:-1]) + math.prod(p.shape[:-2]) * p.shape[-1] if p.ndim >= 2 else p.numel()
+        for p in params
+    )
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -178,6 +189,7 @@ def estimate(
     optimizer: str,
     activations_per_image: int,
     batch_size: int,
+    ema: bool = False,
 ) -> MemoryEstimate:
     """``modules``: name -> module (on meta); ``trainable``: the parameters that train (float32)."""
     trained = {id(p) for p in trainable}
@@ -189,4 +201,12 @@ def estimate(
     grads = 4 * sum(p.numel() for p in trainable)
     state = optimizer_state_bytes(optimizer, trainable)
     trained_count = sum(p.numel() for p in trainable)
-    return MemoryEstimate(weights, grads, state, activations_per_image, batch_size, trained_count)
+    return MemoryEstimate(
+        weights,
+        grads,
+        state,
+        activations_per_image,
+        batch_size,
+        trained_count,
+        4 * trained_count if ema else 0,
+    )

@@ -133,7 +133,7 @@ def make_conditioner(cfg: LDMRunConfig, encoders: list[TextEncoder]) -> Conditio
     zeros = (
         pipeline_index(cfg.pretrained).get("force_zeros_for_empty_prompt", True) if cfg.pretrained else True
     )
-    return sdxl_conditioner(*encoders, p_uncond=cfg.text.p_uncond, zero_uncond=zeros)
+    return sdxl_conditioner(*encoders, p_uncond=cfg.text.p_uncond, zero_uncond=zeros, freeze_unreached=True)
 
 
 def _pretrained_second_encoder(cfg: LDMRunConfig) -> TextEncoder:

@@ -9,6 +9,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from conditioning import Conditioner
+from conditioning.conditioner import unreached_parameters
 from conditioning.vocabulary import load_trained_tokens
 from ldm.models.lora import add_lora
 from ldm.models.unet import set_attention_backend
@@ -41,7 +42,11 @@ def trainable_parameters(
     if cfg.lora.rank:
         trainable = add_lora(unet, [e.model for e in conditioner.encoders], cfg.lora)
         conditioner.trainable = cfg.lora.text_encoder  # its forward then runs with autograd
-        return trainable
+        unreached = {id(p) for e in conditioner.encoders for p in unreached_parameters(e)}
+        for p in trainable:  # adapters past SDXL's hidden_states[-2] would never get a gradient (DDP)
+            if id(p) in unreached:
+                p.requires_grad_(False)
+        return [p for p in trainable if id(p) not in unreached]
     return list(unet.parameters()) + (list(conditioner.parameters()) if conditioner.trainable else [])
 
 
