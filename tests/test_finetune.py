@@ -86,7 +86,7 @@ def test_full_finetune_from_a_diffusers_folder(tmp_path, sd_folder, mixed_folder
 
 def test_lora_file_loads_into_diffusers_and_ours(tmp_path, sd_folder, mixed_folder):
     cfg = finetune_config(tmp_path / "lora", sd_folder, mixed_folder, "lora.rank=4", "lora.alpha=8",
-                          "lora.text_encoder=true", "lora.merge=true")  # fmt: skip
+                          "lora.text_encoder=true", "lora.merge=true", "lora.format=both")  # fmt: skip
     out = train_ldm(cfg)
     assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
 
@@ -114,6 +114,17 @@ def test_lora_file_loads_into_diffusers_and_ours(tmp_path, sd_folder, mixed_fold
 
     merged = StableDiffusionPipeline.from_pretrained(out / "model")  # lora.merge=true: adapters fused
     torch.testing.assert_close(diffusers_image(merged), after, rtol=0, atol=1e-4)
+
+    # lora.format=both: the kohya layout (alpha 8 over rank 4 kept) gives diffusers the same images
+    from safetensors import safe_open
+
+    with safe_open(out / "lora" / "kohya_lora.safetensors", "pt") as f:
+        keys = list(f.keys())
+        alphas = {float(f.get_tensor(k)) for k in keys if k.endswith(".alpha")}
+    assert {k.split("_")[1] for k in keys} == {"unet", "te1"} and alphas == {8.0}
+    kohya = StableDiffusionPipeline.from_pretrained(sd_folder)
+    kohya.load_lora_weights(out / "lora", weight_name="kohya_lora.safetensors")
+    torch.testing.assert_close(diffusers_image(kohya), after, rtol=0, atol=1e-4)
 
 
 def test_csv_source_with_a_missing_file_and_hf_buckets(tmp_path, mixed_folder, caplog):

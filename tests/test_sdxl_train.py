@@ -84,7 +84,7 @@ def test_full_sdxl_finetune_with_buckets(tmp_path, sdxl_folder, mixed_folder, ca
 
 def test_sdxl_lora_on_unet_and_both_text_encoders(tmp_path, sdxl_folder, mixed_folder):
     cfg = finetune_config(tmp_path / "lora", sdxl_folder, mixed_folder, "lora.rank=4", "lora.alpha=8",
-                          "lora.text_encoder=true", "lora.merge=true")  # fmt: skip
+                          "lora.text_encoder=true", "lora.merge=true", "lora.format=both")  # fmt: skip
     out = train_ldm(cfg)
     from safetensors import safe_open
 
@@ -108,6 +108,12 @@ def test_sdxl_lora_on_unet_and_both_text_encoders(tmp_path, sdxl_folder, mixed_f
 
     merged = StableDiffusionXLPipeline.from_pretrained(out / "model")  # lora.merge=true: adapters fused
     torch.testing.assert_close(diffusers_image(merged), after, rtol=0, atol=1e-4)
+
+    with safe_open(out / "lora" / "kohya_lora.safetensors", "pt") as f:  # lora.format=both
+        assert {k.split("_")[1] for k in f.keys()} == {"unet", "te1", "te2"}
+    kohya = StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    kohya.load_lora_weights(out / "lora", weight_name="kohya_lora.safetensors")
+    torch.testing.assert_close(diffusers_image(kohya), after, rtol=0, atol=1e-4)
 
 
 def test_v_prediction_zero_terminal_snr_sdxl_trains_on_its_own_schedule(tmp_path, mixed_folder, caplog):

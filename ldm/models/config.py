@@ -8,6 +8,7 @@ from typing import ClassVar
 from ldm.core.config import ConfigError, check_bounds, check_choice
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "xformers", "math")
+LORA_FORMATS = ("diffusers", "kohya", "both")
 
 
 @dataclass
@@ -72,11 +73,15 @@ class LoRAConfig:
     text_encoder: bool = False  # adapters on the text encoder's attention too
     text_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
     merge: bool = False  # also export model/: the full pipeline with the adapters merged into its weights
+    # diffusers: lora/pytorch_lora_weights.safetensors; kohya: lora/kohya_lora.safetensors, the key layout of
+    # kohya sd-scripts that ComfyUI and AUTOMATIC1111 read; both: the two files
+    format: str = "diffusers"
 
     # rank: 0 is full fine-tuning
     BOUNDS: ClassVar[dict[str, str]] = {"rank": ">= 0", "alpha": "> 0", "dropout": "[0, 1)"}
 
     def __post_init__(self) -> None:
         check_bounds("lora", self)
+        check_choice("lora.format", self.format, LORA_FORMATS)
         if not self.target_modules:
             raise ConfigError("config key 'lora.target_modules' is empty; name the UNet layers to adapt")

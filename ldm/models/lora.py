@@ -23,6 +23,8 @@ from transformers import CLIPTextModel
 from ldm.models.config import LoRAConfig
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHTS = "kohya_lora.safetensors"
+KOHYA_PREFIXES = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
 
 
 def _peft_config(cfg: LoRAConfig, targets: list[str]):
@@ -118,3 +120,42 @@ def save_lora(
 
     replace_dir(tmp, folder)
     return folder
+
+
+def save_kohya_lora(
+    path: Path, unet: UNet2DConditionModel, text_model: CLIPTextModel | None, text_model_2=None
+) -> Path:
+    """Write the adapters in kohya sd-scripts' key layout (``lora_unet_*``, ``lora_te1_*``, ``lora_te2_*``
+    with ``lora_down`` / ``lora_up`` / ``alpha``), which ComfyUI, AUTOMATIC1111 and diffusers'
+    ``load_lora_weights`` read: diffusers' ``convert_state_dict_to_kohya`` on the peft state dicts, with
+    each module's ``alpha`` set to the adapter's own (diffusers writes alpha = rank). Atomic."""
+    import torch
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state: dict = {}
+    alpha = None
+    for prefix, model in (("unet", unet), ("text_encoder", text_model), ("text_encoder_2", text_model_2)):
+        if model is None or not getattr(model, "peft_config", None):
+            continue
+        config = model.peft_config["default"]
+        alpha = config.lora_alpha if alpha is None else alpha
+        if config.lora_alpha != alpha:
+            raise ValueError("kohya LoRA files carry one alpha per module; the adapters here disagree")
+        state |= {f"{prefix}.{k}": v for k, v in get_peft_model_state_dict(model).items()}
+    kohya = convert_state_dict_to_kohya(state)
+    kohya = {
+        k: (torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous()) for k, v in kohya.items()
+    }
+    rank = next(v.shape[0] for k, v in kohya.items() if "lora_down" in k)
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(kohya, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path

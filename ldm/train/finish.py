@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from conditioning.vocabulary import save_trained_tokens
 from ldm.eval.plots import plot_losses
-from ldm.models.lora import save_lora
+from ldm.models.lora import KOHYA_WEIGHTS, save_kohya_lora, save_lora
 from ldm.pipelines.export import export_pipeline
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 from ldm.train.config import LDMRunConfig
@@ -31,8 +31,13 @@ def export_and_evaluate(
         module.to(torch.float32)  # mixed precision kept frozen weights in half (cast_frozen): export float32
     if cfg.lora.rank:
         texts = pipe.text_encoders if cfg.lora.text_encoder else [None, None]
-        save_lora(out / "lora", pipe.unet, texts[0], texts[1] if pipe.is_sdxl else None, sdxl=pipe.is_sdxl)
-        logger.info("exported LoRA weights to %s", out / "lora")
+        second = texts[1] if pipe.is_sdxl else None
+        if cfg.lora.format in ("diffusers", "both"):
+            save_lora(out / "lora", pipe.unet, texts[0], second, sdxl=pipe.is_sdxl)
+            logger.info("exported LoRA weights to %s", out / "lora")
+        if cfg.lora.format in ("kohya", "both"):
+            path = save_kohya_lora(out / "lora" / KOHYA_WEIGHTS, pipe.unet, texts[0], second)
+            logger.info("exported LoRA weights in kohya's layout to %s", path)
     if not cfg.lora.rank or cfg.lora.merge:
         if cfg.lora.rank:
             pipe.fuse_lora()
