@@ -12,6 +12,7 @@ from ldm.data.build import DATA_SOURCES
 from ldm.diffusion.config import NoiseConfig
 from ldm.diffusion.registry import OBJECTIVES
 from ldm.models.config import LoRAConfig, UNetConfig
+from ldm.pipelines.prompts import read_prompt_file
 from ldm.pipelines.samplers import SAMPLERS, check_sampler
 
 CONDITIONERS = ("text", "sdxl")
@@ -25,6 +26,9 @@ class SampleConfig:
     steps: int = 20
     guidance_scale: float = 4.0
     prompts: list[str] = field(default_factory=list)  # grid prompts; empty: the first validation captions
+    # a file of grid prompts, one a line with kohya-style options (--n --l --s --d --w --h;
+    # ldm/pipelines/prompts.py); replaces `prompts`
+    prompts_file: str | None = None
     grid_prompts: int = 6  # prompts in a grid when `prompts` is empty
     grid_seeds: int = 4  # seeds per prompt in a grid
 
@@ -33,6 +37,8 @@ class SampleConfig:
     def __post_init__(self) -> None:
         check_choice("sample.sampler", self.sampler, tuple(SAMPLERS))
         check_bounds("sample", self)
+        if self.prompts_file is not None:
+            read_prompt_file(self.prompts_file)  # a bad line stops the run here, before anything loads
 
 
 @dataclass

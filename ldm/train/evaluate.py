@@ -19,6 +19,7 @@ from ldm.eval.pipeline_eval import PipelineEvalSettings, evaluate_pipeline
 from ldm.eval.report import pipeline_report
 from ldm.eval.shapes_reader import caption_accuracy
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
+from ldm.pipelines.prompts import read_prompt_file
 from ldm.train.config import LDMRunConfig
 
 logger = logging.getLogger("ldm")
@@ -26,6 +27,8 @@ logger = logging.getLogger("ldm")
 
 def grid_prompts(cfg: LDMRunConfig, val_set: Dataset) -> list[str]:
     """The prompts of the periodic sample grids: configured, else the first distinct validation captions."""
+    if cfg.sample.prompts_file:
+        return [line.prompt for line in read_prompt_file(cfg.sample.prompts_file)]
     if cfg.sample.prompts:
         return list(cfg.sample.prompts)
     prompts: list[str] = []
@@ -98,6 +101,36 @@ def evaluate_run(
     return results
 
 
+def _prompt_file_images(pipe, cfg: LDMRunConfig) -> torch.Tensor:
+    """A row of ``sample.grid_seeds`` images per line of ``sample.prompts_file``, each line with its own
+    options (the ``sample`` settings where it gives none); rows of other sizes padded to the largest."""
+    rows = []
+    for line in read_prompt_file(cfg.sample.prompts_file):
+        rows.append(
+            pipe(
+                line.prompt,
+                negative_prompt=line.negative_prompt,
+                num_images_per_prompt=cfg.sample.grid_seeds,
+                num_inference_steps=line.steps or cfg.sample.steps,
+                guidance_scale=cfg.sample.guidance_scale
+                if line.guidance_scale is None
+                else line.guidance_scale,
+                sampler=cfg.sample.sampler,
+                seed=cfg.seed if line.seed is None else line.seed,
+                width=line.width,
+                height=line.height,
+                output_type="pt_signed",
+                progress=False,
+            ).images
+        )  # (grid_seeds, 3, h_i, w_i)
+    height, width = max(r.shape[-2] for r in rows), max(r.shape[-1] for r in rows)
+    padded = [
+        torch.nn.functional.pad(r, (0, width - r.shape[-1], 0, height - r.shape[-2]), value=-1.0)
+        for r in rows
+    ]
+    return torch.cat(padded)
+
+
 @torch.no_grad()
 def save_prompt_grid(pipe, prompts: list[str], cfg: LDMRunConfig, path: Path, ema=None, params=None) -> None:
     """A grid of fixed prompts (rows) x fixed seeds (columns), with EMA weights when EMA is on."""
@@ -109,17 +142,20 @@ def save_prompt_grid(pipe, prompts: list[str], cfg: LDMRunConfig, path: Path, em
     for m in modules:
         m.eval()
     try:
-        out = pipe(
-            prompts,
-            num_images_per_prompt=cfg.sample.grid_seeds,
-            num_inference_steps=cfg.sample.steps,
-            guidance_scale=cfg.sample.guidance_scale,
-            sampler=cfg.sample.sampler,
-            seed=cfg.seed,
-            output_type="pt_signed",
-            progress=False,
-        )
-        save_grid(out.images, path, nrow=cfg.sample.grid_seeds)
+        if cfg.sample.prompts_file:
+            images = _prompt_file_images(pipe, cfg)
+        else:
+            images = pipe(
+                prompts,
+                num_images_per_prompt=cfg.sample.grid_seeds,
+                num_inference_steps=cfg.sample.steps,
+                guidance_scale=cfg.sample.guidance_scale,
+                sampler=cfg.sample.sampler,
+                seed=cfg.seed,
+                output_type="pt_signed",
+                progress=False,
+            ).images
+        save_grid(images, path, nrow=cfg.sample.grid_seeds)
     finally:
         for m, mode in zip(modules, modes, strict=True):
             m.train(mode)
