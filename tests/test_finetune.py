@@ -125,6 +125,13 @@ def test_lora_file_loads_into_diffusers_and_ours(tmp_path, sd_folder, mixed_fold
     kohya = StableDiffusionPipeline.from_pretrained(sd_folder)
     kohya.load_lora_weights(out / "lora", weight_name="kohya_lora.safetensors")
     torch.testing.assert_close(diffusers_image(kohya), after, rtol=0, atol=1e-4)
+    ours = LatentDiffusionPipeline.from_pretrained(sd_folder, channels_last=False)
+    ours.load_lora_weights(out / "lora" / "kohya_lora.safetensors")  # ours reads it through diffusers' loader
+    latents = torch.randn(1, 4, 24, 24, generator=torch.Generator().manual_seed(0))
+    mine = ours(
+        PROMPT, num_inference_steps=3, guidance_scale=3.0, sampler="ddim", latents=latents, output_type="pt"
+    )
+    torch.testing.assert_close(mine.images, after, rtol=0, atol=1e-4)
 
 
 def test_csv_source_with_a_missing_file_and_hf_buckets(tmp_path, mixed_folder, caplog):
