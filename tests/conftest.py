@@ -63,36 +63,32 @@ def tiny_autoencoder(scaling_factor: float):
     return vae
 
 
+TINY_TEXT = dict(vocab_size=49408, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 max_position_embeddings=77, pad_token_id=0, bos_token_id=49406, eos_token_id=49407)  # fmt: skip
+
+
+def tiny_diffusers_vae(sample_size: int, **config):
+    """A tiny random f=2 diffusers ``AutoencoderKL`` with 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[8, 8], down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=4,
+        sample_size=sample_size, **config,
+    )  # fmt: skip
+
+
 def save_tiny_sd_pipeline(folder):
     """A tiny SD 1.x-style pipeline (f=2 VAE, scaled_linear epsilon schedule), saved by diffusers at ``folder``."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from conditioning import build_clip_tokenizer
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=[8, 8],
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=48,
-    )
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            pad_token_id=0,
-            bos_token_id=49406,
-            eos_token_id=49407,
-        )  # fmt: skip
-    )
+    vae = tiny_diffusers_vae(48)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, **TINY_TEXT))
     unet = UNet2DConditionModel(
         sample_size=24,
         in_channels=4,
@@ -117,25 +113,17 @@ def tiny_sdxl_parts(seed: int = 0) -> dict:
     """The modules of a tiny SDXL pipeline (f=2 VAE; two CLIP text encoders, the second with a
     projection; a UNet with ``addition_embed_type="text_time"``), diffusers and transformers classes only."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from conditioning import build_clip_tokenizer
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=[8, 8],
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-        scaling_factor=0.13025,
+    vae = tiny_diffusers_vae(32, scaling_factor=0.13025)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, **TINY_TEXT))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(hidden_size=32, projection_dim=16, **TINY_TEXT)
     )
-    text = dict(vocab_size=49408, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=77, pad_token_id=0, bos_token_id=49406, eos_token_id=49407)  # fmt: skip
-    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, **text))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=16, **text))
     unet = UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
@@ -171,3 +159,53 @@ def save_tiny_sdxl_pipeline(folder, prediction_type: str = "epsilon", zero_termi
         **tiny_sdxl_parts(), scheduler=scheduler, add_watermarker=False
     ).save_pretrained(folder)
     return folder
+
+
+MIXED_SIZES = [(64, 32), (32, 64), (48, 48), (96, 40), (40, 96), (50, 50), (70, 36), (36, 70), (64, 64),
+               (80, 44), (44, 80), (56, 56)]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def mixed_folder(tmp_path_factory):
+    """12 shapes images stretched to mixed sizes and aspect ratios, captions in metadata.jsonl."""
+    import json
+
+    from PIL import Image
+
+    from ldm.data.shapes import ShapesDataset
+
+    root = tmp_path_factory.mktemp("mixed")
+    shapes = ShapesDataset(len(MIXED_SIZES), resolution=64, split="val")
+    lines = []
+    for i, size in enumerate(MIXED_SIZES):
+        spec, image = shapes.image(i)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).resize(size).save(root / f"{i:02d}.png")
+        lines.append(json.dumps({"file_name": f"{i:02d}.png", "text": spec.caption}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def finetune_config(out, pretrained, data, *extra):
+    """A 5-step fine-tune of ``pretrained`` on the folder ``data`` at 48 px with buckets, tiny evaluation."""
+    from ldm.core.config import load_config
+    from ldm.train.config import LDMRunConfig
+
+    return load_config(
+        LDMRunConfig,
+        None,
+        [f"output_dir={out}", f"pretrained={pretrained}", "data.dataset=folder", f"data.path={data}",
+         "data.resolution=48", "data.buckets=true", "data.repeats=2", "train.batch_size=2", "train.max_steps=5",
+         "train.lr=1e-2", "train.lr_warmup_steps=0", "train.ema_decay=0", "train.log_every=1",
+         "train.sample_every=0", "train.checkpoint_every=0", "sample.steps=2", "sample.grid_prompts=1",
+         "sample.grid_seeds=1", "eval.num_samples=2", "eval.batch_size=2", "train.compile=false", *extra],
+    )  # fmt: skip
+
+
+@pytest.fixture()
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state: reset it around a run with another precision."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)

@@ -1,57 +1,27 @@
 """Fine-tuning a tiny Stable Diffusion folder built with diffusers classes: full and LoRA, buckets."""
 
-import json
 import logging
 
 import pytest
 import torch
-from conftest import save_tiny_sd_pipeline
+from conftest import finetune_config, save_tiny_sd_pipeline
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from ldm.core.config import load_config
 from ldm.data import build_dataset
-from ldm.data.shapes import ShapesDataset
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 from ldm.pipelines.samplers import make_scheduler
 from ldm.train.config import LDMRunConfig
 from ldm.train.diffusion import train_ldm
 from ldm.training.loader import TrainBatches
 
-SIZES = [(64, 32), (32, 64), (48, 48), (96, 40), (40, 96), (50, 50), (70, 36), (36, 70), (64, 64), (80, 44),
-         (44, 80), (56, 56)]  # fmt: skip
 PROMPT = "a red circle on a black background"
 
 
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
     return save_tiny_sd_pipeline(tmp_path_factory.mktemp("sd") / "tiny-sd")
-
-
-@pytest.fixture(scope="module")
-def mixed_folder(tmp_path_factory):
-    """12 shapes images stretched to mixed sizes and aspect ratios, captions in metadata.jsonl."""
-    root = tmp_path_factory.mktemp("mixed")
-    shapes = ShapesDataset(len(SIZES), resolution=64, split="val")
-    lines = []
-    for i, size in enumerate(SIZES):
-        spec, image = shapes.image(i)
-        Image.fromarray(image.permute(1, 2, 0).numpy()).resize(size).save(root / f"{i:02d}.png")
-        lines.append(json.dumps({"file_name": f"{i:02d}.png", "text": spec.caption}))
-    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return root
-
-
-def finetune_config(out, sd, data, *extra) -> LDMRunConfig:
-    return load_config(
-        LDMRunConfig,
-        None,
-        [f"output_dir={out}", f"pretrained={sd}", "data.dataset=folder", f"data.path={data}",
-         "data.resolution=48", "data.buckets=true", "data.repeats=2", "train.batch_size=2", "train.max_steps=5",
-         "train.lr=1e-2", "train.lr_warmup_steps=0", "train.ema_decay=0", "train.log_every=1",
-         "train.sample_every=0", "train.checkpoint_every=0", "sample.steps=2", "sample.grid_prompts=1",
-         "sample.grid_seeds=1", "eval.num_samples=2", "eval.batch_size=2", "train.compile=false", *extra],
-    )  # fmt: skip
 
 
 def test_buckets_give_batches_of_one_shape_each(mixed_folder):

@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import finetune_config as shared_finetune_config
 from conftest import save_tiny_sdxl_pipeline
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
@@ -22,8 +23,6 @@ from ldm.pipelines.samplers import make_scheduler
 from ldm.train.config import LDMRunConfig
 from ldm.train.diffusion import train_ldm
 
-SIZES = [(64, 32), (32, 64), (48, 48), (96, 40), (40, 96), (50, 50), (70, 36), (36, 70), (64, 64), (80, 44),
-         (44, 80), (56, 56)]  # fmt: skip
 PROMPT = "a red circle on a black background"
 
 
@@ -32,31 +31,8 @@ def sdxl_folder(tmp_path_factory):
     return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
 
 
-@pytest.fixture(scope="module")
-def mixed_folder(tmp_path_factory):
-    """12 shapes images stretched to mixed sizes and aspect ratios, captions in metadata.jsonl."""
-    root = tmp_path_factory.mktemp("mixed")
-    shapes = ShapesDataset(len(SIZES), resolution=64, split="val")
-    lines = []
-    for i, size in enumerate(SIZES):
-        spec, image = shapes.image(i)
-        Image.fromarray(image.permute(1, 2, 0).numpy()).resize(size).save(root / f"{i:02d}.png")
-        lines.append(json.dumps({"file_name": f"{i:02d}.png", "text": spec.caption}))
-    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return root
-
-
 def finetune_config(out, pretrained, data, *extra) -> LDMRunConfig:
-    return load_config(
-        LDMRunConfig,
-        None,
-        [f"output_dir={out}", f"pretrained={pretrained}", "data.dataset=folder", f"data.path={data}",
-         "data.resolution=48", "data.buckets=true", "data.repeats=2", "train.batch_size=2", "train.max_steps=5",
-         "train.lr=1e-2", "train.lr_warmup_steps=0", "train.ema_decay=0", "train.log_every=1",
-         "train.sample_every=0", "train.checkpoint_every=0", "sample.steps=2", "sample.grid_prompts=1",
-         "sample.grid_seeds=1", "eval.num_samples=2", "eval.batch_size=2", "train.compile=false",
-         "preflight.samples=0", *extra],
-    )  # fmt: skip
+    return shared_finetune_config(out, pretrained, data, "preflight.samples=0", *extra)
 
 
 def diffusers_image(pipe: StableDiffusionXLPipeline) -> torch.Tensor:
@@ -151,16 +127,6 @@ def test_shapes_crop_margin_varies_size_and_crop_and_the_cache_keeps_them(tiny_v
     assert ShapesDataset(8, resolution=16)[3]["original_size"].tolist() == [16, 16]
     cached = encode_dataset(tiny_vae_module, shapes, batch_size=16)
     assert torch.equal(torch.stack([cached[i]["crop_top_left"] for i in range(64)]), crops)
-
-
-@pytest.fixture()
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state: reset it around a run with another precision."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
 
 
 @pytest.fixture(scope="module")

@@ -220,16 +220,6 @@ def test_sigterm_or_sigint_saves_a_checkpoint_and_exits_0(tmp_path, sig):
     assert step == logged[-1] >= 3  # the checkpoint holds the last step it trained
 
 
-@pytest.fixture()
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state: reset it around a run with another precision."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 def test_mixed_precision_step_goes_through_the_wrapped_forward(tmp_path, fresh_accelerate_state):
     """bf16 autocast wraps forward only: the training forward must be one module call."""
     cfg = tiny_config(

@@ -85,9 +85,9 @@ def _meta_networks(cfg: LDMRunConfig, channels: int, factor: int):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from conditioning import TextEncoder, build_clip_tokenizer, build_text_encoder
+    from conditioning import TextEncoder, build_clip_tokenizer
     from ldm.models.unet import build_unet
-    from ldm.train.models import is_sdxl_run, make_conditioner
+    from ldm.train.models import build_text_encoders, is_sdxl_run, make_conditioner
 
     if cfg.pretrained:
         root = Path(cfg.pretrained)
@@ -108,9 +108,7 @@ def _meta_networks(cfg: LDMRunConfig, channels: int, factor: int):
             for sub, cls in kinds
         ]
         return encoders, UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
-    encoders = [build_text_encoder(cfg.text)] + (
-        [build_text_encoder(cfg.text_2)] if cfg.conditioner == "sdxl" else []
-    )
+    encoders = build_text_encoders(cfg)
     conditioner = make_conditioner(cfg, encoders)
     unet = build_unet(
         cfg.unet, channels, cfg.data.resolution // factor, conditioner.hidden_size, conditioner.pooled_size

@@ -78,14 +78,11 @@ Posteriors = tuple[
 ]
 
 
-def item_micro(item: dict) -> list[torch.Tensor]:
-    """An item's ``MICRO_KEYS`` values; (h, w) of its pixels and (0, 0) where the dataset gives none."""
+def item_micro(item: dict) -> list[list[int]]:
+    """An item's ``MICRO_KEYS`` values as ints; (h, w) of its pixels and (0, 0) where the dataset gives none."""
     height, width = item["pixel_values"].shape[-2:]
-    default = {
-        "original_size": torch.tensor([height, width]),
-        "crop_top_left": torch.zeros(2, dtype=torch.long),
-    }
-    return [torch.as_tensor(item.get(k, default[k]), dtype=torch.long) for k in MICRO_KEYS]
+    default = {"original_size": [height, width], "crop_top_left": [0, 0]}
+    return [[int(v) for v in item.get(k, default[k])] for k in MICRO_KEYS]
 
 
 @torch.no_grad()
@@ -109,7 +106,9 @@ def encode_items(
     means: torch.Tensor | list[torch.Tensor] | None = [] if per_item else None
     stds: torch.Tensor | list[torch.Tensor] | None = [] if per_item else None
     captions: list[str] = []
-    micro: list[list[torch.Tensor]] = []
+    # (N, 2) int64 each, filled in place: no per-item tensors kept (thousands of small allocations
+    # between the batches' large ones fragment the heap)
+    sizes = {k: torch.zeros((n, 2), dtype=torch.long) for k in MICRO_KEYS}
     for items in tqdm(
         item_batches(dataset, n, batch_size), total=-(-n // batch_size), desc=desc, leave=False
     ):
@@ -138,11 +137,8 @@ def encode_items(
             means += item_mean
             stds += item_std
         captions.extend(it["caption"] for it in items)
-        micro.extend(item_micro(it) for it in items)
-    sizes = {
-        k: torch.stack([m[j] for m in micro]) if micro else torch.zeros(0, 2, dtype=torch.long)
-        for j, k in enumerate(MICRO_KEYS)
-    }  # (N, 2) each
+        for k, values in zip(MICRO_KEYS, zip(*(item_micro(it) for it in items), strict=True), strict=True):
+            sizes[k][start : start + len(items)] = torch.tensor(values)  # (b, 2)
     if means is None:  # no items
         return torch.empty(0), torch.empty(0), captions, sizes
     return means, stds, captions, sizes

@@ -148,6 +148,30 @@ def _pretrained_second_encoder(cfg: LDMRunConfig) -> TextEncoder:
     return TextEncoder(model, tokenizer, tokenizer.model_max_length, trainable=bool(cfg.text.train))
 
 
+def build_text_encoders(cfg: LDMRunConfig) -> list[TextEncoder]:
+    """The run's text encoders: a pretrained folder's own (SDXL: both), else those ``text`` (and, for
+    the SDXL conditioner, ``text_2``) describe."""
+    if not cfg.pretrained:
+        encoders = [build_text_encoder(cfg.text, cfg.allow_pickle)]
+        if cfg.conditioner == "sdxl":
+            encoders.append(build_text_encoder(cfg.text_2, cfg.allow_pickle))
+        return encoders
+    # the pipeline's own text encoder as it is: its context length, its last layer
+    max_length = CLIPTokenizer.from_pretrained(Path(cfg.pretrained) / "tokenizer").model_max_length
+    text_cfg = dataclasses.replace(
+        cfg.text,
+        kind="clip",
+        name_or_path=cfg.pretrained,
+        pretrained=None,
+        layer="last",
+        max_length=max_length,
+    )
+    encoders = [build_text_encoder(text_cfg, cfg.allow_pickle)]
+    if is_sdxl_folder(cfg.pretrained):
+        encoders.append(_pretrained_second_encoder(cfg))
+    return encoders
+
+
 def build_models(
     cfg: LDMRunConfig,
 ) -> tuple[AutoencoderKL, Path, list[TextEncoder], UNet2DConditionModel]:
@@ -162,35 +186,20 @@ def build_models(
             f"config key 'data.resolution' is {cfg.data.resolution}; it must be a multiple of the "
             f"downsampling factor {factor} of the autoencoder at {vae_dir}"
         )
+    encoders = build_text_encoders(cfg)
+    conditioner = make_conditioner(cfg, encoders)
     if cfg.pretrained:
-        # the pipeline's own text encoder as it is: its context length, its last layer
-        max_length = CLIPTokenizer.from_pretrained(Path(cfg.pretrained) / "tokenizer").model_max_length
-        text_cfg = dataclasses.replace(
-            cfg.text,
-            kind="clip",
-            name_or_path=cfg.pretrained,
-            pretrained=None,
-            layer="last",
-            max_length=max_length,
-        )
-        encoders = [build_text_encoder(text_cfg, cfg.allow_pickle)]
-        if is_sdxl_folder(cfg.pretrained):
-            encoders.append(_pretrained_second_encoder(cfg))
         unet = UNet2DConditionModel.from_pretrained(
             Path(cfg.pretrained) / "unet", **from_pretrained_kwargs(cfg.allow_pickle)
         )
         if cfg.unet.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
     else:
-        encoders = [build_text_encoder(cfg.text, cfg.allow_pickle)]
-        if cfg.conditioner == "sdxl":
-            encoders.append(build_text_encoder(cfg.text_2, cfg.allow_pickle))
-        conditioner = make_conditioner(cfg, encoders)
         unet = build_unet(
             cfg.unet, vae.config.latent_channels, cfg.data.resolution // factor, conditioner.hidden_size,
             conditioner.pooled_size,
         )  # fmt: skip
-    check_compatible(vae, make_conditioner(cfg, encoders), unet)
+    check_compatible(vae, conditioner, unet)
     return vae, vae_dir, encoders, unet
 
 
