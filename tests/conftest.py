@@ -109,9 +109,10 @@ def save_tiny_sd_pipeline(folder):
     return folder
 
 
-def tiny_sdxl_parts(seed: int = 0) -> dict:
-    """The modules of a tiny SDXL pipeline (f=2 VAE; two CLIP text encoders, the second with a
-    projection; a UNet with ``addition_embed_type="text_time"``), diffusers and transformers classes only."""
+def tiny_sdxl_parts(seed: int = 0, width_2: int = 32) -> dict:
+    """The modules of a tiny SDXL pipeline (f=2 VAE; two CLIP text encoders, the first 32 wide, the
+    second ``width_2`` wide with a projection; a UNet with ``addition_embed_type="text_time"``),
+    diffusers and transformers classes only."""
     import torch
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -122,7 +123,7 @@ def tiny_sdxl_parts(seed: int = 0) -> dict:
     vae = tiny_diffusers_vae(32, scaling_factor=0.13025)
     text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, **TINY_TEXT))
     text_encoder_2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(hidden_size=32, projection_dim=16, **TINY_TEXT)
+        CLIPTextConfig(hidden_size=width_2, projection_dim=16, **TINY_TEXT)
     )
     unet = UNet2DConditionModel(
         sample_size=16,
@@ -132,7 +133,7 @@ def tiny_sdxl_parts(seed: int = 0) -> dict:
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64,  # 32 + 32: both encoders' contexts side by side
+        cross_attention_dim=32 + width_2,  # both encoders' contexts side by side
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -146,9 +147,12 @@ def tiny_sdxl_parts(seed: int = 0) -> dict:
     }  # fmt: skip
 
 
-def save_tiny_sdxl_pipeline(folder, prediction_type: str = "epsilon", zero_terminal_snr: bool = False):
-    """A tiny SDXL pipeline saved by diffusers' ``StableDiffusionXLPipeline`` at ``folder``; its scheduler
-    is SDXL's (scaled_linear, leading spacing), with ``prediction_type`` and zero terminal SNR as asked."""
+def save_tiny_sdxl_pipeline(
+    folder, prediction_type: str = "epsilon", zero_terminal_snr: bool = False, width_2: int = 32
+):
+    """A tiny SDXL pipeline (``tiny_sdxl_parts``) saved by diffusers' ``StableDiffusionXLPipeline`` at
+    ``folder``; its scheduler is SDXL's (scaled_linear, leading spacing), with ``prediction_type`` and
+    zero terminal SNR as asked."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     scheduler = EulerDiscreteScheduler(
@@ -156,7 +160,7 @@ def save_tiny_sdxl_pipeline(folder, prediction_type: str = "epsilon", zero_termi
         timestep_spacing="leading", prediction_type=prediction_type, rescale_betas_zero_snr=zero_terminal_snr,
     )  # fmt: skip
     StableDiffusionXLPipeline(
-        **tiny_sdxl_parts(), scheduler=scheduler, add_watermarker=False
+        **tiny_sdxl_parts(width_2=width_2), scheduler=scheduler, add_watermarker=False
     ).save_pretrained(folder)
     return folder
 

@@ -29,15 +29,26 @@ def dry_run_models(cfg: LDMRunConfig):
     """The networks as the run would build them, on the meta device (shapes only: seconds and no
     memory, even for SDXL; a pretrained folder needs only its config files), and the memory estimate
     (``ldm.train.memory_estimate``). Without an autoencoder, sizes assume 4 latent channels and f=8."""
+    import dataclasses
     from pathlib import Path
 
     import torch
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL
 
+    from ldm.pipelines.single_file import SINGLE_FILE_SUFFIXES, config_folder
     from ldm.train import memory_estimate as mem
     from ldm.train.models import DEFAULT_VAE, make_conditioner
     from ldm.train.setup import trainable_parameters
+
+    if cfg.pretrained and Path(cfg.pretrained).suffix in SINGLE_FILE_SUFFIXES:  # its configs, no weights
+        with config_folder(Path(cfg.pretrained), cfg.pretrained_config) as folder:
+            if folder is None:
+                raise MissingFileError(
+                    f"--dry-run with the single file {cfg.pretrained} needs its configs: "
+                    "set pretrained_config=FOLDER (a diffusers folder of the same architecture)"
+                )
+            return dry_run_models(dataclasses.replace(cfg, pretrained=folder, pretrained_config=None))
 
     vae_dir = (
         Path(cfg.vae) if cfg.vae else (Path(cfg.pretrained) / "vae" if cfg.pretrained else Path(DEFAULT_VAE))
@@ -98,14 +109,11 @@ def _meta_networks(cfg: LDMRunConfig, channels: int, factor: int):
         kinds = [("text_encoder", CLIPTextModel)] + (
             [("text_encoder_2", CLIPTextModelWithProjection)] if is_sdxl_run(cfg) else []
         )
+        configs = [(CLIPTextConfig.from_pretrained(root / sub), cls) for sub, cls in kinds]
+        length = [min(77, conf.max_position_embeddings) for conf, _ in configs]  # the tokenizer's length
         encoders = [
-            TextEncoder(
-                cls(CLIPTextConfig.from_pretrained(root / sub)),
-                build_clip_tokenizer(77),
-                77,
-                bool(cfg.text.train),
-            )
-            for sub, cls in kinds
+            TextEncoder(cls(conf), build_clip_tokenizer(n), n, bool(cfg.text.train))
+            for (conf, cls), n in zip(configs, length, strict=True)
         ]
         return encoders, UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
     encoders = build_text_encoders(cfg)

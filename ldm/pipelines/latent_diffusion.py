@@ -52,6 +52,7 @@ from ldm.pipelines.inputs import (
     to_mask_tensor,
 )
 from ldm.pipelines.samplers import SAMPLERS, make_scheduler
+from ldm.pipelines.single_file import SINGLE_FILE_SUFFIXES, load_single_file, save_single_file
 
 logger = logging.getLogger("ldm")
 STEP_SEED_OFFSET = 1_000_003  # a stochastic sampler's generator per image: seed + this
@@ -127,8 +128,12 @@ class LatentDiffusionPipeline:
         channels_last: bool = True,
         vae: str | Path | AutoencoderKL | None = None,
         allow_pickle: bool = False,
+        config: str | Path | None = None,
     ) -> LatentDiffusionPipeline:
-        """Load our exported folder or a diffusers Stable Diffusion 1.x/2.x or SDXL folder.
+        """Load our exported folder or a diffusers Stable Diffusion 1.x/2.x or SDXL folder, or a
+        single-file checkpoint (``.safetensors`` in the original layout, through diffusers'
+        ``from_single_file``; ``config``: a diffusers folder with its architecture's configs, needed
+        offline unless ldm wrote the file, see ``ldm.pipelines.single_file``).
 
         ``attention``: auto (xformers when installed on CUDA, else PyTorch SDPA) | sdpa | xformers | math.
         ``compile``: ``torch.compile`` the UNet, in place (pays off on GPUs over many calls);
@@ -141,6 +146,45 @@ class LatentDiffusionPipeline:
         (``.bin``) raises ``PickleRefusedError`` unless this is True, and is then read with
         ``weights_only=True`` (``ldm.core.safe_load``).
         """
+        if Path(path).suffix in SINGLE_FILE_SUFFIXES:
+            pipe = cls._from_single_file(path, config, vae, allow_pickle)
+        else:
+            pipe = cls._from_folder(path, vae, allow_pickle)
+        pipe.to(device, dtype)
+        if channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        pipe.set_attention(attention)
+        if compile:  # in place: the module and its state dict stay as they are
+            pipe.unet.compile()
+        if compile_vae:
+            pipe.vae.decoder.compile()
+        return pipe
+
+    @classmethod
+    def _from_single_file(cls, path, config, vae, allow_pickle: bool) -> LatentDiffusionPipeline:
+        sd = load_single_file(path, config)
+        if isinstance(vae, (str, Path)):
+            check_model_folder(vae, allow_pickle, "vae")
+            vae = AutoencoderKL.from_pretrained(vae, **from_pretrained_kwargs(allow_pickle))
+        second = {}
+        if hasattr(sd, "text_encoder_2"):
+            second = {
+                "text_encoder_2": sd.text_encoder_2,
+                "tokenizer_2": sd.tokenizer_2,
+                "force_zeros_for_empty_prompt": sd.config.get("force_zeros_for_empty_prompt", True),
+            }
+        return cls(
+            vae=vae if vae is not None else sd.vae,
+            text_encoder=sd.text_encoder,
+            tokenizer=sd.tokenizer,
+            unet=sd.unet,
+            scheduler_config=dict(sd.scheduler.config),
+            **second,
+        )
+
+    @classmethod
+    def _from_folder(cls, path, vae, allow_pickle: bool) -> LatentDiffusionPipeline:
         from diffusers import DDPMScheduler
 
         root = check_pipeline_folder(path)
@@ -164,7 +208,7 @@ class LatentDiffusionPipeline:
                     "force_zeros_for_empty_prompt", True
                 ),
             }
-        pipe = cls(
+        return cls(
             vae=vae,
             text_encoder=CLIPTextModel.from_pretrained(parts["text_encoder"], **kw),
             tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
@@ -172,16 +216,6 @@ class LatentDiffusionPipeline:
             scheduler_config=DDPMScheduler.load_config(root / "scheduler"),
             **second,
         )
-        pipe.to(device, dtype)
-        if channels_last:
-            pipe.unet.to(memory_format=torch.channels_last)
-            pipe.vae.to(memory_format=torch.channels_last)
-        pipe.set_attention(attention)
-        if compile:  # in place: the module and its state dict stay as they are
-            pipe.unet.compile()
-        if compile_vae:
-            pipe.vae.decoder.compile()
-        return pipe
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Save as a diffusers ``StableDiffusionPipeline`` (SDXL: ``StableDiffusionXLPipeline``) folder
@@ -197,6 +231,11 @@ class LatentDiffusionPipeline:
         sd.save_pretrained(tmp, safe_serialization=True)
         replace_dir(tmp, folder)
         return folder
+
+    def save_single_file(self, path: str | Path, dtype: str = "fp32") -> Path:
+        """Save as one ``.safetensors`` in the original Stable Diffusion layout (what ComfyUI,
+        AUTOMATIC1111 and ``from_single_file`` read), weights in ``dtype`` (fp32 | fp16 | bf16)."""
+        return save_single_file(self, path, dtype)
 
     def as_diffusers(self):
         """A diffusers ``StableDiffusionPipeline`` (SDXL: ``StableDiffusionXLPipeline``) sharing these

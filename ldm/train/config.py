@@ -42,6 +42,19 @@ class SampleConfig:
 
 
 @dataclass
+class ExportConfig:
+    """What the run writes at the end besides ``model/`` (a diffusers folder)."""
+
+    # also model.safetensors: one file in the original Stable Diffusion layout (ComfyUI, AUTOMATIC1111,
+    # diffusers' from_single_file); with LoRA only when lora.merge=true
+    single_file: bool = False
+    dtype: str = "fp32"  # the single file's weights: fp32 | fp16 (half the size) | bf16
+
+    def __post_init__(self) -> None:
+        check_choice("export.dtype", self.dtype, ("fp32", "fp16", "bf16"))
+
+
+@dataclass
 class LDMEvalConfig:
     """The end-of-run evaluation and report (``ldm.eval``); ``ldm-eval`` takes the same keys."""
 
@@ -99,7 +112,9 @@ class LDMRunConfig:
     vae: str | None = None
     # a diffusers StableDiffusionPipeline folder to start from: its vae, text encoder, UNet and noise
     # schedule (ours, or Stable Diffusion 1.x/2.x); overrides unet, text, noise
+    # or a single-file checkpoint (.safetensors, original SD layout), converted to a folder first
     pretrained: str | None = None
+    pretrained_config: str | None = None  # a single file's diffusers configs (a folder), unless ldm wrote it
     allow_pickle: bool = False  # let pretrained weights be pickle files (read with weights_only=True)
     data: DataConfig = field(default_factory=lambda: DataConfig(train_size=20_000, val_size=324, flip=False))
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -124,6 +139,7 @@ class LDMRunConfig:
     )
     sample: SampleConfig = field(default_factory=SampleConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     eval: LDMEvalConfig = field(default_factory=LDMEvalConfig)
     cache_latents: bool = True  # encode the dataset once with the frozen autoencoder
     cache_dir: str | None = None  # keep the latent cache on disk here (None: in memory)

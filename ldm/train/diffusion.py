@@ -23,7 +23,7 @@ from ldm.train.config import LDMRunConfig
 from ldm.train.data import latent_training_set
 from ldm.train.evaluate import grid_prompts, save_prompt_grid
 from ldm.train.finish import export_and_evaluate
-from ldm.train.models import pretrained_noise
+from ldm.train.models import pretrained_folder, pretrained_noise
 from ldm.train.preflight import preflight
 from ldm.training.compile import compiled_for_training
 from ldm.training.ema import ema_for
@@ -36,6 +36,7 @@ logger = logging.getLogger("ldm")
 
 def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     """Train, export ``model/`` as a diffusers pipeline, evaluate into ``eval.json``; returns the output folder."""
+    cfg = pretrained_folder(cfg)  # a single-file pretrained: converted to a diffusers folder
     if cfg.pretrained:  # train on the noise schedule (and objective) the pretrained UNet learned
         cfg = dataclasses.replace(cfg, noise=pretrained_noise(cfg.pretrained, cfg.noise))
     tc = cfg.train

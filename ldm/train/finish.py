@@ -13,6 +13,7 @@ from ldm.eval.plots import plot_losses
 from ldm.models.lora import KOHYA_WEIGHTS, save_kohya_lora, save_lora
 from ldm.pipelines.export import export_pipeline
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
+from ldm.pipelines.single_file import SINGLE_FILE
 from ldm.train.config import LDMRunConfig
 from ldm.train.evaluate import evaluate_run, save_prompt_grid
 
@@ -23,8 +24,8 @@ def export_and_evaluate(
     pipe: LatentDiffusionPipeline, cfg: LDMRunConfig, out: Path, val_set: Dataset, prompts: list[str],
     tokens: set[int] | None,
 ) -> dict:  # fmt: skip
-    """``out/model`` (a diffusers pipeline folder; with LoRA ``out/lora``, and the merged model when
-    ``lora.merge``), the scratch text encoder's ``trained_tokens.json`` (``tokens``), the final grid,
+    """``out/model`` (a diffusers pipeline folder, and ``out/model.safetensors`` with
+    ``export.single_file``; with LoRA ``out/lora``, and the merged model when ``lora.merge``), the scratch text encoder's ``trained_tokens.json`` (``tokens``), the final grid,
     ``report.md`` and the loss curves; returns the evaluation's figures."""
     for module in (pipe.unet, *pipe.text_encoders):
         module.eval()
@@ -42,6 +43,9 @@ def export_and_evaluate(
         if cfg.lora.rank:
             pipe.fuse_lora()
         export_pipeline(pipe, out / "model")
+        if cfg.export.single_file:
+            path = pipe.save_single_file(out / SINGLE_FILE, cfg.export.dtype)
+            logger.info("exported the single file %s (%s)", path, cfg.export.dtype)
     if tokens is not None and (out / "model").exists():
         save_trained_tokens(out / "model" / "text_encoder", tokens)
     save_prompt_grid(pipe, prompts, cfg, out / "samples" / "final.png")

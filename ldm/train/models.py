@@ -3,11 +3,14 @@
 Fresh: the stage-1 export at ``vae``, a text encoder from ``text`` (SDXL conditioner: and one from
 ``text_2``), a UNet from ``unet``. From ``pretrained`` (a diffusers Stable Diffusion folder, ours or
 SD 1.x/2.x/SDXL): its vae/, text_encoder/ + tokenizer/ (SDXL: text_encoder_2/ + tokenizer_2/) and unet/.
+A single-file ``pretrained`` (``.safetensors``, original layout) is first converted to such a folder
+in the run's output folder (``pretrained_folder``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -118,6 +121,37 @@ def check_replacement(vae: AutoencoderKL, folder: Path, original_dir: Path) -> N
             folder, vae.config.scaling_factor, theirs,
         )  # fmt: skip
     logger.info("autoencoder %s replaces %s", folder, original_dir)
+
+
+def pretrained_folder(cfg: LDMRunConfig) -> LDMRunConfig:
+    """``cfg`` with a single-file ``pretrained`` replaced by a diffusers folder converted from it,
+    ``output_dir/pretrained`` (through diffusers' ``from_single_file``; ``pretrained_config``: the
+    configs for a file ldm did not write). The main process converts, once per source file (its size
+    and modification time are kept in ``source.json``); the others wait and read the result."""
+    from accelerate import PartialState
+
+    from ldm.core.io import write_json
+    from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
+    from ldm.pipelines.single_file import SINGLE_FILE_SUFFIXES
+
+    if not cfg.pretrained or Path(cfg.pretrained).suffix not in SINGLE_FILE_SUFFIXES:
+        return cfg
+    source = Path(cfg.pretrained)
+    if not source.is_file():
+        raise MissingFileError(f"pretrained={source}: no such file")
+    folder = Path(cfg.output_dir) / "pretrained"
+    stat = source.stat()
+    record = {"source": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    with PartialState().main_process_first():
+        done = folder / "source.json"
+        if not (done.is_file() and json.loads(done.read_text()) == record):
+            pipe = LatentDiffusionPipeline.from_pretrained(
+                source, config=cfg.pretrained_config, channels_last=False
+            )
+            pipe.save_pretrained(folder)
+            write_json(done, record)
+            logger.info("converted the single file %s to the diffusers folder %s", source, folder)
+    return dataclasses.replace(cfg, pretrained=str(folder), pretrained_config=None)
 
 
 def is_sdxl_run(cfg: LDMRunConfig) -> bool:
