@@ -19,6 +19,7 @@ from autoencoder.finish import export_and_evaluate
 from autoencoder.model import AutoencoderTrainingForward, decoder_last_layer, trainable_parameters
 from autoencoder.objective import autoencoder_objective, discriminator_objective
 from autoencoder.setup import autoencoder_to_train, compiled_until_gan, discriminator, perceptual_loss
+from autoencoder.validation import ImageValidation
 from ldm.data import build_dataset
 from ldm.models.autoencoder import downsampling_factor
 from ldm.training.ema import ema_for
@@ -39,6 +40,16 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     train_set = build_dataset(cfg.data, "train", cfg.seed, bucket_step=8 * factor)  # data.buckets' sides
     val_set = build_dataset(cfg.data, "val", cfg.seed)
     fixed = torch.stack([val_set[i]["pixel_values"] for i in range(min(8, len(val_set)))])
+    validation = None
+    if tc.val_every and len(val_set):
+        validation = ImageValidation(
+            val_set,
+            vae.config.latent_channels,
+            factor,
+            tc.val_items,
+            tc.val_batch_size or tc.batch_size,
+            cfg.seed,
+        )
 
     # --- discriminator, perceptual loss, optimizers, EMA -------------------------------------
     disc = discriminator(cfg, accelerator, vae.config.in_channels, memory_format)
@@ -80,9 +91,13 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
             terms.update(d_terms)
         return terms
 
+    validate = None
+    if validation is not None:
+        plain = accelerator.unwrap_model(model)
+        validate = lambda: validation(accelerator, plain, loss_cfg, last_layer, lpips, ema, params)  # noqa: E731
     stage = Stage(
         "train_vae", step, (model, disc), [(opt_ae, None), (opt_d, loss_cfg.disc_lr or tc.lr)], params,
-        sample=lambda path: save_reconstructions(vae, fixed, path), progress_key="rec_loss",
+        sample=lambda path: save_reconstructions(vae, fixed, path), validate=validate, progress_key="rec_loss",
         log_compile=tc.compile and start.step < loss_cfg.disc_start,
     )  # fmt: skip
     reached = train_loop(

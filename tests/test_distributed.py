@@ -10,6 +10,8 @@ import torch
 from conftest import NEEDS_COMPILER, tiny_autoencoder
 from safetensors.torch import load_file
 
+from ldm.training.metrics import read_metrics
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Runs a training script, then saves every prepared model of every rank when accelerate ends training.
@@ -83,6 +85,7 @@ def vae_folder(tmp_path_factory):
 @pytest.mark.parametrize("stage", ["ldm", "vae"])
 def test_two_processes_equal_one_with_the_same_global_batch(stage, tmp_path, vae_folder):
     script, args = ("train_ldm.py", [*LDM, f"vae={vae_folder}"]) if stage == "ldm" else ("train_vae.py", VAE)
+    args = [*args, "train.val_every=2", "train.val_batch_size=3"]  # the validation loss, in fixed chunks
     two, log = launch(tmp_path, script, processes=2, batch=2, args=args)
     one, _ = launch(tmp_path, script, processes=1, batch=4, args=args)
     assert "global batch 4 (2 per process x 2 processes x 1 accumulation)" in log
@@ -93,6 +96,12 @@ def test_two_processes_equal_one_with_the_same_global_batch(stage, tmp_path, vae
         rank0, rank1 = load_file(two / f"rank0-{name}"), load_file(two / f"rank1-{name}")
         assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), f"ranks differ in {name}"
         assert_close(rank0, load_file(one / f"rank0-{name}"), atol=1e-5)
+    # the validation loss of two processes is that of one (the weights agree to 1e-5, see above)
+    val = {n: [r for r in read_metrics(tmp_path / f"{Path(script).stem}-{n}" / "metrics.jsonl") if "val/loss" in r]
+           for n in (1, 2)}  # fmt: skip
+    assert [r["step"] for r in val[2]] == [r["step"] for r in val[1]] == [2, 4]
+    for a, b in zip(val[1], val[2], strict=True):
+        assert abs(a["val/loss"] - b["val/loss"]) < 1e-5 * max(1.0, abs(a["val/loss"]))
 
 
 @NEEDS_COMPILER

@@ -145,6 +145,16 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between resumable checkpoints; 0 disables
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     stop_at: int | None = None  # checkpoint and exit at this step (resume later with --resume latest)
+    # a deterministic validation loss (val/loss, metrics.jsonl and trackers) every this many steps and
+    # at the start and end; 0 disables. Fixed held-out items, fixed noise (and for stage 2 timesteps
+    # stratified over the schedule, val/loss_t* per quarter), the EMA weights when EMA is on
+    val_every: int = 200
+    val_items: int = 64  # held-out items it uses (the first of the validation split)
+    val_timesteps: int = 4  # stage 2: noise levels per item (val_items x this entries)
+    # entries per forward pass; None: batch_size. Keep it fixed to compare runs on other process counts
+    val_batch_size: int | None = None
+    # trackers (through accelerate) for the scalars and sample grids: none | tensorboard | wandb | all
+    report_to: str = "none"
 
     BOUNDS: ClassVar[dict[str, str]] = {
         "batch_size": ">= 1",
@@ -161,6 +171,10 @@ class TrainConfig:
         "ema_decay": "[0, 1)",
         "log_every": ">= 1",
         "sample_every": ">= 0",
+        "val_every": ">= 0",
+        "val_items": ">= 1",
+        "val_timesteps": ">= 1",
+        "val_batch_size": ">= 1",
         "checkpoint_every": ">= 0",
         "keep_checkpoints": ">= 1",
         "stop_at": ">= 1",
@@ -170,6 +184,7 @@ class TrainConfig:
         check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
         check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         check_choice("train.optimizer", self.optimizer, ("adamw", "adafactor", "adamw8bit"))
+        check_choice("train.report_to", self.report_to, ("none", "tensorboard", "wandb", "all"))
         check_bounds("train", self)
 
 

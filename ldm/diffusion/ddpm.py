@@ -150,3 +150,6 @@ class DDPM(Objective):
 
     def timestep_grid(self, points: int) -> Tensor:
         return torch.linspace(0, self.num_train_timesteps - 1, points).round().long()
+
+    def time_at(self, u: Tensor) -> Tensor:
+        return (u * self.num_train_timesteps).floor().long().clamp(0, self.num_train_timesteps - 1)

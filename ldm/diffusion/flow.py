@@ -114,3 +114,6 @@ class RectifiedFlow(Objective):
 
     def timestep_grid(self, points: int) -> Tensor:
         return torch.linspace(0, 1, points)
+
+    def time_at(self, u: Tensor) -> Tensor:
+        return u.float()

@@ -92,6 +92,10 @@ class Objective(ABC):
     def timestep_grid(self, points: int) -> Tensor:
         """``points`` values of t spread over the whole range (the loss-per-timestep curve)."""
 
+    @abstractmethod
+    def time_at(self, u: Tensor) -> Tensor:
+        """t at the fractions ``u`` in [0, 1) of the schedule (DDPM: floor(u T); flow: u), (B,)."""
+
     def loss_weight(self, t: Tensor) -> Tensor | None:
         """Per-sample weight w(t), (B,); None: 1."""
         return None

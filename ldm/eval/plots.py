@@ -13,7 +13,8 @@ from ldm.training.metrics import read_metrics  # noqa: E402
 
 
 def plot_losses(metrics_path: Path, png_path: Path, prefix: str = "train/") -> list[str]:
-    """One panel per logged ``prefix*`` loss term against the step; returns the keys plotted."""
+    """One panel per logged ``prefix*`` loss term against the step (``val/loss`` with the total);
+    returns the keys plotted."""
     rows = read_metrics(metrics_path)
     keys = sorted({k for r in rows for k in r if k.startswith(prefix) and "loss" in k})
     if not keys:
@@ -22,7 +23,11 @@ def plot_losses(metrics_path: Path, png_path: Path, prefix: str = "train/") -> l
     for ax, key in zip(axes[:, 0], keys, strict=True):
         pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
         if pts:
-            ax.plot(*zip(*pts, strict=True), lw=1)
+            ax.plot(*zip(*pts, strict=True), lw=1, label=key)
+        val = [(r["step"], r["val/loss"]) for r in rows if isinstance(r.get("val/loss"), (int, float))]
+        if key == f"{prefix}loss" and val:  # the validation loss on the training loss's panel
+            ax.plot(*zip(*val, strict=True), marker="o", ms=3, lw=1, label="val/loss")
+            ax.legend(fontsize=7)
         ax.set_ylabel(key.removeprefix(prefix), fontsize=8)
         if key.endswith(("rec_loss", "kl_loss", "loss")) and pts and min(v for _, v in pts) > 0:
             ax.set_yscale("log")

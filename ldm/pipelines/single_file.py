@@ -20,7 +20,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -35,8 +35,7 @@ from ldm.models.single_file import (
     vae_to_original,
 )
 
-if TYPE_CHECKING:
-    from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
+Pipeline = Any  # a LatentDiffusionPipeline (ldm.pipelines.latent_diffusion imports this module)
 
 SINGLE_FILE_SUFFIXES = (".safetensors",)
 SINGLE_FILE = "model.safetensors"  # what a training run exports with export.single_file=true
@@ -59,7 +58,7 @@ def is_open_clip_encoder(text_encoder) -> bool:
     return text_encoder.config.hidden_act == "gelu"
 
 
-def original_state_dict(pipe: LatentDiffusionPipeline) -> dict[str, torch.Tensor]:
+def original_state_dict(pipe: Pipeline) -> dict[str, torch.Tensor]:
     """The pipeline's weights in the original layout: UNet, autoencoder and text encoder(s)."""
     unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
     state = unet_to_original(unet.state_dict(), dict(unet.config))
@@ -82,7 +81,7 @@ def _tokenizer_settings(tokenizer) -> dict[str, Any]:
     }
 
 
-def pipeline_configs(pipe: LatentDiffusionPipeline) -> dict[str, Any]:
+def pipeline_configs(pipe: Pipeline) -> dict[str, Any]:
     """The diffusers configs that rebuild ``pipe`` around the weights (JSON-able)."""
     sd = pipe.as_diffusers()
     configs = {
@@ -99,7 +98,7 @@ def pipeline_configs(pipe: LatentDiffusionPipeline) -> dict[str, Any]:
     return json.loads(json.dumps(configs, default=str))
 
 
-def save_single_file(pipe: LatentDiffusionPipeline, path: str | Path, dtype: str = "fp32") -> Path:
+def save_single_file(pipe: Pipeline, path: str | Path, dtype: str = "fp32") -> Path:
     """Write ``pipe`` to ``path`` (``.safetensors``) in the original layout, weights cast to ``dtype``
     (fp32 | fp16 | bf16), through a temporary file and a rename."""
     from safetensors.torch import save_file

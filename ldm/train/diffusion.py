@@ -25,6 +25,7 @@ from ldm.train.evaluate import grid_prompts, save_prompt_grid
 from ldm.train.finish import export_and_evaluate
 from ldm.train.models import pretrained_folder, pretrained_noise
 from ldm.train.preflight import preflight
+from ldm.train.validation import LatentValidation
 from ldm.training.compile import compiled_for_training
 from ldm.training.ema import ema_for
 from ldm.training.loop import Stage, train_loop
@@ -54,6 +55,17 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     val_set = build_dataset(cfg.data, "val", cfg.seed)
     if accelerator.is_main_process:  # can the base model carry this data at all? (seconds)
         preflight(cfg, train_set, vae, vae_dir, conditioner, tokens.prior)
+    validation = None  # fixed held-out latents, encoded now (before the cache may drop the images)
+    if tc.val_every and len(val_set):
+        validation = LatentValidation(
+            val_set,
+            vae,
+            objective,
+            tc.val_items,
+            tc.val_timesteps,
+            tc.val_batch_size or tc.batch_size,
+            cfg.seed,
+        )
     if cfg.cache_latents:  # the images (and any rendered copy) are done with once cached
         train_set = latent_training_set(cfg, accelerator, vae, vae_dir, train_set)
 
@@ -82,13 +94,19 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         target = (z0.shape[-2] * factor, z0.shape[-1] * factor)  # (h, w) in pixels, SDXL's target size
         kwargs = Conditioner.unet_kwargs(conditioner.batch_conditions(conditions, batch, target, uniform))
         loss = objective.loss(lambda z_t, t: loss_unet(z_t, t, **kwargs).sample, z0, rng)
-        update(loss, optimizer, trainable)
-        return {"loss": torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0)}
+        norm = update(loss, optimizer, trainable)
+        terms = {"loss": torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0)}
+        return terms if norm is None else {**terms, "grad_norm": norm}
 
     grid = lambda path: save_prompt_grid(pipeline(), prompts, cfg, path, ema, trainable)  # noqa: E731
+    validate = None
+    if validation is not None:
+        plain_unet = accelerator.unwrap_model(unet)
+        validate = lambda: validation(accelerator, plain_unet, conditioner, ema, trainable)  # noqa: E731
     stage = Stage(
-        "train_ldm", step, (unet, prepared), [(optimizer, None)], trainable, grid, log_compile=tc.compile
-    )
+        "train_ldm", step, (unet, prepared), [(optimizer, None)], trainable, grid, validate,
+        log_compile=tc.compile,
+    )  # fmt: skip
     reached = train_loop(
         accelerator, out, tc, stage, start.batches, start.rng, start.step, start.metrics, ema
     )

@@ -2,7 +2,7 @@
 
     for each optimizer step:  lr <- train.lr * lr_multiplier(step)            (warm-up, cosine, ...)
                               for each micro-batch: terms = stage.step(...)    (accumulation)
-                              EMA update; stop signals; log; sample grid; checkpoint
+                              EMA update; stop signals; log; validation loss; sample grid; checkpoint
 
 The stage's step calls ``update(loss, optimizer, params)`` for each of its losses: backward, gradient
 clipping, the optimizer step (skipped on the device when the loss is NaN or Inf, see
@@ -34,6 +34,7 @@ from ldm.training.optim import clip_gradients
 from ldm.training.run import averaged, set_lr
 from ldm.training.schedule import lr_multiplier
 from ldm.training.signals import GracefulStop
+from ldm.training.trackers import log_image
 
 logger = logging.getLogger("ldm")
 
@@ -82,6 +83,7 @@ class Stage:
     optimizers: Sequence[tuple[torch.optim.Optimizer, float | None]]
     ema_params: list[nn.Parameter] = field(default_factory=list)  # what EMA averages
     sample: Callable[[Path], None] | None = None  # writes a sample grid (main process)
+    validate: Callable[[], dict[str, float]] | None = None  # val/* figures (every process: a collective)
     progress_key: str = "loss"  # the term shown on the progress bar
     log_compile: bool = False  # log the first step's time (compiling included)
 
@@ -111,6 +113,7 @@ def train_loop(
         counts: dict[str, int] = {}
         count, t_log = 0, time.perf_counter()
         first_step = step
+        validate = stage.validate if train.val_every else None
         for module in stage.modules:
             module.train()  # (a frozen text encoder stays in eval mode: TextEncoder.train)
         while step < stop:
@@ -136,17 +139,26 @@ def train_loop(
             if stopper.should_stop(accelerator, step % train.log_every == 0):  # checkpoint here
                 stop = step
 
+            due = validate is not None and (step % train.val_every == 0 or step == train.max_steps)
+            val = {}
+            if due:  # on all processes; its figures go into this step's line
+                t_val = time.perf_counter()
+                val = validate()
+                t_log += time.perf_counter() - t_val  # train/step_time counts training steps only
             if step % train.log_every == 0 or step == stop:
                 means = averaged(accelerator, {k: v / counts[k] for k, v in sums.items()})
                 values = {f"train/{k}": v for k, v in means.items()}
                 values.update({"train/lr": lr, "train/step_time": (time.perf_counter() - t_log) / count})
                 values["train/skipped_steps"] = update.skipped_steps()
-                metrics.write(step, values)
+                metrics.write(step, {**values, **val})
                 if f"train/{stage.progress_key}" in values:
                     progress.set_postfix({stage.progress_key: f"{values[f'train/{stage.progress_key}']:.4f}"})
                 sums, counts, count, t_log = {}, {}, 0, time.perf_counter()
+            elif val:
+                metrics.write(step, val)
             if main and stage.sample is not None and train.sample_every and step % train.sample_every == 0:
                 stage.sample(out / "samples" / f"step-{step:06d}.png")
+                log_image(accelerator, "samples", out / "samples" / f"step-{step:06d}.png", step)
             if step == stop or (train.checkpoint_every and step % train.checkpoint_every == 0):
                 state = {"data": batches.state_dict(), "rng": rng.state_dict()}
                 save_checkpoint(accelerator, out, step, state, train.keep_checkpoints, ema)

@@ -1,10 +1,11 @@
-"""One place to log training figures: ``metrics.jsonl`` lines, on the main process only."""
+"""One place to log training figures: ``metrics.jsonl`` lines (and the trackers), on the main process only."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,10 @@ class MetricsWriter:
     caller, at logging time only, so that the training step never syncs with the host.
     """
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, log: Callable[..., None] | None = None):
         self.path = Path(path)
         self.enabled = enabled
+        self.log = log  # the trackers' too (``Accelerator.log``), when the run has any
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -39,6 +41,8 @@ class MetricsWriter:
         row = {"step": step, **{k: _plain(v) for k, v in values.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.log is not None:  # numbers only (a non-finite value is text in the JSON line)
+            self.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}, step=step)
 
 
 def _plain(value: Any) -> Any:

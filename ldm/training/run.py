@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import Dataset, IterableDataset
 
 from ldm.core.config import DataConfig, TrainConfig, to_yaml
@@ -18,6 +18,7 @@ from ldm.core.randomness import StepRandom
 from ldm.training.checkpoint import load_checkpoint, resolve_checkpoint
 from ldm.training.loader import TrainBatches
 from ldm.training.metrics import MetricsWriter
+from ldm.training.trackers import init_trackers, trackers_for
 
 logger = logging.getLogger("ldm")
 
@@ -26,7 +27,10 @@ def start_run(cfg: Any, train: TrainConfig) -> tuple[Accelerator, Path]:
     """The accelerator, per-process seeds (seed + rank) and ``config.yaml`` in the output folder."""
     out = Path(cfg.output_dir)
     accelerator = Accelerator(
-        mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.gradient_accumulation_steps
+        mixed_precision=train.mixed_precision,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        log_with=trackers_for(train.report_to) or None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     set_seed(cfg.seed, device_specific=True)
     if accelerator.device.type == "cuda":  # fp32 matmuls and convolutions on TF32 tensor cores, or not
@@ -35,6 +39,7 @@ def start_run(cfg: Any, train: TrainConfig) -> tuple[Accelerator, Path]:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
+    init_trackers(accelerator, cfg, out)
     return accelerator, out
 
 
@@ -133,7 +138,11 @@ def global_batch_line(batch_size: int, processes: int, accumulation: int) -> str
 
 def metrics_writer(accelerator: Accelerator, out: Path, step: int) -> MetricsWriter:
     """``metrics.jsonl`` on the main process, without lines past ``step`` (a resumed run redoes them)."""
-    metrics = MetricsWriter(out / "metrics.jsonl", enabled=accelerator.is_main_process)
+    metrics = MetricsWriter(
+        out / "metrics.jsonl",
+        enabled=accelerator.is_main_process,
+        log=accelerator.log if accelerator.trackers else None,
+    )
     metrics.truncate_after(step)
     return metrics
 

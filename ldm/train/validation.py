@@ -1,0 +1,121 @@
+"""Stage 2's deterministic validation loss (``train.val_every``).
+
+    val/loss = mean_e || UNet(z_t(e), t(e), c(e)) - target(e) ||^2 / D
+
+over E = val_items x val_timesteps fixed entries: entry e is held-out item e mod val_items (its latent
+the posterior mean, encoded once; its caption, never dropped), at the timestep t(e) of a stratified
+draw over the whole schedule (``stratified_fractions``: one entry per 1/E of it), with its own fixed
+noise. The loss is the unweighted mean squared error of the objective's target (no min-SNR weight), so
+runs with other weightings compare. ``val/loss_t*`` are the means over each quarter of the schedule
+(DDPM: t in [0, 250), ...; flow: t in [0, 0.25), ...), where low-t and high-t behaviour shows apart.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from conditioning import Conditioner
+from conditioning.conditioner import MICRO_KEYS
+from ldm.diffusion.objective import Objective
+from ldm.training.validation import (
+    VALIDATION_SEED,
+    chunks,
+    ema_weights,
+    entry_noise,
+    eval_mode,
+    over_processes,
+    stratified_fractions,
+)
+
+BANDS = 4  # val/loss_t* over quarters of the schedule
+
+
+def band_names(objective: Objective) -> list[str]:
+    """``val/loss_t000-249``-style names of the quarters (flow: ``val/loss_t0.00-0.25``)."""
+    edges = [objective.time_at(torch.tensor([b / BANDS], dtype=torch.float64)).item() for b in range(BANDS)]
+    if objective.time_at(torch.tensor([0.5])).dtype.is_floating_point:
+        return [f"val/loss_t{b / BANDS:.2f}-{(b + 1) / BANDS:.2f}" for b in range(BANDS)]
+    ends = edges[1:] + [objective.num_train_timesteps]
+    width = len(str(objective.num_train_timesteps - 1))
+    return [f"val/loss_t{lo:0{width}d}-{hi - 1:0{width}d}" for lo, hi in zip(edges, ends, strict=True)]
+
+
+class LatentValidation:
+    """The fixed entries and their loss; ``__call__`` runs on every process (a collective) and gives
+    every process the same figures."""
+
+    def __init__(self, val_set, vae, objective: Objective, items: int, per_item: int, batch: int, seed: int):
+        self.objective = objective
+        self.batch = batch
+        self.seed = VALIDATION_SEED + seed
+        n = min(items, len(val_set))
+        self.items = [val_set[i] for i in range(n)]
+        device = next(vae.parameters()).device
+        with torch.no_grad():  # the posterior means, once: (C, h, w) each, float32
+            self.latents = [
+                vae.encode(item["pixel_values"][None].to(device, vae.dtype)).latent_dist.mean[0].float()
+                * vae.config.scaling_factor
+                for item in self.items
+            ]
+        self.entries = n * per_item
+        self.u = stratified_fractions(self.entries, self.seed)  # (E,) fractions of the schedule
+        self.names = band_names(objective)
+
+    def __len__(self) -> int:
+        return self.entries
+
+    def _chunk_losses(self, indices: range, unet, conditioner: Conditioner, autocast) -> Tensor:
+        """Per-entry losses of one chunk, (batch,) (zeros past its end)."""
+        out = torch.zeros(self.batch, dtype=torch.float64)
+        n = len(self.items)
+        groups: dict[tuple, list[int]] = {}  # entries by latent shape (buckets: sizes differ)
+        for e in indices:
+            groups.setdefault(tuple(self.latents[e % n].shape), []).append(e)
+        for shape, entries in groups.items():
+            items = [self.items[e % n] for e in entries]
+            z0 = torch.stack([self.latents[e % n] for e in entries])  # (B, C, h, w)
+            device = z0.device
+            eps = torch.stack([entry_noise(shape, self.seed, e) for e in entries]).to(device)
+            t = self.objective.time_at(self.u[list(entries)]).to(device)  # (B,)
+            factor = round(items[0]["pixel_values"].shape[-1] / shape[-1])
+            target = (shape[-2] * factor, shape[-1] * factor)
+            batch = {"caption": [item["caption"] for item in items]}
+            for key in MICRO_KEYS:
+                if key in items[0]:
+                    batch[key] = torch.stack([torch.as_tensor(item[key]) for item in items])
+            keep = torch.ones(len(entries))  # no condition dropout
+            cond = conditioner.batch_conditions(conditioner.encode, batch, target, keep)
+            z_t = self.objective.noised(z0, eps, t)
+            with autocast():
+                pred = unet(z_t, self.objective.model_timestep(t), **Conditioner.unet_kwargs(cond)).sample
+            goal = self.objective.target(z0, eps, t)
+            mse = (pred.float() - goal.float()).square().flatten(1).mean(1)  # (B,)
+            for e, value in zip(entries, mse.tolist(), strict=True):
+                out[e - indices.start] = value
+        return out
+
+    @torch.no_grad()
+    def __call__(
+        self, accelerator, unet, conditioner: Conditioner, ema=None, params=None
+    ) -> dict[str, float]:
+        """``val/loss``, ``val/loss_t*`` and ``val/time`` (seconds) for ``unet`` (the EMA weights when
+        ``ema`` is given, ``params`` being what it averages)."""
+        start = time.perf_counter()
+        parts = chunks(self.entries, self.batch)
+        with ema_weights(ema, params), eval_mode(unet, *conditioner.encoders):
+            rows = over_processes(
+                accelerator,
+                len(parts),
+                self.batch,
+                lambda c: self._chunk_losses(parts[c], unet, conditioner, accelerator.autocast),
+            )
+        losses = rows.flatten()[: self.entries].cpu()  # (E,) in entry order
+        band = (self.u * BANDS).floor().long().clamp(max=BANDS - 1)
+        values = {"val/loss": losses.mean().item()}
+        for b, name in enumerate(self.names):
+            values[name] = losses[band == b].mean().item()
+        values["val/time"] = time.perf_counter() - start
+        return values
