@@ -61,7 +61,7 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     compiled = compiled_until_gan(model, cfg, accelerator.device)  # E and D for the loss before the GAN
     ema = ema_for(params, tc.ema_decay, accelerator.device)
     last_layer = decoder_last_layer(vae)
-    start = resume_training(accelerator, out, resume, ema, train_set, tc, cfg.data, cfg.seed)
+    start = resume_training(accelerator, out, resume, ema, train_set, tc, cfg.data, cfg.seed, cfg)
     logger.info(
         "training %.2fM of %.2fM autoencoder parameters (%s, f=%d) for %d steps, %s",
         sum(p.numel() for p in params) / 1e6, sum(p.numel() for p in vae.parameters()) / 1e6,

@@ -25,6 +25,7 @@ from ldm.training.validation import (
     entry_noise,
     eval_mode,
     over_processes,
+    synchronize,
 )
 
 TERMS = ("loss", "rec_loss", "kl_loss", "perceptual_loss")
@@ -65,6 +66,7 @@ class ImageValidation:
     @torch.no_grad()
     def __call__(self, accelerator, model, loss: VAELossConfig, last_layer, lpips, ema=None, params=None):
         """``val/*`` for ``model`` (an ``AutoencoderTrainingForward``; the EMA weights when ``ema`` is given)."""
+        synchronize(accelerator.device)
         start = time.perf_counter()
         parts = chunks(len(self.images), self.batch)
         with ema_weights(ema, params), eval_mode(model):

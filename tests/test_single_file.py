@@ -231,3 +231,25 @@ def test_fine_tune_from_a_single_file_and_export_one(tmp_path, mixed_folder):
     with safe_open(str(out / SINGLE_FILE), "pt") as f:
         assert CONFIG_KEY in f.metadata()
         assert f.get_tensor("model.diffusion_model.out.2.weight").dtype == torch.float16
+
+
+def test_what_the_layout_cannot_hold_is_refused_with_what_to_do():
+    from ldm.core.config import ConfigError, load_config
+    from ldm.train.config import LDMRunConfig
+
+    pipe = meta_pipeline("v2")
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with init_empty_weights():  # OpenCLIP ViT-H whole: SD 2 readers would drop its last layer
+        pipe.text_encoder = CLIPTextModel(
+            CLIPTextConfig(**dict(ARCHITECTURES["v2"]["text"][0], num_hidden_layers=24))
+        )
+    with pytest.raises(LayoutError, match="24 layers"):
+        original_state_dict(pipe)
+    with pytest.raises(LayoutError, match="fuse"):  # unfused LoRA layers
+        unet_to_original(
+            {"down_blocks.0.attentions.0.to_q.base_layer.weight": torch.zeros(1)}, {"layers_per_block": 1}
+        )
+    with pytest.raises(ConfigError, match="lora.merge=true"):
+        load_config(LDMRunConfig, None, ["export.single_file=true", "lora.rank=4"])

@@ -174,3 +174,20 @@ def test_validation_uses_the_ema_weights(ldm_run):
     assert moved != plain
     assert abs(with_ema - plain) < 1e-9
     assert all(not torch.equal(p, b) for p, b in zip(params, before, strict=True))  # restored after
+
+
+def test_resumed_run_continues_the_tracker_without_repeating_steps(tmp_path, vae_folder):
+    first = tiny_ldm(tmp_path / "run", vae_folder, "train.report_to=tensorboard", *TRACKED, "train.stop_at=4")
+    train_ldm(first)
+    out = train_ldm(tiny_ldm(tmp_path / "run", vae_folder, "train.report_to=tensorboard", *TRACKED), "latest")
+    events = tensorboard_events(out)
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [e.step for e in events.Scalars("val/loss")] == [2, 4, 6]
+
+
+def test_wandb_run_id_is_kept_for_a_resume_only(tmp_path):
+    from ldm.training.trackers import wandb_run_id
+
+    first = wandb_run_id(tmp_path, 0)
+    assert wandb_run_id(tmp_path, 500) == first  # resumed: the same wandb run
+    assert wandb_run_id(tmp_path, 0) != first  # a new run in the same folder: a new one

@@ -34,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     with user_errors(parser):
         from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 
-        if args.config is not None and not args.model.is_file():
-            raise UserError("--config is for a single-file MODEL; a folder has its own configs")
+        if args.config is not None and args.model.suffix != ".safetensors":
+            raise UserError(
+                "--config is for a single-file MODEL (.safetensors); a folder has its own configs"
+            )
         pipe = LatentDiffusionPipeline.from_pretrained(args.model, config=args.config, channels_last=False)
         if args.single_file is not None:
             path = pipe.save_single_file(args.single_file, args.dtype)

@@ -146,7 +146,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     stop_at: int | None = None  # checkpoint and exit at this step (resume later with --resume latest)
     # a deterministic validation loss (val/loss, metrics.jsonl and trackers) every this many steps and
-    # at the start and end; 0 disables. Fixed held-out items, fixed noise (and for stage 2 timesteps
+    # at the last step; 0 disables. Fixed held-out items, fixed noise (and for stage 2 timesteps
     # stratified over the schedule, val/loss_t* per quarter), the EMA weights when EMA is on
     val_every: int = 200
     val_items: int = 64  # held-out items it uses (the first of the validation split)

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
+from ldm.core.errors import ModelError
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
@@ -55,8 +57,21 @@ OPEN_CLIP_LAYER = {
 }
 
 
-class LayoutError(ValueError):
+class LayoutError(ModelError):
     """A model the original layout has no place for (or a layout this module does not know)."""
+
+
+ADAPTER_MARKS = (".base_layer.", ".lora_A.", ".lora_B.", ".lora_embedding_", ".lora_magnitude_")
+
+
+def check_no_adapters(state: dict[str, torch.Tensor], what: str) -> None:
+    """Unfused LoRA (peft) layers have no place in the layout: fuse them first."""
+    found = [k for k in state if any(mark in k for mark in ADAPTER_MARKS)]
+    if found:
+        raise LayoutError(
+            f"the {what} has unfused LoRA layers ({found[0]}, ...): fuse them into the weights first "
+            "(pipe.fuse_lora(); or train with lora.merge=true), or export the adapters with lora.format"
+        )
 
 
 def _rename(prefix_map: list[tuple[str, str]], sub_map: dict[str, str], key: str) -> str | None:
@@ -90,8 +105,12 @@ def unet_block_prefixes(config: dict[str, Any], has_attention: set[str]) -> list
     (e.g. ``up_blocks.0``).
     """
     per = config["layers_per_block"]
-    if not isinstance(per, int):
-        raise LayoutError(f"layers_per_block={per}: the original layout needs one count for all blocks")
+    if not isinstance(per, int):  # a list: fine when all blocks have the same count
+        if len(set(per)) != 1:
+            raise LayoutError(
+                f"layers_per_block={list(per)}: the original layout needs one count for all blocks"
+            )
+        per = per[0]
     if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
         raise LayoutError(
             f"mid_block_type={config['mid_block_type']}: the original layout needs a cross-attention middle"
@@ -117,6 +136,7 @@ def unet_block_prefixes(config: dict[str, Any], has_attention: set[str]) -> list
 
 def unet_to_original(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """A ``UNet2DConditionModel`` state dict in the original layout (``model.diffusion_model.*``)."""
+    check_no_adapters(state, "UNet")
     layers = dict(DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"])
     if config.get("addition_embed_type") == "text_time":  # SDXL's pooled text + size/crop embedding
         layers.update(DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"])
@@ -183,6 +203,7 @@ def hf_clip_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def clip_to_original(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """A transformers CLIP text model in the SD 1.x / SDXL-first-encoder layout: the Hugging Face
     names (``text_model.*``) under ``prefix`` (``convert_ldm_clip_checkpoint`` only strips it)."""
+    check_no_adapters(state, "text encoder")
     return {prefix + key: value for key, value in hf_clip_names(state).items()}
 
 
@@ -190,6 +211,7 @@ def open_clip_to_original(state: dict[str, torch.Tensor], prefix: str) -> dict[s
     """A transformers CLIP text model in OpenCLIP's names (SD 2.x, SDXL's second encoder), under
     ``prefix``: q/k/v fused into ``attn.in_proj_*``, ``text_projection`` transposed
     (``convert_open_clip_checkpoint`` backwards)."""
+    check_no_adapters(state, "text encoder")
     layers = DIFFUSERS_TO_LDM_MAPPING["openclip"]["layers"]
     out, left = {}, []
     fused: dict[str, dict[str, torch.Tensor]] = {}

@@ -29,6 +29,7 @@ from ldm.models.single_file import (
     SD1_TEXT_PREFIX,
     SD2_TEXT_PREFIX,
     SDXL_TEXT_PREFIXES,
+    LayoutError,
     clip_to_original,
     open_clip_to_original,
     unet_to_original,
@@ -45,6 +46,9 @@ SDXL_KEY = (
     "conditioner.embedders.1.model.positional_embedding"  # diffusers' CHECKPOINT_KEY_NAMES["open_clip_sdxl"]
 )
 TOKENIZER_SETTINGS = ("model_max_length", "pad_token", "split_special_tokens")
+SD2_FULL_DEPTH = (
+    24  # OpenCLIP ViT-H's layers; SD 2.x readers skip the last (SD_2_TEXT_ENCODER_KEYS_TO_IGNORE)
+)
 
 
 def is_single_file(path: str | Path) -> bool:
@@ -67,6 +71,13 @@ def original_state_dict(pipe: Pipeline) -> dict[str, torch.Tensor]:
         state.update(clip_to_original(pipe.text_encoder.state_dict(), SDXL_TEXT_PREFIXES[0]))
         state.update(open_clip_to_original(pipe.text_encoder_2.state_dict(), SDXL_TEXT_PREFIXES[1]))
     elif is_open_clip_encoder(pipe.text_encoder):
+        layers = pipe.text_encoder.config.num_hidden_layers
+        if layers >= SD2_FULL_DEPTH:
+            raise LayoutError(
+                f"the OpenCLIP text encoder has {layers} layers: SD 2.x single-file readers (diffusers, "
+                f"ComfyUI, AUTOMATIC1111) take such a file for OpenCLIP ViT-H's {SD2_FULL_DEPTH} and drop layer "
+                f"{SD2_FULL_DEPTH - 1}, which this model uses; keep it as a diffusers folder"
+            )
         state.update(open_clip_to_original(pipe.text_encoder.state_dict(), SD2_TEXT_PREFIX))
     else:
         state.update(clip_to_original(pipe.text_encoder.state_dict(), SD1_TEXT_PREFIX))
@@ -171,22 +182,39 @@ def _has_key(path: Path, key: str) -> bool:
         return key in f.keys()
 
 
-def _no_config_error(path: Path, error: Exception) -> ModelError:
+def _meta_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """The file's keys with empty tensors of their shapes (what diffusers' type inference reads)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+
+
+def check_hub_configs(path: Path) -> None:
+    """For a file without configs: the hub configs diffusers would use must be in the Hugging Face
+    cache (else diffusers goes online for them); a ``ModelError`` saying what to pass when they are not."""
     from diffusers.loaders.single_file_utils import (
         DIFFUSERS_DEFAULT_PIPELINE_PATHS,
         infer_diffusers_model_type,
-        load_single_file_checkpoint,
+    )
+    from huggingface_hub import try_to_load_from_cache
+
+    kind = infer_diffusers_model_type(_meta_checkpoint(path))
+    repo = DIFFUSERS_DEFAULT_PIPELINE_PATHS.get(kind, {}).get("pretrained_model_name_or_path")
+    if repo is not None and isinstance(try_to_load_from_cache(repo, "model_index.json"), str):
+        return
+    raise ModelError(
+        f"{path} is a single-file checkpoint without ldm's configs in its metadata; diffusers reads it as "
+        f"{kind!r}, whose configs ({repo}) are not in the Hugging Face cache. Give a diffusers folder of "
+        "the same architecture (the same model's folder, or one downloaded without its weights) as its "
+        "configs: ldm-export --config FOLDER, train_ldm.py pretrained_config=FOLDER, "
+        "from_pretrained(FILE, config=FOLDER)"
     )
 
-    kind = infer_diffusers_model_type(load_single_file_checkpoint(str(path), local_files_only=True))
-    repo = DIFFUSERS_DEFAULT_PIPELINE_PATHS.get(kind, {}).get("pretrained_model_name_or_path", "?")
-    return ModelError(
-        f"{path} is a single-file checkpoint without ldm's configs in its metadata; diffusers reads it as "
-        f"{kind!r}, whose configs ({repo}) are not in the Hugging Face cache ({type(error).__name__}: "
-        f"{str(error).splitlines()[0][:200]}). Give a diffusers folder of the same architecture (the same "
-        "model's folder, or one downloaded without its weights) as its configs: ldm-export --config FOLDER, "
-        "train_ldm.py pretrained_config=FOLDER, from_pretrained(FILE, config=FOLDER)"
-    )
+
+def check_single_file_layout(pipe: Pipeline) -> None:
+    """Raise the ``LayoutError`` ``save_single_file`` would, now (the mapping holds references only)."""
+    original_state_dict(pipe)
 
 
 def load_single_file(path: str | Path, config: str | Path | None = None, dtype: torch.dtype | None = None):
@@ -202,14 +230,16 @@ def load_single_file(path: str | Path, config: str | Path | None = None, dtype: 
         {} if cls is StableDiffusionXLPipeline else {"safety_checker": None, "requires_safety_checker": False}
     )
     with config_folder(path, config) as folder:
+        source = f"config={config}" if config is not None else "the configs in its metadata"
+        if folder is None:
+            check_hub_configs(path)
+            source = "the hub configs in the Hugging Face cache"
         try:
             sd = cls.from_single_file(
                 str(path), config=folder, local_files_only=True, torch_dtype=dtype, **extra
             )
         except (OSError, ValueError) as e:
-            if folder is not None:
-                raise ModelError(f"{path} with config={folder}: diffusers could not load it: {e}") from e
-            raise _no_config_error(path, e) from e
+            raise ModelError(f"{path} with {source}: diffusers could not load it: {e}") from e
     if cls is StableDiffusionXLPipeline:
         _reload_second_encoder(sd, path)
     return sd

@@ -173,6 +173,11 @@ class LDMRunConfig:
                 "lora.rank > 0 with text.train=true: LoRA freezes the base weights; "
                 "set lora.text_encoder=true for adapters on the text encoder, or lora.rank=0 to train it in full"
             )
+        if self.export.single_file and self.lora.rank and not self.lora.merge:
+            raise ConfigError(
+                "export.single_file=true with LoRA writes the merged model: set lora.merge=true "
+                "(the adapters alone go to lora/, in lora.format's layout)"
+            )
         if self.lora.text_encoder and not self.lora.rank:
             raise ConfigError("lora.text_encoder=true needs lora.rank >= 1")
         if self.cache_latents and self.data.streaming:

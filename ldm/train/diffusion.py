@@ -18,6 +18,7 @@ from ldm.data import build_dataset
 from ldm.data.cache import sample_latents
 from ldm.diffusion.registry import build_objective
 from ldm.models.autoencoder import downsampling_factor
+from ldm.pipelines.single_file import check_single_file_layout
 from ldm.train import setup
 from ldm.train.config import LDMRunConfig
 from ldm.train.data import latent_training_set
@@ -80,11 +81,13 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     conditions = conditioner.training_conditions(prepared, tokens)
     loss_unet = compiled_for_training(unet, tc.compile, device)  # the loss's UNet; sampling uses `unet`
     ema = ema_for(trainable, tc.ema_decay, device)
-    start = resume_training(accelerator, out, resume, ema, train_set, tc, cfg.data, cfg.seed)
+    start = resume_training(accelerator, out, resume, ema, train_set, tc, cfg.data, cfg.seed, cfg)
     prompts = grid_prompts(cfg, val_set)
     setup.log_plan(cfg, trainable, train_text, objective.name, accelerator.num_processes)
     factor = downsampling_factor(vae)
     pipeline = partial(setup.training_pipeline, vae, conditioner, accelerator.unwrap_model(unet), objective)
+    if cfg.export.single_file and not cfg.lora.rank:  # fail now, not after training (LoRA: fused at the end)
+        check_single_file_layout(pipeline())
 
     # --- the step: one micro-batch -----------------------------------------------------------
     def step(batch: dict, _: int, rng, update) -> dict[str, torch.Tensor]:

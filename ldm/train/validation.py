@@ -28,6 +28,7 @@ from ldm.training.validation import (
     eval_mode,
     over_processes,
     stratified_fractions,
+    synchronize,
 )
 
 BANDS = 4  # val/loss_t* over quarters of the schedule
@@ -51,15 +52,17 @@ class LatentValidation:
         self.objective = objective
         self.batch = batch
         self.seed = VALIDATION_SEED + seed
-        n = min(items, len(val_set))
-        self.items = [val_set[i] for i in range(n)]
         device = next(vae.parameters()).device
+        self.items, self.latents = [], []  # per item: caption, micro-conditioning, pixel size; latent
         with torch.no_grad():  # the posterior means, once: (C, h, w) each, float32
-            self.latents = [
-                vae.encode(item["pixel_values"][None].to(device, vae.dtype)).latent_dist.mean[0].float()
-                * vae.config.scaling_factor
-                for item in self.items
-            ]
+            for i in range(min(items, len(val_set))):
+                item = val_set[i]
+                pixels = item["pixel_values"]
+                mean = vae.encode(pixels[None].to(device, vae.dtype)).latent_dist.mean[0]
+                self.latents.append(mean.float() * vae.config.scaling_factor)
+                kept = {k: torch.as_tensor(item[k]) for k in MICRO_KEYS if k in item}
+                self.items.append({"caption": item["caption"], "size": tuple(pixels.shape[-2:]), **kept})
+        n = len(self.items)
         self.entries = n * per_item
         self.u = stratified_fractions(self.entries, self.seed)  # (E,) fractions of the schedule
         self.names = band_names(objective)
@@ -80,12 +83,11 @@ class LatentValidation:
             device = z0.device
             eps = torch.stack([entry_noise(shape, self.seed, e) for e in entries]).to(device)
             t = self.objective.time_at(self.u[list(entries)]).to(device)  # (B,)
-            factor = round(items[0]["pixel_values"].shape[-1] / shape[-1])
-            target = (shape[-2] * factor, shape[-1] * factor)
+            target = items[0]["size"]  # (h, w) in pixels, SDXL's target size
             batch = {"caption": [item["caption"] for item in items]}
             for key in MICRO_KEYS:
                 if key in items[0]:
-                    batch[key] = torch.stack([torch.as_tensor(item[key]) for item in items])
+                    batch[key] = torch.stack([item[key] for item in items])
             keep = torch.ones(len(entries))  # no condition dropout
             cond = conditioner.batch_conditions(conditioner.encode, batch, target, keep)
             z_t = self.objective.noised(z0, eps, t)
@@ -103,6 +105,7 @@ class LatentValidation:
     ) -> dict[str, float]:
         """``val/loss``, ``val/loss_t*`` and ``val/time`` (seconds) for ``unet`` (the EMA weights when
         ``ema`` is given, ``params`` being what it averages)."""
+        synchronize(accelerator.device)
         start = time.perf_counter()
         parts = chunks(self.entries, self.batch)
         with ema_weights(ema, params), eval_mode(unet, *conditioner.encoders):
@@ -112,10 +115,11 @@ class LatentValidation:
                 self.batch,
                 lambda c: self._chunk_losses(parts[c], unet, conditioner, accelerator.autocast),
             )
-        losses = rows.flatten()[: self.entries].cpu()  # (E,) in entry order
+        losses = rows.flatten()[: self.entries].cpu()  # (E,) in entry order (waits for the device)
         band = (self.u * BANDS).floor().long().clamp(max=BANDS - 1)
         values = {"val/loss": losses.mean().item()}
         for b, name in enumerate(self.names):
-            values[name] = losses[band == b].mean().item()
+            if bool((band == b).any()):  # (fewer entries than bands leave some empty)
+                values[name] = losses[band == b].mean().item()
         values["val/time"] = time.perf_counter() - start
         return values

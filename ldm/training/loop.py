@@ -35,6 +35,7 @@ from ldm.training.run import averaged, set_lr
 from ldm.training.schedule import lr_multiplier
 from ldm.training.signals import GracefulStop
 from ldm.training.trackers import log_image
+from ldm.training.validation import synchronize
 
 logger = logging.getLogger("ldm")
 
@@ -142,6 +143,7 @@ def train_loop(
             due = validate is not None and (step % train.val_every == 0 or step == train.max_steps)
             val = {}
             if due:  # on all processes; its figures go into this step's line
+                synchronize(accelerator.device)  # the queued training steps belong to step_time
                 t_val = time.perf_counter()
                 val = validate()
                 t_log += time.perf_counter() - t_val  # train/step_time counts training steps only

@@ -39,7 +39,6 @@ def start_run(cfg: Any, train: TrainConfig) -> tuple[Accelerator, Path]:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
-    init_trackers(accelerator, cfg, out)
     return accelerator, out
 
 
@@ -75,10 +74,12 @@ def resume_training(
     train: TrainConfig,
     data: DataConfig,
     seed: int,
+    run_config: Any = None,
 ) -> Resumed:
     """The checkpoint ``resume`` names (or a fresh start), with the batches, metrics and random stream
-    that continue it."""
+    that continue it; the trackers start here (from that step, with ``run_config`` as hyperparameters)."""
     step, data_state, rng_state = resume_run(accelerator, out, resume, ema)
+    init_trackers(accelerator, run_config, out, step)
     batches = train_batches(accelerator, dataset, train, data, seed, data_state)
     metrics = metrics_writer(accelerator, out, step)
     rng = StepRandom(seed, accelerator.process_index, accelerator.num_processes, accelerator.device)

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
+import secrets
 from pathlib import Path
 from typing import Any
 
 from ldm.core.errors import ConfigError
 
 REPORT_TO = {"none": [], "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}
-PROJECT = "ldm"  # accelerate's project name: TensorBoard's subfolder of logs/, wandb's default project
+PROJECT = "ldm"  # accelerate's project name: TensorBoard's subfolder of logs/, wandb's project by default
+WANDB_ID = "wandb_id.txt"  # the run's wandb id, kept so that a resumed run continues the same wandb run
 
 
 def trackers_for(report_to: str) -> list[str]:
@@ -45,12 +48,34 @@ def flat_config(cfg: Any, prefix: str = "") -> dict[str, int | float | str | boo
     return flat
 
 
-def init_trackers(accelerator, cfg: Any, out: Path) -> None:
-    """Start the run's trackers (no-op without any), with its whole config."""
-    if accelerator.log_with:
-        accelerator.init_trackers(
-            PROJECT, config=flat_config(cfg), init_kwargs={"wandb": {"name": Path(out).name, "dir": str(out)}}
-        )
+def wandb_run_id(out: Path, step: int) -> str:
+    """A new id for a run from step 0, the kept one for a resumed run (written by the main process)."""
+    path = Path(out) / WANDB_ID
+    if step > 0 and path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def init_trackers(accelerator, cfg: Any, out: Path, step: int = 0) -> None:
+    """Start the run's trackers (no-op without any), with its whole config. Resumed at ``step``:
+    TensorBoard drops what the interrupted run logged after that checkpoint (``purge_step``), wandb continues the
+    same run."""
+    if not accelerator.log_with or not accelerator.is_main_process:
+        return
+    kwargs: dict[str, dict[str, Any]] = {"tensorboard": {"purge_step": step + 1} if step else {}}
+    if "wandb" in [str(t) for t in accelerator.log_with]:
+        kwargs["wandb"] = {
+            "name": Path(out).name,
+            "dir": str(out),
+            "id": wandb_run_id(out, step),
+            "resume": "allow",
+        }
+    project = os.environ.get("WANDB_PROJECT", PROJECT)
+    accelerator.init_trackers(
+        project, config=flat_config(cfg) if cfg is not None else None, init_kwargs=kwargs
+    )
 
 
 def log_image(accelerator, name: str, path: Path, step: int) -> None:
