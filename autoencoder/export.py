@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL
 from torch.utils.data import Dataset
 
-from ldm.core.io import replace_dir
+from ldm.core.io import replace_dir, umask_permissions
 from ldm.data.batches import image_batches
 
 logger = logging.getLogger("ldm")
@@ -44,6 +44,7 @@ def export_autoencoder(vae: AutoencoderKL, folder: Path, scaling_factor: float) 
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     vae.save_pretrained(tmp, safe_serialization=True)
+    umask_permissions(tmp)  # safetensors writes 0600
     replace_dir(tmp, folder)
     logger.info("exported AutoencoderKL to %s (scaling_factor %.5f)", folder, scaling_factor)
     return folder

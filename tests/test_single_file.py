@@ -253,3 +253,20 @@ def test_what_the_layout_cannot_hold_is_refused_with_what_to_do():
         )
     with pytest.raises(ConfigError, match="lora.merge=true"):
         load_config(LDMRunConfig, None, ["export.single_file=true", "lora.rank=4"])
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    folder = save_tiny_sd_pipeline(tmp_path / "model")
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    old = os.umask(0o022)
+    try:
+        path = pipe.save_single_file(tmp_path / "m.safetensors")
+        saved = pipe.save_pretrained(tmp_path / "again")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # safetensors alone writes 0600
+    weights = next((saved / "unet").glob("*.safetensors"))
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o644

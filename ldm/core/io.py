@@ -18,6 +18,17 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def umask_permissions(path: Path) -> None:
+    """Give ``path`` (a file, or every file in a folder) the permissions of the process's umask, as
+    ``open`` would: safetensors writes its files owner-only (0600), which other users and tools on a
+    shared machine cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [p for p in Path(path).rglob("*") if p.is_file()] if Path(path).is_dir() else [Path(path)]
+    for f in files:
+        os.chmod(f, 0o666 & ~mask)
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move the complete folder ``tmp`` to ``final``, replacing what was there."""
     final = Path(final)

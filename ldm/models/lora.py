@@ -20,6 +20,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2D
 from torch import nn
 from transformers import CLIPTextModel
 
+from ldm.core.io import replace_dir, umask_permissions
 from ldm.models.config import LoRAConfig
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -116,8 +117,7 @@ def save_lora(
         safe_serialization=True,
         **kwargs,
     )
-    from ldm.core.io import replace_dir
-
+    umask_permissions(tmp)  # safetensors writes 0600
     replace_dir(tmp, folder)
     return folder
 
@@ -157,5 +157,6 @@ def save_kohya_lora(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(kohya, str(tmp), metadata=metadata)
+    umask_permissions(tmp)
     tmp.replace(path)
     return path

@@ -222,13 +222,14 @@ class LatentDiffusionPipeline:
         (safetensors), atomically."""
         import shutil
 
-        from ldm.core.io import replace_dir
+        from ldm.core.io import replace_dir, umask_permissions
 
         folder = Path(path)
         sd = self.as_diffusers()
         tmp = folder.with_name(f".{folder.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         sd.save_pretrained(tmp, safe_serialization=True)
+        umask_permissions(tmp)  # safetensors writes 0600
         replace_dir(tmp, folder)
         return folder
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ldm.core.errors import ModelError
+from ldm.core.io import umask_permissions
 from ldm.models.single_file import (
     SD1_TEXT_PREFIX,
     SD2_TEXT_PREFIX,
@@ -126,6 +127,7 @@ def save_single_file(pipe: Pipeline, path: str | Path, dtype: str = "fp32") -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata=metadata)
+    umask_permissions(tmp)
     os.replace(tmp, path)
     return path
 
