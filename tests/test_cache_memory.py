@@ -37,7 +37,7 @@ data = build_dataset(DataConfig(resolution=64, train_size=int(sys.argv[3]), val_
 data.keep_rendered = False  # as train_ldm: shapes would keep the images it renders (12 KiB an item)
 encode_dataset(vae, torch.utils.data.Subset(data, range(64)), 64)  # warm up: workspaces, code paths
 before = resident_bytes()
-latents = cached_latents(vae, data, 64, None, "k", rank=accelerator.process_index,
+latents = cached_latents(vae, data, 64, rank=accelerator.process_index,
                          world_size=accelerator.num_processes, gather_object=gather_object, gather_tensor=gather)
 growth = peak_resident_bytes() - before
 assert len(latents) == int(sys.argv[3])

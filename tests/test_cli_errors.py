@@ -11,10 +11,12 @@ import torch
 from conftest import save_tiny_sd_pipeline, tiny_autoencoder
 from PIL import Image
 
+from ldm.cli.cache import main as ldm_cache
 from ldm.cli.caption_eval import main as caption_eval
 from ldm.cli.common import CliParser, user_errors
 from ldm.cli.convert_pickle import main as safe_load
 from ldm.cli.eval import main as ldm_eval
+from ldm.cli.export import main as ldm_export
 from ldm.cli.export_folder import main as export_folder
 from ldm.cli.sample import main as ldm_sample
 from ldm.cli.train_ldm import main as train_ldm
@@ -293,6 +295,25 @@ def test_module_clis_user_errors_are_one_line(tmp_path, capsys):
     torch.save({"w": torch.zeros(2), "f": print}, tmp_path / "code.pt")  # a reference to code, not a tensor
     line = one_line_error(capsys, safe_load, prog, [str(tmp_path / "code.pt")])
     assert "code.pt" in line and "weights_only=True" in line and "print" in line
+
+
+def test_export_and_cache_user_errors_are_one_line(tmp_path, capsys):
+    line = one_line_error(
+        capsys, ldm_export, "ldm-export", [str(tmp_path / "no.safetensors"), "--folder", "x"]
+    )
+    assert "no single-file checkpoint" in line and "no.safetensors" in line
+    line = one_line_error(
+        capsys, ldm_export, "ldm-export", [str(tmp_path / "no-model"), "--single-file", "x.safetensors"]
+    )
+    assert "no-model" in line
+    line = one_line_error(
+        capsys, ldm_export, "ldm-export", [str(tmp_path / "dir"), "--folder", "x", "--config", str(tmp_path)]
+    )
+    assert "--config is for a single-file" in line
+    line = one_line_error(capsys, ldm_cache, "ldm-cache", [])
+    assert "cache_dir=DIR" in line
+    line = one_line_error(capsys, ldm_cache, "ldm-cache", [f"cache_dir={tmp_path}", "cache_shard_items=0"])
+    assert "cache_shard_items=0" in line
 
 
 # ------------------------------------------------------------------------------ the mechanism

@@ -69,6 +69,53 @@ def launch(tmp: Path, script: str, processes: int, batch: int, args: list[str]) 
     return dump, proc.stderr
 
 
+def launch_two_machines(tmp: Path, script: str, args: list[str], port: int) -> Path:
+    """``configs/accelerate/multi-node.yaml`` as two machines of one process each, both on this one:
+    two ``accelerate launch`` commands, ``--machine_rank`` 0 and 1, the main process on 127.0.0.1."""
+    out, dump = tmp / f"{Path(script).stem}-machines", tmp / f"dump-{Path(script).stem}-machines"
+    dump.mkdir()
+    driver = tmp / "driver.py"
+    driver.write_text(DRIVER)
+    train = [str(driver), script, str(dump), f"output_dir={out}", "train.batch_size=2", LR, *args]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--config_file",
+                str(ROOT / "configs" / "accelerate" / "multi-node.yaml"),
+                "--num_processes",
+                "2",
+                "--num_machines",
+                "2",
+                "--machine_rank",
+                str(rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                str(port),
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                *train,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    return dump
+
+
 def assert_close(a: dict, b: dict, atol: float) -> None:
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
@@ -82,9 +129,11 @@ def vae_folder(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("stage", ["ldm", "vae"])
+@pytest.mark.parametrize("stage", ["ldm", "ldm-disk-cache", "vae"])
 def test_two_processes_equal_one_with_the_same_global_batch(stage, tmp_path, vae_folder):
-    script, args = ("train_ldm.py", [*LDM, f"vae={vae_folder}"]) if stage == "ldm" else ("train_vae.py", VAE)
+    script, args = ("train_ldm.py", [*LDM, f"vae={vae_folder}"]) if stage != "vae" else ("train_vae.py", VAE)
+    if stage == "ldm-disk-cache":  # the 2 processes write the shards and read their rows; 1 reads them
+        args += [f"cache_dir={tmp_path / 'cache'}", "cache_shard_items=16"]
     args = [*args, "train.val_every=2", "train.val_batch_size=3"]  # the validation loss, in fixed chunks
     two, log = launch(tmp_path, script, processes=2, batch=2, args=args)
     one, _ = launch(tmp_path, script, processes=1, batch=4, args=args)
@@ -102,6 +151,19 @@ def test_two_processes_equal_one_with_the_same_global_batch(stage, tmp_path, vae
     assert [r["step"] for r in val[2]] == [r["step"] for r in val[1]] == [2, 4]
     for a, b in zip(val[1], val[2], strict=True):
         assert abs(a["val/loss"] - b["val/loss"]) < 1e-5 * max(1.0, abs(a["val/loss"]))
+
+
+@pytest.mark.parametrize("stage", ["ldm", "vae"])
+def test_two_machines_on_loopback_equal_one_process(stage, tmp_path, vae_folder):
+    script, args = ("train_ldm.py", [*LDM, f"vae={vae_folder}"]) if stage == "ldm" else ("train_vae.py", VAE)
+    machines = launch_two_machines(tmp_path, script, args, port=29_600 + (stage == "vae"))
+    one, _ = launch(tmp_path, script, processes=1, batch=4, args=args)
+    names = sorted(p.name.split("-", 1)[1] for p in machines.glob("rank0-*"))
+    assert names and names == sorted(p.name.split("-", 1)[1] for p in one.glob("rank0-*"))
+    for name in names:
+        rank0, rank1 = load_file(machines / f"rank0-{name}"), load_file(machines / f"rank1-{name}")
+        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), f"machines differ in {name}"
+        assert_close(rank0, load_file(one / f"rank0-{name}"), atol=1e-5)
 
 
 @NEEDS_COMPILER

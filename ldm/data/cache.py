@@ -2,8 +2,7 @@
 
 - Latent cache: the frozen autoencoder encodes the finite dataset once; each item keeps
   its posterior mean and std, so that z = mean + std * eps is still sampled every step.
-  In memory, or in a safetensors file under ``cache_dir`` keyed by a fingerprint of the
-  autoencoder and the data.
+  In memory here; on disk, in shards keyed by ``fingerprint``, in ``ldm.data.disk_cache``.
 - Caption caches: each distinct caption is tokenized once, and, when the text encoder is
   frozen, encoded once.
 """
@@ -14,13 +13,11 @@ import hashlib
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
-from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
@@ -256,62 +253,22 @@ def cached_latents(
     vae: AutoencoderKL,
     dataset: Dataset,
     batch_size: int,
-    cache_dir: str | Path | None,
-    key: str,
-    write: bool = True,
     rank: int = 0,
     world_size: int = 1,
     gather_object=None,
     gather_tensor=None,
     device: torch.device | None = None,
 ) -> LatentDataset:
-    """The latent dataset from ``cache_dir/latents-<key>.safetensors`` if present, else encoded
-    (and saved there when ``write``, by one process). With ``world_size`` > 1 (and both gathers), the
-    processes encode one shard each and share them (``encode_sharded``)."""
-    path = Path(cache_dir) / f"latents-{key}.safetensors" if cache_dir else None
-    bucket_of = getattr(dataset, "bucket_of", None)
-    if path is not None and path.exists():
-        tensors = load_file(str(path))
-        captions = json.loads(path.with_suffix(".json").read_text())
-        logger.info("latent cache: loaded %d items from %s", len(captions), path)
-        micro = {k: tensors[k] for k in MICRO_KEYS if k in tensors}
-        if "mean" in tensors:
-            return LatentDataset(tensors["mean"], tensors["std"], captions, bucket_of, micro)
-        n = len(captions)
-        return LatentDataset(
-            [tensors[f"mean.{i}"] for i in range(n)],
-            [tensors[f"std.{i}"] for i in range(n)],
-            captions,
-            bucket_of,
-            micro,
-        )
+    """The latent dataset in memory, encoded now. With ``world_size`` > 1 (and both gathers), the
+    processes encode one shard each and share them (``encode_sharded``): every process holds it all.
+    For data bigger than memory, ``ldm.data.disk_cache`` keeps it on disk instead."""
     if world_size > 1:
         if gather_object is None or gather_tensor is None:
             raise ValueError("cached_latents on several processes needs gather_object and gather_tensor")
-        latents = encode_sharded(
+        return encode_sharded(
             vae, dataset, batch_size, rank, world_size, gather_object, gather_tensor, device
         )
-    else:
-        latents = encode_dataset(vae, dataset, batch_size)
-    if path is not None and write:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        if isinstance(latents.mean, torch.Tensor):
-            tensors = {"mean": latents.mean.contiguous(), "std": latents.std.contiguous()}
-        else:  # one shape per bucket: one entry per item
-            tensors = {
-                f"{k}.{i}": t.contiguous() for k in ("mean", "std") for i, t in enumerate(getattr(latents, k))
-            }
-        tensors |= {k: v.contiguous() for k, v in latents.micro.items()}
-        save_file(tensors, str(tmp))
-        captions_tmp = path.with_name(f".{path.stem}.json.tmp")
-        captions_tmp.write_text(json.dumps(latents.captions))
-        os.replace(
-            captions_tmp, path.with_suffix(".json")
-        )  # captions first: the weights file marks completion
-        os.replace(tmp, path)
-        logger.info("latent cache: saved %d items to %s", len(latents), path)
-    return latents
+    return encode_dataset(vae, dataset, batch_size)
 
 
 def sample_latents(

@@ -142,7 +142,9 @@ class LDMRunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: LDMEvalConfig = field(default_factory=LDMEvalConfig)
     cache_latents: bool = True  # encode the dataset once with the frozen autoencoder
-    cache_dir: str | None = None  # keep the latent cache on disk here (None: in memory)
+    # keep the latent cache on disk here, in shards (ldm-cache precomputes it); None: in memory
+    cache_dir: str | None = None
+    cache_shard_items: int | None = None  # items per disk-cache shard; None: about 256 MB of latents each
     preflight: PreflightConfig = field(default_factory=PreflightConfig)
 
     def __post_init__(self) -> None:
@@ -180,6 +182,10 @@ class LDMRunConfig:
             )
         if self.lora.text_encoder and not self.lora.rank:
             raise ConfigError("lora.text_encoder=true needs lora.rank >= 1")
+        if self.cache_shard_items is not None and self.cache_shard_items < 1:
+            raise ConfigError(
+                f"cache_shard_items={self.cache_shard_items}: give at least 1 (or leave it unset)"
+            )
         if self.cache_latents and self.data.streaming:
             raise ConfigError(
                 "cache_latents=true needs a finite dataset: set cache_latents=false with data.streaming"

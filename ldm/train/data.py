@@ -14,7 +14,9 @@ from torch.utils.data import Dataset
 
 from conditioning import Conditioner
 from ldm.data.cache import cached_latents, fingerprint, nbytes
+from ldm.data.disk_cache import DiskLatentDataset, build_disk_cache, shard_items
 from ldm.data.repeat import RepeatedDataset
+from ldm.models.autoencoder import downsampling_factor
 from ldm.train.config import LDMRunConfig
 from ldm.training.memory import MIB, peak_resident_bytes, resident_bytes
 
@@ -25,26 +27,53 @@ CACHE_BATCH = 256  # images per encoder call while caching
 def latent_training_set(
     cfg: LDMRunConfig, accelerator: Accelerator, vae: AutoencoderKL, vae_dir: Path, images: Dataset
 ) -> Dataset:
-    """The posteriors of ``images`` (each distinct image encoded once; repeats kept as repeats). Each
-    process encodes a shard, all gather them, the main process writes the file (``cache_dir``)."""
+    """The posteriors of ``images`` (each distinct image encoded once; repeats kept as repeats). With
+    ``cache_dir``, on disk (``ldm.data.disk_cache``: every process writes its shards, then reads its
+    items from them); else in memory (each process encodes a shard and all gather them)."""
     t0, rss_before = time.perf_counter(), resident_bytes()
     repeats = images.times if isinstance(images, RepeatedDataset) else 1
     distinct = images.base if repeats > 1 else images
     if hasattr(distinct, "keep_rendered"):  # shapes: one pass in order, no rendered copy to keep
         distinct.keep_rendered = False
-    key = fingerprint(vae_dir, dataclasses.asdict(cfg.data), cfg.seed)
-    latents = cached_latents(
-        vae, distinct, CACHE_BATCH, cfg.cache_dir, key, write=accelerator.is_main_process,
-        rank=accelerator.process_index, world_size=accelerator.num_processes, gather_object=gather_object,
-        gather_tensor=gather, device=accelerator.device,
-    )  # fmt: skip
+    if cfg.cache_dir:  # on disk: each process writes its shards and reads only its rows
+        folder = disk_cache_folder(cfg, vae, vae_dir)
+        build_disk_cache(
+            vae, distinct, CACHE_BATCH, folder, folder.name, shards_of(cfg, vae),
+            accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
+        )  # fmt: skip
+        latents = DiskLatentDataset(folder, getattr(distinct, "bucket_of", None))
+        held, where = latents.nbytes(), f"on disk at {folder}"
+    else:
+        latents = cached_latents(
+            vae, distinct, CACHE_BATCH, rank=accelerator.process_index, world_size=accelerator.num_processes,
+            gather_object=gather_object, gather_tensor=gather, device=accelerator.device,
+        )  # fmt: skip
+        held, where = nbytes(latents), "in memory"
     peak = peak_resident_bytes()
     logger.info(
-        "latent cache: %d items, %.1f MiB, in %.1f s; resident memory %.0f MiB before, peak %s",
-        len(latents), nbytes(latents) / MIB, time.perf_counter() - t0, rss_before / MIB,
+        "latent cache: %d items, %.1f MiB %s, in %.1f s; resident memory %.0f MiB before, peak %s",
+        len(latents), held / MIB, where, time.perf_counter() - t0, rss_before / MIB,
         f"{peak / MIB:.0f} MiB" if peak else "not reported by this OS",
     )  # fmt: skip
     return RepeatedDataset(latents, repeats) if repeats > 1 else latents
+
+
+def disk_cache_folder(cfg: LDMRunConfig, vae: AutoencoderKL, vae_dir: Path) -> Path:
+    """``cache_dir/latents-<key>-<items per shard>``: keyed by the autoencoder, the data config and the
+    seed, and the shards' size (a rerun continues a partial cache only with the same shards)."""
+    key = fingerprint(vae_dir, dataclasses.asdict(cfg.data), cfg.seed)
+    return Path(cfg.cache_dir) / f"latents-{key}-{shards_of(cfg, vae)}"
+
+
+def shards_of(cfg: LDMRunConfig, vae: AutoencoderKL) -> int:
+    """Items per shard: ``cache_shard_items``, else about 256 MB of posteriors."""
+    return cfg.cache_shard_items or shard_items(posterior_bytes(cfg, vae))
+
+
+def posterior_bytes(cfg: LDMRunConfig, vae: AutoencoderKL) -> int:
+    """About the bytes of one item's cached posterior (mean and std, float32): what sizes the shards."""
+    side = cfg.data.resolution // downsampling_factor(vae)
+    return 2 * vae.config.latent_channels * side * side * 4
 
 
 def caption_tokens(conditioner: Conditioner, train_set: Dataset, seen: set[int]) -> set[int]:

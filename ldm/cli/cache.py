@@ -1,0 +1,50 @@
+"""Precompute stage 2's latent cache on disk: ``ldm-cache [--config FILE] [key=value ...]``.
+
+The same config as ``train_ldm.py`` (it needs ``cache_dir``); under ``accelerate launch`` every
+process encodes and writes its own shards. Training with that config then reads the cache instead of
+encoding; a killed run's rerun encodes only the shards it lacks (``ldm.data.disk_cache``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from ldm.cli.common import CliParser, parse_and_load, setup_logging, user_errors
+from ldm.core.errors import ConfigError
+from ldm.train.config import LDMRunConfig
+
+DEFAULT_PRESET = "ldm/shapes.yaml"
+logger = logging.getLogger("ldm")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = CliParser(prog="ldm-cache", description="Write stage 2's latent cache to cache_dir, in shards.")
+    with user_errors(parser):
+        cfg, _ = parse_and_load(parser, LDMRunConfig, DEFAULT_PRESET, argv)
+        if not cfg.cache_dir:
+            raise ConfigError("ldm-cache writes the latent cache to disk: set cache_dir=DIR")
+        if not cfg.cache_latents:
+            raise ConfigError("ldm-cache with cache_latents=false: the run would not read the cache")
+        setup_logging()
+        from accelerate import Accelerator
+
+        from ldm.data import build_dataset
+        from ldm.models.autoencoder import downsampling_factor
+        from ldm.train.data import latent_training_set
+        from ldm.train.models import load_autoencoder, pretrained_folder
+
+        accelerator = Accelerator()
+        cfg = pretrained_folder(cfg)
+        vae, vae_dir = load_autoencoder(cfg)
+        vae.to(accelerator.device).eval().requires_grad_(False)
+        images = build_dataset(cfg.data, "train", cfg.seed, bucket_step=8 * downsampling_factor(vae))
+        latents = latent_training_set(cfg, accelerator, vae, vae_dir, images)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            sys.stdout.write(f"latent cache: {len(latents)} items under {cfg.cache_dir}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""The latent cache on disk, for datasets bigger than memory: shards written by every process, read by offset.
+
+    cache_dir/latents-<key>/shard-00000.safetensors ... index.json
+
+Shard s holds items [s S, (s + 1) S) of the dataset (S = ``shard_items``, fixed by the config, so the
+shards do not depend on the process count). Process r encodes shards r, r + P, ... and writes each
+through a temporary file and a rename, so a shard that exists is complete: a killed run's rerun
+encodes only the missing ones, and the cache equals an uninterrupted one. The index, written last by
+the main process, marks the cache complete.
+
+Each shard is a safetensors file of flat columns: ``latents`` (float32: each item's posterior mean
+then std, flattened), ``offsets`` (N + 1, into ``latents``), ``shapes`` (N, 3), the micro-conditioning
+(N, 2) each, ``caption_bytes`` (UTF-8) and ``caption_offsets`` (N + 1). Items of any shape (aspect-ratio
+buckets) fit. Reading an item parses nothing: the header is read once per shard, and each column's
+rows are read with ``os.pread`` at their byte offsets. Nothing is memory-mapped, so the pages stay in
+the kernel's page cache, not in the process's resident memory, which does not grow with the dataset.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import math
+import os
+import struct
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import Dataset, Subset
+
+from ldm.core.errors import DataError
+from ldm.core.io import umask_permissions, write_json
+from ldm.data.cache import MICRO_KEYS, encode_items
+from ldm.data.transforms import split_key
+
+logger = logging.getLogger("ldm")
+
+INDEX = "index.json"
+FORMAT = "ldm latent shards 1"
+SHARD_BYTES = 256 * 2**20  # about this many bytes of posteriors per shard
+MAX_SHARD_ITEMS = 65_536
+DTYPES = {"F32": np.float32, "I64": np.int64, "U8": np.uint8}
+
+
+def shard_items(item_bytes: int) -> int:
+    """Items per shard for posteriors of about ``item_bytes`` each (mean and std)."""
+    return max(1, min(MAX_SHARD_ITEMS, SHARD_BYTES // max(1, item_bytes)))
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def shard_columns(mean, std, captions: list[str], micro: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One shard's columns from ``encode_items``' output (stacked tensors or per-item lists)."""
+    pieces, offsets, shapes = [], [0], []
+    for m, s in zip(mean, std, strict=True):
+        pieces += [m.reshape(-1), s.reshape(-1)]
+        offsets.append(offsets[-1] + 2 * m.numel())
+        shapes.append(list(m.shape))
+    text = [c.encode("utf-8") for c in captions]
+    bounds = np.cumsum([0, *map(len, text)])
+    columns = {
+        "latents": torch.cat(pieces).float() if pieces else torch.zeros(0),
+        "offsets": torch.tensor(offsets, dtype=torch.long),
+        "shapes": torch.tensor(shapes, dtype=torch.long).reshape(-1, 3),
+        "caption_bytes": torch.frombuffer(bytearray(b"".join(text) or b"\0"), dtype=torch.uint8),
+        "caption_offsets": torch.from_numpy(bounds.astype(np.int64)),
+    }
+    return columns | {k: micro[k].long().contiguous() for k in MICRO_KEYS}
+
+
+def write_shard(path: Path, columns: dict[str, torch.Tensor]) -> None:
+    """``columns`` to ``path`` through a temporary file of this process and a rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in columns.items()}, str(tmp))
+    umask_permissions(tmp)
+    os.replace(tmp, path)
+
+
+class ShardReader:
+    """Rows of a shard's columns by byte offset (``os.pread``), from the safetensors header."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        base = 8 + size
+        self.columns = {
+            name: (DTYPES[h["dtype"]], h["shape"], base + h["data_offsets"][0]) for name, h in header.items()
+        }
+        self.fd: int | None = None
+        self.pid = -1
+
+    def _fd(self) -> int:
+        if self.fd is None or self.pid != os.getpid():  # a DataLoader worker opens its own
+            self.fd, self.pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self.fd
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of column ``name`` (its first dimension)."""
+        dtype, shape, offset = self.columns[name]
+        row = math.prod(shape[1:]) * np.dtype(dtype).itemsize
+        data = os.pread(self._fd(), (stop - start) * row, offset + start * row)
+        return np.frombuffer(data, dtype=dtype).reshape(stop - start, *shape[1:])
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled into worker processes: no descriptor
+        return {**self.__dict__, "fd": None, "pid": -1}
+
+    def __del__(self) -> None:
+        if getattr(self, "fd", None) is not None and self.pid == os.getpid():
+            os.close(self.fd)
+
+
+class CaptionColumn(Sequence):
+    """The cache's captions as a read-on-demand sequence (for the token record)."""
+
+    def __init__(self, dataset: DiskLatentDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> str:  # type: ignore[override]
+        if not 0 <= index < len(self):
+            raise IndexError(index)  # (ends iteration)
+        return self.dataset.caption(index)
+
+
+class DiskLatentDataset(Dataset):
+    """Items of a complete disk cache, as ``LatentDataset`` gives them: {"mean", "std", "caption",
+    "original_size", "crop_top_left"}, each read from its shard when asked for."""
+
+    def __init__(self, folder: str | Path, bucket_of: list[int] | None = None):
+        self.folder = Path(folder)
+        index = json.loads((self.folder / INDEX).read_text())
+        self.length = index["items"]
+        self.starts = [s["start"] for s in index["shards"]]
+        self.readers = [ShardReader(self.folder / s["file"]) for s in index["shards"]]
+        self.bucket_of = bucket_of
+        self.captions = CaptionColumn(self)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _locate(self, index: int) -> tuple[ShardReader, int]:
+        shard = bisect.bisect_right(self.starts, index) - 1
+        return self.readers[shard], index - self.starts[shard]
+
+    def caption(self, index: int) -> str:
+        reader, i = self._locate(index)
+        lo, hi = reader.rows("caption_offsets", i, i + 2)
+        return reader.rows("caption_bytes", int(lo), int(hi)).tobytes().decode("utf-8")
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, _ = split_key(key, len(self))
+        reader, i = self._locate(index)
+        lo, hi = (int(v) for v in reader.rows("offsets", i, i + 2))
+        shape = tuple(int(v) for v in reader.rows("shapes", i, i + 1)[0])
+        flat = torch.from_numpy(reader.rows("latents", lo, hi).copy())  # (2 C h w,)
+        mean, std = flat.view(2, *shape)
+        item = {"mean": mean, "std": std, "caption": self.caption(index)}
+        return item | {k: torch.from_numpy(reader.rows(k, i, i + 1)[0].copy()) for k in MICRO_KEYS}
+
+    def nbytes(self) -> int:
+        return sum(r.path.stat().st_size for r in self.readers)
+
+
+def build_disk_cache(
+    vae,
+    dataset: Dataset,
+    batch_size: int,
+    folder: str | Path,
+    key: str,
+    per_shard: int,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+) -> Path:
+    """Encode the shards of ``dataset`` that ``folder`` lacks (this process: shards rank, rank + P, ...),
+    then the main process writes the index. Returns ``folder``; a complete cache is left as it is."""
+    folder = Path(folder)
+    n = len(dataset)
+    shards = [range(s, min(n, s + per_shard)) for s in range(0, n, per_shard)]
+    index = folder / INDEX
+    if not index.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        bucketed = getattr(dataset, "bucket_of", None) is not None
+        todo = [s for s in range(rank, len(shards), world_size) if not (folder / shard_name(s)).is_file()]
+        for s in todo:
+            mean, std, captions, micro = encode_items(
+                vae, Subset(dataset, shards[s]), batch_size, f"caching latents to disk (shard {s + 1}/{len(shards)})",
+                bucketed,
+            )  # fmt: skip
+            write_shard(folder / shard_name(s), shard_columns(mean, std, captions, micro))
+        barrier()
+        if rank == 0:
+            entries = [
+                {"file": shard_name(s), "start": r.start, "items": len(r)} for s, r in enumerate(shards)
+            ]
+            missing = [e["file"] for e in entries if not (folder / e["file"]).is_file()]
+            if missing:
+                raise DataError(
+                    f"latent cache {folder}: shards missing after encoding ({', '.join(missing[:3])}): "
+                    "cache_dir must be a folder every process sees (a shared filesystem across machines), "
+                    "or precompute the cache with ldm-cache and copy it to each machine"
+                )
+            write_json(
+                index, {"format": FORMAT, "key": key, "items": n, "shard_items": per_shard, "shards": entries}
+            )
+            for stale in folder.glob(".shard-*.tmp"):  # a killed run's partial shards
+                stale.unlink(missing_ok=True)
+            logger.info("latent cache: wrote %d items in %d shards to %s", n, len(shards), folder)
+        barrier()
+    else:
+        logger.info("latent cache: reading %s", folder)
+    meta = json.loads(index.read_text())
+    if meta.get("format") != FORMAT or meta.get("items") != n:
+        raise DataError(
+            f"latent cache {folder} holds {meta.get('items')} items in format {meta.get('format')!r}, "
+            f"the data has {n}: delete the folder to rebuild it"
+        )
+    return folder

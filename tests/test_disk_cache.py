@@ -1,0 +1,152 @@
+"""The latent cache on disk (``cache_dir``): the same items and the same training as in memory, any
+shapes, a killed caching run that resumes to the same cache, resident memory that does not grow with it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_autoencoder
+from test_ldm_train import tiny as tiny_ldm
+
+from ldm.core.config import DataConfig
+from ldm.data import build_dataset
+from ldm.data.cache import encode_dataset
+from ldm.data.disk_cache import INDEX, DiskLatentDataset, build_disk_cache, shard_name
+from ldm.train.diffusion import train_ldm
+from ldm.training.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def vae_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vae") / "model"
+    tiny_autoencoder(scaling_factor=0.8).save_pretrained(folder)
+    return folder
+
+
+def test_disk_items_equal_the_in_memory_ones(tmp_path):
+    vae = tiny_autoencoder(1.0).eval()
+    data = build_dataset(DataConfig(resolution=16, train_size=37, val_size=4), "train", 0)
+    memory = encode_dataset(vae, data, 8)
+    build_disk_cache(vae, data, 8, tmp_path / "c", "k", per_shard=10)  # 4 shards, the last of 7
+    disk = DiskLatentDataset(tmp_path / "c")
+    assert len(disk) == 37 and sorted(p.name for p in (tmp_path / "c").glob("shard-*")) == [
+        shard_name(s) for s in range(4)
+    ]
+    for i in (0, 9, 10, 36):
+        a, b = memory[i], disk[i]
+        assert (
+            torch.equal(a["mean"], b["mean"])
+            and torch.equal(a["std"], b["std"])
+            and a["caption"] == b["caption"]
+        )
+        assert torch.equal(a["original_size"], b["original_size"]) and torch.equal(
+            a["crop_top_left"], b["crop_top_left"]
+        )
+    assert list(disk.captions) == memory.captions
+
+
+def test_buckets_keep_their_shapes_on_disk(tmp_path, mixed_folder):
+    vae = tiny_autoencoder(1.0).eval()
+    cfg = DataConfig(
+        dataset="folder", path=str(mixed_folder), resolution=48, buckets=True, val_size=0, flip=False
+    )
+    data = build_dataset(cfg, "train", 0, bucket_step=16)
+    memory = encode_dataset(vae, data, 4)
+    build_disk_cache(vae, data, 4, tmp_path / "c", "k", per_shard=5)
+    disk = DiskLatentDataset(tmp_path / "c", data.bucket_of)
+    assert len({tuple(disk[i]["mean"].shape) for i in range(len(disk))}) > 1
+    for i in range(len(disk)):  # (encoded in other batches than in memory: equal to float rounding)
+        torch.testing.assert_close(disk[i]["mean"], memory[i]["mean"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(disk[i]["std"], memory[i]["std"], rtol=1e-4, atol=1e-5)
+
+
+def test_training_on_the_disk_cache_equals_the_in_memory_cache(tmp_path, vae_folder):
+    memory = train_ldm(tiny_ldm(tmp_path / "memory", vae_folder, "eval.num_samples=0"))
+    disk = train_ldm(
+        tiny_ldm(
+            tmp_path / "disk",
+            vae_folder,
+            "eval.num_samples=0",
+            f"cache_dir={tmp_path / 'cache'}",
+            "cache_shard_items=24",
+        )  # fmt: skip
+    )
+    a = [r["train/loss"] for r in read_metrics(memory / "metrics.jsonl")]
+    b = [r["train/loss"] for r in read_metrics(disk / "metrics.jsonl")]
+    assert len(a) == len(b) == 6  # the same batches; latents encoded in other batches: float rounding
+    assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b, strict=True)), (a, b)
+    (folder,) = (tmp_path / "cache").glob("latents-*")
+    assert json.loads((folder / INDEX).read_text())["items"] == 64
+    again = train_ldm(  # a second run reads the cache, encodes nothing
+        tiny_ldm(
+            tmp_path / "again",
+            vae_folder,
+            "eval.num_samples=0",
+            f"cache_dir={tmp_path / 'cache'}",
+            "cache_shard_items=24",
+        )  # fmt: skip
+    )
+    assert [r["train/loss"] for r in read_metrics(again / "metrics.jsonl")] == b
+
+
+def cache_command(vae_folder, cache_dir: Path, items: int) -> list[str]:
+    return [sys.executable, "-m", "ldm.cli.cache", f"vae={vae_folder}", "data.resolution=16",
+            f"data.train_size={items}", "data.val_size=8", "unet.block_out_channels=[32,32]",
+            "unet.norm_num_groups=8", "text.hidden_size=32", "text.num_heads=2", "text.intermediate_size=64",
+            f"cache_dir={cache_dir}", "cache_shard_items=16"]  # fmt: skip
+
+
+def test_a_killed_caching_run_resumes_to_the_same_cache(tmp_path, vae_folder):
+    items = 3000
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cache_command(vae_folder, tmp_path / "killed", items), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((tmp_path / "killed").glob("latents-*/shard-*"))) < 5:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (folder,) = (tmp_path / "killed").glob("latents-*")
+    written = len(list(folder.glob("shard-*")))
+    assert not (folder / INDEX).exists() and 5 <= written < -(-items // 16)  # killed part-way
+    done = subprocess.run(cache_command(vae_folder, tmp_path / "killed", items), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    whole = subprocess.run(cache_command(vae_folder, tmp_path / "whole", items), cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    (reference,) = (tmp_path / "whole").glob("latents-*")
+    assert folder.name == reference.name
+    names = sorted(p.name for p in reference.glob("shard-*"))
+    assert names == sorted(p.name for p in folder.glob("shard-*")) and len(names) == -(-items // 16)
+    for name in names:  # byte for byte
+        assert (folder / name).read_bytes() == (reference / name).read_bytes(), name
+    assert not list(folder.glob(".*.tmp"))
+
+
+def test_two_processes_write_the_cache_one_process_writes(tmp_path, vae_folder):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ldm.cli.cache"]  # fmt: skip
+    two = subprocess.run([*launch, *cache_command(vae_folder, tmp_path / "two", 200)[3:]], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = subprocess.run(cache_command(vae_folder, tmp_path / "one", 200), cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    (a,) = (tmp_path / "two").glob("latents-*")
+    (b,) = (tmp_path / "one").glob("latents-*")
+    names = sorted(p.name for p in b.glob("shard-*"))
+    assert len(names) == 13 and names == sorted(p.name for p in a.glob("shard-*"))
+    assert all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+    assert json.loads((a / INDEX).read_text()) == json.loads((b / INDEX).read_text())
