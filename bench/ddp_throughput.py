@@ -33,7 +33,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--root", type=Path, default=Path("/tmp/ddp-throughput"))
     args = parser.parse_args()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": str(args.threads),
+        "ACCELERATE_USE_CPU": "1",
+    }
     common = [f"train.max_steps={args.steps}", f"train.batch_size={args.batch}", "train.log_every=1",
               "train.compile=false", "eval.num_samples=0", "train.sample_every=0", "train.checkpoint_every=0",
               "train.val_every=0", "data.train_size=8000"]  # fmt: skip
@@ -46,7 +51,6 @@ def main() -> None:
         else:
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *train]  # fmt: skip
-            env["ACCELERATE_USE_CPU"] = "1"
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(done.stderr[-3000:])

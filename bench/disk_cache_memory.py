@@ -47,7 +47,12 @@ def main() -> None:
     args.root.mkdir(parents=True, exist_ok=True)
     driver = args.root / "driver.py"
     driver.write_text(DRIVER)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE_USE_CPU": "1",
+    }  # CPU: comparable
     common = ["train.compile=false", "eval.num_samples=0", "train.sample_every=0", "train.checkpoint_every=0"]
     peaks: dict[tuple[int, int], list[float]] = {}
     for n in args.sizes:

@@ -150,3 +150,28 @@ def test_two_processes_write_the_cache_one_process_writes(tmp_path, vae_folder):
     assert len(names) == 13 and names == sorted(p.name for p in a.glob("shard-*"))
     assert all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
     assert json.loads((a / INDEX).read_text()) == json.loads((b / INDEX).read_text())
+
+
+def test_a_shard_cut_short_is_encoded_again(tmp_path):
+    vae = tiny_autoencoder(1.0).eval()
+    data = build_dataset(DataConfig(resolution=16, train_size=20, val_size=4), "train", 0)
+    build_disk_cache(vae, data, 8, tmp_path / "c", "k", per_shard=10)
+    whole = (tmp_path / "c" / shard_name(1)).read_bytes()
+    (tmp_path / "c" / INDEX).unlink()  # as after a crash that renamed the shard before its data was on disk
+    (tmp_path / "c" / shard_name(1)).write_bytes(whole[: len(whole) // 2])
+    build_disk_cache(vae, data, 8, tmp_path / "c", "k", per_shard=10)
+    assert (tmp_path / "c" / shard_name(1)).read_bytes() == whole
+
+
+def test_any_caption_text_comes_back(tmp_path):
+    from ldm.data.disk_cache import shard_columns, write_shard
+
+    captions = ["a red circle", "", "ünïcödé ✓", "lone surrogate \ud83d"]
+    mean = torch.randn(4, 2, 3, 3)
+    micro = {"original_size": torch.full((4, 2), 6), "crop_top_left": torch.zeros(4, 2, dtype=torch.long)}
+    write_shard(tmp_path / shard_name(0), shard_columns(mean, mean.exp(), captions, micro))
+    entry = {"file": shard_name(0), "start": 0, "items": 4}
+    (tmp_path / INDEX).write_text(json.dumps({"items": 4, "shards": [entry]}))
+    disk = DiskLatentDataset(tmp_path)
+    assert [disk[i]["caption"] for i in range(4)] == captions
+    assert torch.equal(disk[3]["mean"], mean[3]) and torch.equal(disk[3]["std"], mean[3].exp())

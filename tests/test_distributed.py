@@ -105,14 +105,13 @@ def launch_two_machines(tmp: Path, script: str, args: list[str], port: int) -> P
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+            stderr=(tmp / f"machine{rank}.log").open("w"),  # a full pipe would block one machine
         )  # fmt: skip
         for rank in (0, 1)
     ]
-    for proc in procs:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
+    for rank, proc in enumerate(procs):
+        proc.wait(timeout=600)
+        assert proc.returncode == 0, (tmp / f"machine{rank}.log").read_text()[-3000:]
     return dump
 
 

@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         latents = latent_training_set(cfg, accelerator, vae, vae_dir, images)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            sys.stdout.write(f"latent cache: {len(latents)} items under {cfg.cache_dir}\n")
+            items = len(getattr(latents, "base", latents))  # (data.repeats repeats them, not cached twice)
+            sys.stdout.write(f"latent cache: {items} items under {cfg.cache_dir}\n")
     return 0
 
 

@@ -44,6 +44,8 @@ INDEX = "index.json"
 FORMAT = "ldm latent shards 1"
 SHARD_BYTES = 256 * 2**20  # about this many bytes of posteriors per shard
 MAX_SHARD_ITEMS = 65_536
+MAX_OPEN = 256  # shard files a process keeps open at once (the least recently opened are closed)
+OPEN: list[ShardReader] = []  # this process's open readers, oldest first
 DTYPES = {"F32": np.float32, "I64": np.int64, "U8": np.uint8}
 
 
@@ -63,7 +65,7 @@ def shard_columns(mean, std, captions: list[str], micro: dict[str, torch.Tensor]
         pieces += [m.reshape(-1), s.reshape(-1)]
         offsets.append(offsets[-1] + 2 * m.numel())
         shapes.append(list(m.shape))
-    text = [c.encode("utf-8") for c in captions]
+    text = [c.encode("utf-8", "surrogatepass") for c in captions]  # (any str, as the in-memory cache)
     bounds = np.cumsum([0, *map(len, text)])
     columns = {
         "latents": torch.cat(pieces).float() if pieces else torch.zeros(0),
@@ -80,6 +82,11 @@ def write_shard(path: Path, columns: dict[str, torch.Tensor]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in columns.items()}, str(tmp))
     umask_permissions(tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the data on the disk before the name says the shard is there
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 
@@ -101,22 +108,40 @@ class ShardReader:
 
     def _fd(self) -> int:
         if self.fd is None or self.pid != os.getpid():  # a DataLoader worker opens its own
-            self.fd, self.pid = os.open(self.path, os.O_RDONLY), os.getpid()
+            self.fd, self.pid = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0)), os.getpid()
+            OPEN.append(self)
+            while len(OPEN) > MAX_OPEN:  # keep the descriptors under the usual limit of 1024
+                OPEN.pop(0).close()
         return self.fd
+
+    def close(self) -> None:
+        if self.fd is not None and self.pid == os.getpid():
+            os.close(self.fd)
+        self.fd = None
+
+    def _read(self, size: int, offset: int) -> bytes:
+        if hasattr(os, "pread"):
+            return os.pread(self._fd(), size, offset)
+        os.lseek(self._fd(), offset, os.SEEK_SET)  # Windows: no pread (one reader per process)
+        return os.read(self._fd(), size)
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of column ``name`` (its first dimension)."""
         dtype, shape, offset = self.columns[name]
         row = math.prod(shape[1:]) * np.dtype(dtype).itemsize
-        data = os.pread(self._fd(), (stop - start) * row, offset + start * row)
+        data = self._read((stop - start) * row, offset + start * row)
+        if len(data) != (stop - start) * row:
+            raise DataError(
+                f"latent cache shard {self.path} is cut short: delete it and run again to re-encode it"
+            )
         return np.frombuffer(data, dtype=dtype).reshape(stop - start, *shape[1:])
 
     def __getstate__(self) -> dict[str, Any]:  # pickled into worker processes: no descriptor
         return {**self.__dict__, "fd": None, "pid": -1}
 
     def __del__(self) -> None:
-        if getattr(self, "fd", None) is not None and self.pid == os.getpid():
-            os.close(self.fd)
+        if getattr(self, "fd", None) is not None:
+            self.close()
 
 
 class CaptionColumn(Sequence):
@@ -157,7 +182,7 @@ class DiskLatentDataset(Dataset):
     def caption(self, index: int) -> str:
         reader, i = self._locate(index)
         lo, hi = reader.rows("caption_offsets", i, i + 2)
-        return reader.rows("caption_bytes", int(lo), int(hi)).tobytes().decode("utf-8")
+        return reader.rows("caption_bytes", int(lo), int(hi)).tobytes().decode("utf-8", "surrogatepass")
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, _ = split_key(key, len(self))
@@ -173,6 +198,32 @@ class DiskLatentDataset(Dataset):
         return sum(r.path.stat().st_size for r in self.readers)
 
 
+def shard_is_complete(path: Path) -> bool:
+    """Whether ``path`` is a whole shard: its header parses and the file is as long as it says (a
+    shard cut short by a crash before the data reached the disk is encoded again)."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, struct.error):
+        return False
+    header.pop("__metadata__", None)
+    end = max((h["data_offsets"][1] for h in header.values()), default=0)
+    return path.stat().st_size == 8 + size + end
+
+
+def _remove_dead_temporaries(folder: Path) -> None:
+    """Temporary shards of processes of this machine that no longer run (a killed run's)."""
+    for tmp in folder.glob(".shard-*.tmp"):
+        try:
+            pid = int(tmp.name.rsplit(".", 2)[-2])
+            os.kill(pid, 0)  # alive (ours or another job's): leave it
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, PermissionError):
+            continue
+
+
 def build_disk_cache(
     vae,
     dataset: Dataset,
@@ -185,7 +236,10 @@ def build_disk_cache(
     barrier: Callable[[], None] = lambda: None,
 ) -> Path:
     """Encode the shards of ``dataset`` that ``folder`` lacks (this process: shards rank, rank + P, ...),
-    then the main process writes the index. Returns ``folder``; a complete cache is left as it is."""
+    then the main process writes the index. Returns ``folder``; a complete cache is left as it is.
+
+    Every process calls ``barrier`` twice, whatever it finds, and every process raises the same
+    error when the cache is still incomplete after them (no process is left waiting)."""
     folder = Path(folder)
     n = len(dataset)
     shards = [range(s, min(n, s + per_shard)) for s in range(0, n, per_shard)]
@@ -193,34 +247,31 @@ def build_disk_cache(
     if not index.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         bucketed = getattr(dataset, "bucket_of", None) is not None
-        todo = [s for s in range(rank, len(shards), world_size) if not (folder / shard_name(s)).is_file()]
+        todo = [
+            s for s in range(rank, len(shards), world_size) if not shard_is_complete(folder / shard_name(s))
+        ]
         for s in todo:
             mean, std, captions, micro = encode_items(
                 vae, Subset(dataset, shards[s]), batch_size, f"caching latents to disk (shard {s + 1}/{len(shards)})",
                 bucketed,
             )  # fmt: skip
             write_shard(folder / shard_name(s), shard_columns(mean, std, captions, micro))
-        barrier()
-        if rank == 0:
-            entries = [
-                {"file": shard_name(s), "start": r.start, "items": len(r)} for s, r in enumerate(shards)
-            ]
-            missing = [e["file"] for e in entries if not (folder / e["file"]).is_file()]
-            if missing:
-                raise DataError(
-                    f"latent cache {folder}: shards missing after encoding ({', '.join(missing[:3])}): "
-                    "cache_dir must be a folder every process sees (a shared filesystem across machines), "
-                    "or precompute the cache with ldm-cache and copy it to each machine"
-                )
-            write_json(
-                index, {"format": FORMAT, "key": key, "items": n, "shard_items": per_shard, "shards": entries}
-            )
-            for stale in folder.glob(".shard-*.tmp"):  # a killed run's partial shards
-                stale.unlink(missing_ok=True)
+    barrier()
+    entries = [{"file": shard_name(s), "start": r.start, "items": len(r)} for s, r in enumerate(shards)]
+    if rank == 0 and not index.is_file():
+        if all(shard_is_complete(folder / e["file"]) for e in entries):
+            meta = {"format": FORMAT, "key": key, "items": n, "shard_items": per_shard, "shards": entries}
+            write_json(index, meta)
+            _remove_dead_temporaries(folder)
             logger.info("latent cache: wrote %d items in %d shards to %s", n, len(shards), folder)
-        barrier()
-    else:
-        logger.info("latent cache: reading %s", folder)
+    barrier()
+    if not index.is_file():
+        missing = [e["file"] for e in entries if not (folder / e["file"]).is_file()]
+        raise DataError(
+            f"latent cache {folder}: shards missing after encoding ({', '.join(missing[:3]) or 'none here'}): "
+            "cache_dir must be a folder every process sees (a shared filesystem across machines), "
+            "or precompute the cache with ldm-cache and copy it to each machine"
+        )
     meta = json.loads(index.read_text())
     if meta.get("format") != FORMAT or meta.get("items") != n:
         raise DataError(

@@ -8,12 +8,13 @@ import time
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.utils import gather, gather_object
+from accelerate.utils import broadcast_object_list, gather, gather_object
 from diffusers import AutoencoderKL
 from torch.utils.data import Dataset
 
 from conditioning import Conditioner
 from ldm.data.cache import cached_latents, fingerprint, nbytes
+from ldm.data.disk_cache import FORMAT as DISK_FORMAT
 from ldm.data.disk_cache import DiskLatentDataset, build_disk_cache, shard_items
 from ldm.data.repeat import RepeatedDataset
 from ldm.models.autoencoder import downsampling_factor
@@ -22,6 +23,7 @@ from ldm.training.memory import MIB, peak_resident_bytes, resident_bytes
 
 logger = logging.getLogger("ldm")
 CACHE_BATCH = 256  # images per encoder call while caching
+NOT_IN_CACHE = ("num_workers", "repeats")  # data keys that do not change what the cache holds
 
 
 def latent_training_set(
@@ -36,7 +38,10 @@ def latent_training_set(
     if hasattr(distinct, "keep_rendered"):  # shapes: one pass in order, no rendered copy to keep
         distinct.keep_rendered = False
     if cfg.cache_dir:  # on disk: each process writes its shards and reads only its rows
-        folder = disk_cache_folder(cfg, vae, vae_dir)
+        folder = [disk_cache_folder(cfg, vae, vae_dir)]  # the main process's, for all (machines' copies
+        if accelerator.num_processes > 1:  # of the autoencoder may differ in modification time)
+            broadcast_object_list(folder, from_process=0)
+        folder = folder[0]
         build_disk_cache(
             vae, distinct, CACHE_BATCH, folder, folder.name, shards_of(cfg, vae),
             accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
@@ -61,7 +66,8 @@ def latent_training_set(
 def disk_cache_folder(cfg: LDMRunConfig, vae: AutoencoderKL, vae_dir: Path) -> Path:
     """``cache_dir/latents-<key>-<items per shard>``: keyed by the autoencoder, the data config and the
     seed, and the shards' size (a rerun continues a partial cache only with the same shards)."""
-    key = fingerprint(vae_dir, dataclasses.asdict(cfg.data), cfg.seed)
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in NOT_IN_CACHE}
+    key = fingerprint(vae_dir, {**data, "disk_format": DISK_FORMAT}, cfg.seed)
     return Path(cfg.cache_dir) / f"latents-{key}-{shards_of(cfg, vae)}"
 
 
