@@ -88,6 +88,21 @@ def _rename(prefix_map: list[tuple[str, str]], sub_map: dict[str, str], key: str
     return None
 
 
+def _mapped(state: dict[str, torch.Tensor], rename, prefix: str, what: str) -> dict[str, torch.Tensor]:
+    """``{prefix + name: value}`` for each ``(name, value) = rename(key, value)``; an error naming the
+    keys ``rename`` has no name for (None)."""
+    out, left = {}, []
+    for key, value in state.items():
+        name, value = rename(key, value)
+        if name is None:
+            left.append(key)
+        else:
+            out[prefix + name] = value
+    if left:
+        raise _unmapped(what, left)
+    return out
+
+
 def _unmapped(what: str, left: list[str]) -> LayoutError:
     shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
     return LayoutError(
@@ -144,18 +159,12 @@ def unet_to_original(state: dict[str, torch.Tensor], config: dict[str, Any]) -> 
         ".".join(k.split(".")[:2]) for k in state if ".attentions." in k and k.startswith("up_blocks.")
     }
     blocks = unet_block_prefixes(config, attention)
-    out, left = {}, []
-    for key, value in state.items():
-        name = layers.get(key)
-        if name is None:
-            name = _rename(blocks, UNET_RESNET if ".resnets." in key else {}, key)
-        if name is None:
-            left.append(key)
-            continue
-        out[UNET_PREFIX + name] = value
-    if left:
-        raise _unmapped("UNet", left)
-    return out
+
+    def rename(key: str, value: torch.Tensor) -> tuple[str | None, torch.Tensor]:
+        name = layers.get(key) or _rename(blocks, UNET_RESNET if ".resnets." in key else {}, key)
+        return name, value
+
+    return _mapped(state, rename, UNET_PREFIX, "UNet")
 
 
 def vae_to_original(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -174,23 +183,19 @@ def vae_to_original(state: dict[str, torch.Tensor], config: dict[str, Any]) -> d
     for part in ("encoder", "decoder"):
         blocks += [(f"{part}.mid_block.resnets.{k}", f"{part}.mid.block_{k + 1}") for k in range(2)]
         blocks += [(f"{part}.mid_block.attentions.0", f"{part}.mid.attn_1")]
-    out, left = {}, []
-    for key, value in state.items():
-        name = layers.get(key)
-        if name is None:
-            attn = ".mid_block.attentions." in key
-            name = _rename(blocks, VAE_ATTENTION if attn else {}, key)
-            if name is not None and not attn:
-                name = name.replace(".conv_shortcut.", ".nin_shortcut.")
-            if attn and name is not None and value.ndim == 2:  # linear -> 1x1 convolution
-                value = value[:, :, None, None]
-        if name is None:
-            left.append(key)
-            continue
-        out[VAE_PREFIX + name] = value
-    if left:
-        raise _unmapped("autoencoder", left)
-    return out
+
+    def rename(key: str, value: torch.Tensor) -> tuple[str | None, torch.Tensor]:
+        if key in layers:
+            return layers[key], value
+        attn = ".mid_block.attentions." in key
+        name = _rename(blocks, VAE_ATTENTION if attn else {}, key)
+        if name is not None and not attn:
+            name = name.replace(".conv_shortcut.", ".nin_shortcut.")
+        if attn and name is not None and value.ndim == 2:  # linear -> 1x1 convolution
+            value = value[:, :, None, None]
+        return name, value
+
+    return _mapped(state, rename, VAE_PREFIX, "autoencoder")
 
 
 def hf_clip_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

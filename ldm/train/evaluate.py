@@ -21,6 +21,7 @@ from ldm.eval.shapes_reader import caption_accuracy
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 from ldm.pipelines.prompts import read_prompt_file
 from ldm.train.config import LDMRunConfig
+from ldm.training.validation import ema_weights, eval_mode
 
 logger = logging.getLogger("ldm")
 
@@ -134,14 +135,7 @@ def _prompt_file_images(pipe, cfg: LDMRunConfig) -> torch.Tensor:
 @torch.no_grad()
 def save_prompt_grid(pipe, prompts: list[str], cfg: LDMRunConfig, path: Path, ema=None, params=None) -> None:
     """A grid of fixed prompts (rows) x fixed seeds (columns), with EMA weights when EMA is on."""
-    if ema is not None:
-        ema.store(params)
-        ema.copy_to(params)
-    modules = (pipe.unet, *pipe.text_encoders)
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
+    with ema_weights(ema, params), eval_mode(pipe.unet, *pipe.text_encoders):
         if cfg.sample.prompts_file:
             images = _prompt_file_images(pipe, cfg)
         else:
@@ -156,8 +150,3 @@ def save_prompt_grid(pipe, prompts: list[str], cfg: LDMRunConfig, path: Path, em
                 progress=False,
             ).images
         save_grid(images, path, nrow=cfg.sample.grid_seeds)
-    finally:
-        for m, mode in zip(modules, modes, strict=True):
-            m.train(mode)
-        if ema is not None:
-            ema.restore(params)
