@@ -20,9 +20,11 @@ from autoencoder.model import AutoencoderTrainingForward, decoder_last_layer, tr
 from autoencoder.objective import autoencoder_objective, discriminator_objective
 from autoencoder.setup import autoencoder_to_train, compiled_until_gan, discriminator, perceptual_loss
 from autoencoder.validation import ImageValidation
+from ldm.core.errors import ConfigError
 from ldm.data import build_dataset
 from ldm.models.autoencoder import downsampling_factor
 from ldm.training.ema import ema_for
+from ldm.training.engine import takes_one_model
 from ldm.training.loop import Stage, train_loop
 from ldm.training.optim import adamw
 from ldm.training.run import finish_run, global_batch_line, process_mean, resume_training, start_run
@@ -34,6 +36,12 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     """Train, export ``model/``, evaluate into ``eval.json``; returns the output folder."""
     tc, loss_cfg = cfg.train, cfg.loss
     accelerator, out = start_run(cfg, tc)
+    if takes_one_model(accelerator):
+        raise ConfigError(
+            f"stage 1 does not run under {accelerator.distributed_type.value}: it trains two models (the "
+            "autoencoder and the discriminator, each with its optimizer), and accelerate's FSDP2 and "
+            "DeepSpeed take one; autoencoders fit data parallel (configs/accelerate/multi-gpu.yaml)"
+        )
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
     vae = autoencoder_to_train(cfg, memory_format)
     params, factor = trainable_parameters(vae, tc.decoder_only), downsampling_factor(vae)
@@ -95,9 +103,14 @@ def train_autoencoder(cfg: VAERunConfig, resume: str | None = None) -> Path:
     if validation is not None:
         plain = accelerator.unwrap_model(model)
         validate = lambda: validation(accelerator, plain, loss_cfg, last_layer, lpips, ema, params)  # noqa: E731
+
+    def reconstructions(path: Path) -> None:  # the loop calls it on every process
+        if accelerator.is_main_process:
+            save_reconstructions(vae, fixed, path)
+
     stage = Stage(
         "train_vae", step, (model, disc), [(opt_ae, None), (opt_d, loss_cfg.disc_lr or tc.lr)], params,
-        sample=lambda path: save_reconstructions(vae, fixed, path), validate=validate, progress_key="rec_loss",
+        sample=reconstructions, validate=validate, progress_key="rec_loss",
         log_compile=tc.compile and start.step < loss_cfg.disc_start,
     )  # fmt: skip
     reached = train_loop(

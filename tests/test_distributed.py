@@ -167,7 +167,7 @@ def test_two_machines_on_loopback_equal_one_process(stage, tmp_path, vae_folder)
 
 @NEEDS_COMPILER
 def test_two_compiled_processes_equal_one(tmp_path, vae_folder):
-    """train.compile=true under DDP: the compiled UNet wraps the DDP module, whose gradient hooks still
+    """train.compile=true under DDP: the compiled UNet runs inside the DDP module, whose gradient hooks still
     average over processes; the weights equal one process's with the same global batch."""
     args = [*LDM, f"vae={vae_folder}", "train.compile=true"]
     two, log = launch(tmp_path, "train_ldm.py", processes=2, batch=2, args=args)

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from conftest import tiny_autoencoder
 from test_ldm_train import tiny as tiny_ldm
 from test_vae_train import tiny_config as tiny_vae
@@ -122,6 +123,7 @@ class Ranks(SimpleNamespace):
     sums what each rank computed, as the collective would."""
 
     device = torch.device("cpu")
+    distributed_type = DistributedType.MULTI_CPU  # data parallel: each rank computes its rows
 
     def autocast(self):
         return torch.autocast("cpu", enabled=False)

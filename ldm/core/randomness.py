@@ -16,6 +16,8 @@ times as many numbers: small next to a UNet step, and on the device's own genera
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -72,3 +74,13 @@ class StepRandom:
     def rand(self, batch: int) -> torch.Tensor:
         """U[0, 1) of shape (local batch,), on the device."""
         return self._rows(torch.rand(batch * self.world_size, generator=self.generator, device=self.device))
+
+
+@contextmanager
+def seeded_on_every_process(seed: int) -> Iterator[None]:
+    """Inside, the host's torch generator seeded with ``seed`` alone (the processes are seeded with
+    seed + rank otherwise), and restored after: networks built inside start equal on every process,
+    whatever the engine (DDP would broadcast what it wraps; FSDP, and anything frozen, would not)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

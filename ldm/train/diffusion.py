@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from functools import partial
 from pathlib import Path
 
 import torch
 
 from conditioning import Conditioner
+from ldm.core.errors import ConfigError
 from ldm.data import build_dataset
 from ldm.data.cache import sample_latents
 from ldm.diffusion.registry import build_objective
@@ -27,11 +27,14 @@ from ldm.train.finish import export_and_evaluate
 from ldm.train.models import pretrained_folder, pretrained_noise
 from ldm.train.preflight import preflight
 from ldm.train.validation import LatentValidation
+from ldm.train.whole import WholePipeline
 from ldm.training.compile import compiled_for_training
 from ldm.training.ema import ema_for
+from ldm.training.engine import flattens_weights, is_sharded
 from ldm.training.loop import Stage, train_loop
 from ldm.training.optim import make_optimizer
 from ldm.training.run import finish_run, resume_training, start_run
+from ldm.training.validation import ema_weights
 
 logger = logging.getLogger("ldm")
 
@@ -47,7 +50,9 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         accelerator.device,
         torch.channels_last if tc.channels_last else torch.contiguous_format,
     )
-    vae, vae_dir, conditioner, unet = setup.models_on_device(cfg, device, memory_format)
+    # FSDP2 and DeepSpeed flatten contiguous weights only: those stay contiguous, activations channels-last
+    weights_format = torch.contiguous_format if flattens_weights(accelerator) else memory_format
+    vae, vae_dir, conditioner, unet = setup.models_on_device(cfg, device, weights_format)
     objective = build_objective(cfg.noise)
     tokens = setup.TokenRecord.of_run(cfg)  # the words a scratch text encoder knows
 
@@ -74,20 +79,26 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     trainable = setup.trainable_parameters(cfg, unet, conditioner)
     setup.cast_frozen(cfg, unet, conditioner, trainable)
     train_text = tokens.training = conditioner.trainable
+    if cfg.export.single_file and not cfg.lora.rank:  # fail now, not after training (LoRA: fused at the end)
+        check_single_file_layout(setup.training_pipeline(vae, conditioner, unet, objective))
+    if is_sharded(accelerator) and cfg.lora.rank:
+        raise ConfigError(
+            "LoRA under FSDP is not supported: a LoRA's trained weights are a few MB, which data "
+            "parallel holds whole; launch with configs/accelerate/multi-gpu.yaml (DDP) instead"
+        )
     optimizer = make_optimizer(
         tc.optimizer, trainable, tc.lr, (tc.adam_beta1, tc.adam_beta2), tc.weight_decay
     )
-    unet, prepared, optimizer = setup.prepare(accelerator, unet, conditioner, optimizer)
-    conditions = conditioner.training_conditions(prepared, tokens)
-    loss_unet = compiled_for_training(unet, tc.compile, device)  # the loss's UNet; sampling uses `unet`
+    trained, optimizer, trainable = setup.prepare(accelerator, unet, conditioner, optimizer)
+    modules = accelerator.unwrap_model(trained)  # the UNet (and conditioner) inside, FSDP units when sharded
+    conditions = conditioner.training_conditions(conditioner, tokens)  # runs inside `trained`'s forward
+    modules.use_for_loss(compiled_for_training(modules.unet, tc.compile, device))  # sampling: uncompiled
     ema = ema_for(trainable, tc.ema_decay, device)
     start = resume_training(accelerator, out, resume, ema, train_set, tc, cfg.data, cfg.seed, cfg)
     prompts = grid_prompts(cfg, val_set)
     setup.log_plan(cfg, trainable, train_text, objective.name, accelerator.num_processes)
     factor = downsampling_factor(vae)
-    pipeline = partial(setup.training_pipeline, vae, conditioner, accelerator.unwrap_model(unet), objective)
-    if cfg.export.single_file and not cfg.lora.rank:  # fail now, not after training (LoRA: fused at the end)
-        check_single_file_layout(pipeline())
+    pipeline = WholePipeline(accelerator, vae, conditioner, trained, objective, cfg.unet.attention)
 
     # --- the step: one micro-batch -----------------------------------------------------------
     def step(batch: dict, _: int, rng, update) -> dict[str, torch.Tensor]:
@@ -95,19 +106,26 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         z0 = z0.contiguous(memory_format=memory_format)
         uniform = rng.rand_host(len(batch["caption"]))  # on the CPU: no device-to-host copy
         target = (z0.shape[-2] * factor, z0.shape[-1] * factor)  # (h, w) in pixels, SDXL's target size
-        kwargs = Conditioner.unet_kwargs(conditioner.batch_conditions(conditions, batch, target, uniform))
-        loss = objective.loss(lambda z_t, t: loss_unet(z_t, t, **kwargs).sample, z0, rng)
+
+        def unet_kwargs() -> dict:  # inside the trained module's forward (a trained conditioner runs here)
+            return Conditioner.unet_kwargs(conditioner.batch_conditions(conditions, batch, target, uniform))
+
+        loss = objective.loss(lambda z_t, t: trained(z_t, t, unet_kwargs), z0, rng)
         norm = update(loss, optimizer, trainable)
         terms = {"loss": torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0)}
         return terms if norm is None else {**terms, "grad_norm": norm}
 
-    grid = lambda path: save_prompt_grid(pipeline(), prompts, cfg, path, ema, trainable)  # noqa: E731
+    def grid(path: Path) -> None:  # every process (FSDP gathers); the main process draws
+        with ema_weights(ema, trainable):
+            pipe = pipeline()
+            if pipe is not None:
+                save_prompt_grid(pipe, prompts, cfg, path)
+
     validate = None
     if validation is not None:
-        plain_unet = accelerator.unwrap_model(unet)
-        validate = lambda: validation(accelerator, plain_unet, conditioner, ema, trainable)  # noqa: E731
+        validate = lambda: validation(accelerator, modules.unet, conditioner, ema, trainable)  # noqa: E731
     stage = Stage(
-        "train_ldm", step, (unet, prepared), [(optimizer, None)], trainable, grid, validate,
+        "train_ldm", step, (trained,), [(optimizer, None)], trainable, grid, validate,
         log_compile=tc.compile,
     )  # fmt: skip
     reached = train_loop(
@@ -118,7 +136,8 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     if reached < tc.max_steps:
         return out  # stopped early: resume with --resume latest
     results = None
-    if accelerator.is_main_process:
+    pipe = pipeline()  # every process: FSDP gathers the weights (the EMA's, copied in by the loop)
+    if pipe is not None:
         record = tokens.final(conditioner, train_set)
-        results = export_and_evaluate(pipeline(), cfg, out, val_set, prompts, record)
+        results = export_and_evaluate(pipe, cfg, out, val_set, prompts, record)
     return finish_run(accelerator, out, results)

@@ -11,12 +11,15 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from conditioning import Conditioner
 from conditioning.conditioner import unreached_parameters
 from conditioning.vocabulary import load_trained_tokens
+from ldm.core.randomness import seeded_on_every_process
 from ldm.models.lora import add_lora
 from ldm.models.unet import set_attention_backend
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 from ldm.train.config import LDMRunConfig
 from ldm.train.data import caption_tokens
 from ldm.train.models import build_models, make_conditioner
+from ldm.train.trained import TrainedModules
+from ldm.training.engine import broadcast_weights, callable_units
 from ldm.training.run import global_batch_line
 
 logger = logging.getLogger("ldm")
@@ -25,8 +28,10 @@ logger = logging.getLogger("ldm")
 def models_on_device(
     cfg: LDMRunConfig, device: torch.device, memory_format: torch.memory_format
 ) -> tuple[AutoencoderKL, Path, Conditioner, UNet2DConditionModel]:
-    """(frozen autoencoder, its folder, conditioner, UNet) on ``device``, attention backend set."""
-    vae, vae_dir, encoders, unet = build_models(cfg)
+    """(frozen autoencoder, its folder, conditioner, UNet) on ``device``, attention backend set; what
+    starts random starts the same on every process."""
+    with seeded_on_every_process(cfg.seed):
+        vae, vae_dir, encoders, unet = build_models(cfg)
     vae.to(device).eval().requires_grad_(False)
     conditioner = make_conditioner(cfg, [e.to(device) for e in encoders])
     unet = unet.to(device, memory_format=memory_format)
@@ -71,26 +76,38 @@ def cast_frozen(
 
 
 def prepare(accelerator, unet: UNet2DConditionModel, conditioner: Conditioner, optimizer):
-    """(unet, conditioner, optimizer) through ``accelerator.prepare``; a frozen conditioner as it is."""
-    if conditioner.trainable:
-        return accelerator.prepare(unet, conditioner, optimizer)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    return unet, conditioner, optimizer
+    """(trained modules, optimizer, trained parameters) through ``accelerator.prepare``: the UNet and a
+    trained conditioner as one module (``TrainedModules``), a frozen conditioner left out. The
+    parameters are the module's after ``prepare``, by name (FSDP replaces them with shards; DeepSpeed's
+    optimizer holds flat partitions instead of them)."""
+    trained = TrainedModules(unet, conditioner if conditioner.trainable else None)
+    texts = [e.model for e in conditioner.encoders] if conditioner.trainable else []
+    callable_units(accelerator, [unet, *texts])  # FSDP: each its own unit, which sampling can call
+    broadcast_weights(accelerator, trained)  # FSDP: the main process's initial weights everywhere
+    name_of = {id(p): name for name, p in trained.named_parameters()}
+    names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]  # their order
+    trained, optimizer = accelerator.prepare(trained, optimizer)
+    after = dict(accelerator.unwrap_model(trained).named_parameters())
+    return trained, optimizer, [after[name] for name in names]
 
 
-def training_pipeline(vae, conditioner: Conditioner, unet, objective) -> LatentDiffusionPipeline:
-    """A pipeline over the modules being trained (no copies), for grids and the export."""
+def training_pipeline(
+    vae, conditioner: Conditioner, unet, objective, text_models: list | None = None
+) -> LatentDiffusionPipeline:
+    """A pipeline over the modules being trained (no copies), for grids and the export; ``text_models``
+    in place of the conditioner's (whole copies of sharded ones, ``ldm.train.whole``)."""
     text = conditioner.encoders[0]
+    models = text_models or [e.model for e in conditioner.encoders]
     second = {}
     if len(conditioner.encoders) > 1:  # SDXL
         text_2 = conditioner.encoders[1]
         second = {
-            "text_encoder_2": text_2.model,
+            "text_encoder_2": models[1],
             "tokenizer_2": text_2.tokenizer,
             "force_zeros_for_empty_prompt": conditioner.zero_uncond,
         }
     return LatentDiffusionPipeline(
-        vae, text.model, text.tokenizer, unet, objective.scheduler_config(), **second
+        vae, models[0], text.tokenizer, unet, objective.scheduler_config(), **second
     )
 
 

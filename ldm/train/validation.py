@@ -20,6 +20,7 @@ from torch import Tensor
 from conditioning import Conditioner
 from conditioning.conditioner import MICRO_KEYS
 from ldm.diffusion.objective import Objective
+from ldm.training.engine import is_sharded
 from ldm.training.validation import (
     VALIDATION_SEED,
     chunks,
@@ -114,6 +115,7 @@ class LatentValidation:
                 len(parts),
                 self.batch,
                 lambda c: self._chunk_losses(parts[c], unet, conditioner, accelerator.autocast),
+                lockstep=is_sharded(accelerator),
             )
         losses = rows.flatten()[: self.entries].cpu()  # (E,) in entry order (waits for the device)
         band = (self.u * BANDS).floor().long().clamp(max=BANDS - 1)

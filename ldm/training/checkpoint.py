@@ -15,7 +15,9 @@ removes the partial folder and raises ``CheckpointWriteError``; older checkpoint
 
 Nothing here unpickles code: accelerate reads its files with ``weights_only=True``, and the
 EMA (which accelerate's ``register_for_checkpointing`` would unpickle without that guard) is
-kept as safetensors plus JSON.
+kept as safetensors plus JSON. Under DeepSpeed, the model and optimizer are DeepSpeed's own
+checkpoint (``pytorch_model/*.pt``, which DeepSpeed itself loads); under FSDP, accelerate's
+distributed checkpoint (one shard per process). The EMA file holds whole tensors under every engine.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
 from ldm.core.errors import MissingFileError, UserError
+from ldm.training.engine import full_tensors, shard_like
 
 logger = logging.getLogger("ldm")
 
@@ -60,14 +63,21 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def ema_state(ema: EMAModel) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, JSON counters) of diffusers' ``EMAModel.state_dict()``."""
+    """(tensors, JSON counters) of diffusers' ``EMAModel.state_dict()``, each tensor whole: FSDP
+    shards are gathered (every process calls this), so the file is the same under every engine."""
     state = ema.state_dict()
-    tensors = {f"shadow.{i}": p.detach().contiguous() for i, p in enumerate(state.pop("shadow_params"))}
+    tensors = {f"shadow.{i}": p for i, p in enumerate(full_tensors(state.pop("shadow_params")))}
     return tensors, state
 
 
 def load_ema_state(ema: EMAModel, tensors: dict[str, torch.Tensor], counters: dict[str, Any]) -> None:
-    shadow = [tensors[f"shadow.{i}"] for i in range(len(tensors))]
+    """The saved (whole) tensors into ``ema``, each laid out as its current shadow (an FSDP shard)."""
+    if len(tensors) != len(ema.shadow_params):
+        raise MissingFileError(
+            f"the checkpoint's EMA has {len(tensors)} tensors and this run averages {len(ema.shadow_params)}: "
+            "it was saved by another model or trained parameter set; resume with the same config"
+        )
+    shadow = [shard_like(tensors[f"shadow.{i}"], s) for i, s in enumerate(ema.shadow_params)]
     ema.load_state_dict({**counters, "shadow_params": shadow})
 
 
@@ -92,10 +102,11 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
+        ema_tensors = ema_state(ema) if ema is not None else None  # every process (FSDP gathers)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            if ema is not None:
-                tensors, counters = ema_state(ema)
+            if ema_tensors is not None:
+                tensors, counters = ema_tensors
                 save_file(tensors, str(tmp / EMA_FILE))
                 state = {**state, "ema": counters}
             _write_atomic(tmp / STATE_FILE, json.dumps({"step": step, **state}, indent=2))

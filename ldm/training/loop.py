@@ -60,7 +60,13 @@ class Update:
             norm = clip_gradients(acc, clip, self.grad_clip).detach()
         guard = self.guards.get(id(optimizer))
         if guard is None:
-            guard = self.guards[id(optimizer)] = NonFiniteGuard(self.max_nonfinite_steps, acc.device)
+            agree = None
+            if acc.num_processes > 1:  # one 8-byte all-reduce per update
+
+                def agree(bad: Tensor) -> Tensor:
+                    return acc.reduce(bad.long(), "sum") > 0
+
+            guard = self.guards[id(optimizer)] = NonFiniteGuard(self.max_nonfinite_steps, acc.device, agree)
         guard.step(optimizer, loss, acc.scaler, acc.sync_gradients)
         optimizer.zero_grad(set_to_none=True)
         return norm
@@ -83,7 +89,9 @@ class Stage:
     # (optimizer, its base lr or None for train.lr): lr = base * train.lr * multiplier / train.lr
     optimizers: Sequence[tuple[torch.optim.Optimizer, float | None]]
     ema_params: list[nn.Parameter] = field(default_factory=list)  # what EMA averages
-    sample: Callable[[Path], None] | None = None  # writes a sample grid (main process)
+    sample: Callable[[Path], None] | None = (
+        None  # a sample grid: every process calls it (FSDP gathers), the main one writes
+    )
     validate: Callable[[], dict[str, float]] | None = None  # val/* figures (every process: a collective)
     progress_key: str = "loss"  # the term shown on the progress bar
     log_compile: bool = False  # log the first step's time (compiling included)
@@ -158,9 +166,10 @@ def train_loop(
                 sums, counts, count, t_log = {}, {}, 0, time.perf_counter()
             elif val:
                 metrics.write(step, val)
-            if main and stage.sample is not None and train.sample_every and step % train.sample_every == 0:
+            if stage.sample is not None and train.sample_every and step % train.sample_every == 0:
                 stage.sample(out / "samples" / f"step-{step:06d}.png")
-                log_image(accelerator, "samples", out / "samples" / f"step-{step:06d}.png", step)
+                if main:
+                    log_image(accelerator, "samples", out / "samples" / f"step-{step:06d}.png", step)
             if step == stop or (train.checkpoint_every and step % train.checkpoint_every == 0):
                 state = {"data": batches.state_dict(), "rng": rng.state_dict()}
                 save_checkpoint(accelerator, out, step, state, train.keep_checkpoints, ema)

@@ -23,8 +23,11 @@ class NonFiniteLossError(UserError, RuntimeError):
 class NonFiniteGuard:
     """``step(optimizer, loss)`` in place of ``optimizer.step()``; ``check()`` at logging time."""
 
-    def __init__(self, max_consecutive: int, device: torch.device) -> None:
+    def __init__(self, max_consecutive: int, device: torch.device, agree=None) -> None:
+        """``agree``: a bool tensor -> whether it is true on any process (several processes: all of them
+        skip a step together, else the replicas' weights part)."""
         self.max_consecutive = max_consecutive
+        self.agree = agree
         self.skipped = torch.zeros((), dtype=torch.long, device=device)  # since the last check
         self.consecutive = torch.zeros((), dtype=torch.long, device=device)
         self.pending = torch.zeros(
@@ -40,6 +43,8 @@ class NonFiniteGuard:
             optimizer.step()  # accelerate's wrapper does nothing until gradients are synchronised
             return
         bad, self.pending = self.pending, torch.zeros_like(self.pending)
+        if self.agree is not None:
+            bad = self.agree(bad)
         self.skipped += bad
         self.consecutive = (self.consecutive + 1) * bad
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer

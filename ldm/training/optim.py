@@ -6,6 +6,8 @@ from collections.abc import Iterable
 
 import torch
 
+from ldm.training.engine import full_tensor
+
 
 def adamw(
     params: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float
@@ -73,7 +75,10 @@ def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: floa
     from accelerate.utils import DistributedType
 
     if accelerator.device.type != "cpu" or accelerator.distributed_type != DistributedType.NO:
-        return accelerator.clip_grad_norm_(params, max_norm)
+        norm = accelerator.clip_grad_norm_(params, max_norm)  # DeepSpeed clips in its step: its norm
+        if norm is None or isinstance(norm, float):  # DeepSpeed: a float (None before its first step)
+            return torch.tensor(float("nan") if norm is None else norm)
+        return full_tensor(norm)  # FSDP: a replicated DTensor
     accelerator.unscale_gradients()
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if norm > max_norm:

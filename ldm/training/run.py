@@ -16,6 +16,7 @@ from ldm.core.config import DataConfig, TrainConfig, to_yaml
 from ldm.core.io import write_json
 from ldm.core.randomness import StepRandom
 from ldm.training.checkpoint import load_checkpoint, resolve_checkpoint
+from ldm.training.engine import check_engine, configure_deepspeed, process_group_kwargs
 from ldm.training.loader import TrainBatches
 from ldm.training.metrics import MetricsWriter
 from ldm.training.trackers import init_trackers, trackers_for
@@ -31,7 +32,10 @@ def start_run(cfg: Any, train: TrainConfig) -> tuple[Accelerator, Path]:
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         log_with=trackers_for(train.report_to) or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        kwargs_handlers=process_group_kwargs(),
     )
+    check_engine(accelerator)
+    configure_deepspeed(accelerator, train.batch_size, train.gradient_accumulation_steps, train.grad_clip)
     set_seed(cfg.seed, device_specific=True)
     if accelerator.device.type == "cuda":  # fp32 matmuls and convolutions on TF32 tensor cores, or not
         torch.backends.cuda.matmul.allow_tf32 = train.tf32

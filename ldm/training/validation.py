@@ -14,6 +14,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from ldm.training.engine import is_dtensor
+
 VALIDATION_SEED = 1_000_033  # the draws' seeds: this + the run's seed + the entry's index
 
 
@@ -35,10 +37,17 @@ def chunks(n: int, size: int) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def over_processes(accelerator, count: int, width: int, compute: Callable[[int], Tensor]) -> Tensor:
+def over_processes(
+    accelerator, count: int, width: int, compute: Callable[[int], Tensor], lockstep: bool = False
+) -> Tensor:
     """(count, width) on every process: row c is ``compute(c)`` (a (width,) tensor), run by process
-    c mod P; the rows are summed over the processes into zeros."""
+    c mod P; the rows are summed over the processes into zeros. ``lockstep`` (FSDP, where every
+    forward is a collective that all processes must join): every process computes every row."""
     rows = torch.zeros(count, width, dtype=torch.float64, device=accelerator.device)
+    if lockstep:
+        for c in range(count):
+            rows[c] = compute(c).to(rows)
+        return rows
     for c in range(accelerator.process_index, count, accelerator.num_processes):
         rows[c] = compute(c).to(rows)
     if accelerator.num_processes > 1:
@@ -49,11 +58,25 @@ def over_processes(accelerator, count: int, width: int, compute: Callable[[int],
 @contextmanager
 def ema_weights(ema, params) -> Iterator[None]:
     """The EMA weights in ``params`` inside, the trained ones back after (no-op without EMA). The
-    tensors are swapped, not copied: no host copy on every process (as ``EMAModel.store`` makes)."""
+    tensors are swapped, not copied: no host copy on every process (as ``EMAModel.store`` makes).
+    FSDP shards are copied in place instead (FSDP gathers from its own storage, which a swap of
+    ``.data`` would not reach), through one copy of this process's shard."""
     if ema is None:
         yield
         return
     pairs = list(zip(params, ema.shadow_params, strict=True))
+    if any(is_dtensor(p) for p in params):
+        with torch.no_grad():
+            trained = [p.detach().clone() for p in params]
+            for p, s in pairs:
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, t in zip(params, trained, strict=True):
+                    p.copy_(t)
+        return
 
     def swap() -> None:
         for p, s in pairs:
