@@ -175,3 +175,69 @@ def test_any_caption_text_comes_back(tmp_path):
     disk = DiskLatentDataset(tmp_path)
     assert [disk[i]["caption"] for i in range(4)] == captions
     assert torch.equal(disk[3]["mean"], mean[3]) and torch.equal(disk[3]["std"], mean[3].exp())
+
+
+def test_frozen_text_on_disk_trains_as_the_in_memory_text_cache(tmp_path, vae_folder, caplog):
+    """text.train=false with cache_dir: every item's conditioning is cached on disk (one row per item,
+    condition dropout to the "" row) and training equals the in-memory caption cache."""
+    frozen = ["eval.num_samples=0", "text.train=false", "text.p_uncond=0.5"]  # dropout in most batches
+    memory = train_ldm(tiny_ldm(tmp_path / "memory", vae_folder, *frozen))
+    disk_args = [*frozen, f"cache_dir={tmp_path / 'cache'}", "cache_shard_items=24"]
+    with caplog.at_level("INFO", logger="ldm"):
+        disk = train_ldm(tiny_ldm(tmp_path / "disk", vae_folder, *disk_args))
+    assert "64 items' conditioning" in caplog.text
+    (folder,) = (tmp_path / "cache").glob("text-*")
+    assert json.loads((folder / INDEX).read_text())["items"] == 64
+    a = [r["train/loss"] for r in read_metrics(memory / "metrics.jsonl")]
+    b = [r["train/loss"] for r in read_metrics(disk / "metrics.jsonl")]
+    assert len(a) == len(b) == 6
+    assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b, strict=True)), (a, b)
+    # the text cache's rows are the conditioner's own outputs for each item's caption
+    items = DiskLatentDataset(next((tmp_path / "cache").glob("latents-*")))
+    from ldm.data.text_disk_cache import DiskTextColumns
+    from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
+
+    items.text = DiskTextColumns(folder)
+    pipe = LatentDiffusionPipeline.from_pretrained(disk / "model")
+    with torch.no_grad():
+        ids = pipe.tokenizer(
+            [items[5]["caption"]],
+            padding="max_length",
+            max_length=pipe.tokenizer.model_max_length,
+            return_tensors="pt",
+        )
+        context = pipe.text_encoder(ids.input_ids).last_hidden_state[0]
+    assert torch.allclose(items[5]["text.encoder_hidden_states"], context, atol=1e-5)
+
+
+def test_cached_conditions_give_the_empty_captions_row_where_dropout_dropped():
+    from ldm.train.data import cached_conditions
+
+    rows = torch.arange(6.0).view(3, 2, 1).expand(3, 2, 4)
+    batch = {"caption": ["a", "", "c"], "text.encoder_hidden_states": rows}
+    null = {"encoder_hidden_states": torch.full((1, 2, 4), -1.0)}
+    cond = cached_conditions(batch, null, torch.device("cpu"))(["", "", "c"])["encoder_hidden_states"]
+    assert torch.equal(cond[0], null["encoder_hidden_states"][0])  # "a" dropped: the "" row
+    assert torch.equal(cond[1], rows[1])  # the caption was "" already: its own row
+    assert torch.equal(cond[2], rows[2])
+
+
+def test_sdxl_frozen_text_on_disk_holds_context_and_pooled(tmp_path, vae_folder):
+    from test_sdxl_train import SCRATCH_XL
+
+    from ldm.core.config import load_config
+    from ldm.data.disk_cache import ShardReader
+    from ldm.train.config import LDMRunConfig
+
+    args = [f"vae={vae_folder}", *SCRATCH_XL, "eval.num_samples=0", "text.train=false", "text_2.train=false",
+            "text.p_uncond=0.5"]  # fmt: skip
+    runs = {}
+    for name, extra in (("memory", []), ("disk", [f"cache_dir={tmp_path / 'cache'}"])):
+        cfg = load_config(LDMRunConfig, None, [f"output_dir={tmp_path / name}", *args, *extra])
+        runs[name] = [r["train/loss"] for r in read_metrics(train_ldm(cfg) / "metrics.jsonl")]
+    assert len(runs["disk"]) == 4
+    assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(runs["memory"], runs["disk"], strict=True)), runs
+    (folder,) = (tmp_path / "cache").glob("text-*")
+    columns = ShardReader(folder / shard_name(0)).columns
+    assert set(columns) == {"encoder_hidden_states", "text_embeds"}
+    assert columns["encoder_hidden_states"][1] == [64, 16, 64]  # both encoders' (16, 32) contexts side by side

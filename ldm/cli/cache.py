@@ -1,7 +1,8 @@
 """Precompute stage 2's latent cache on disk: ``ldm-cache [--config FILE] [key=value ...]``.
 
 The same config as ``train_ldm.py`` (it needs ``cache_dir``); under ``accelerate launch`` every
-process encodes and writes its own shards. Training with that config then reads the cache instead of
+process encodes and writes its own shards. With the text encoders frozen, their outputs are cached
+too (``ldm.data.text_disk_cache``). Training with that config then reads the caches instead of
 encoding; a killed run's rerun encodes only the shards it lacks (``ldm.data.disk_cache``).
 """
 
@@ -27,23 +28,30 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.cache_latents:
             raise ConfigError("ldm-cache with cache_latents=false: the run would not read the cache")
         setup_logging()
+        import torch
         from accelerate import Accelerator
 
         from ldm.data import build_dataset
         from ldm.models.autoencoder import downsampling_factor
-        from ldm.train.data import latent_training_set
-        from ldm.train.models import load_autoencoder, pretrained_folder
+        from ldm.train import setup
+        from ldm.train.data import latent_training_set, text_training_set
+        from ldm.train.models import pretrained_folder
 
-        accelerator = Accelerator()
+        accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
         cfg = pretrained_folder(cfg)
-        vae, vae_dir = load_autoencoder(cfg)
-        vae.to(accelerator.device).eval().requires_grad_(False)
+        vae, vae_dir, conditioner, unet = setup.models_on_device(
+            cfg, accelerator.device, torch.contiguous_format
+        )
         images = build_dataset(cfg.data, "train", cfg.seed, bucket_step=8 * downsampling_factor(vae))
         latents = latent_training_set(cfg, accelerator, vae, vae_dir, images)
+        if not conditioner.trainable:  # in the dtype training runs them in (cast_frozen)
+            setup.cast_frozen(cfg, unet, conditioner, [])
+            text_training_set(cfg, accelerator, conditioner, latents)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             items = len(getattr(latents, "base", latents))  # (data.repeats repeats them, not cached twice)
-            sys.stdout.write(f"latent cache: {items} items under {cfg.cache_dir}\n")
+            text = "" if conditioner.trainable else " (and their frozen text conditioning)"
+            sys.stdout.write(f"latent cache: {items} items{text} under {cfg.cache_dir}\n")
     return 0
 
 

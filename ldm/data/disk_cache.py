@@ -46,7 +46,7 @@ SHARD_BYTES = 256 * 2**20  # about this many bytes of posteriors per shard
 MAX_SHARD_ITEMS = 65_536
 MAX_OPEN = 256  # shard files a process keeps open at once (the least recently opened are closed)
 OPEN: list[ShardReader] = []  # this process's open readers, oldest first
-DTYPES = {"F32": np.float32, "I64": np.int64, "U8": np.uint8}
+DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "U8": np.uint8}
 
 
 def shard_items(item_bytes: int) -> int:
@@ -103,6 +103,7 @@ class ShardReader:
         self.columns = {
             name: (DTYPES[h["dtype"]], h["shape"], base + h["data_offsets"][0]) for name, h in header.items()
         }
+        self.bfloat16 = {name for name, h in header.items() if h["dtype"] == "BF16"}
         self.fd: int | None = None
         self.pid = -1
 
@@ -136,6 +137,11 @@ class ShardReader:
             )
         return np.frombuffer(data, dtype=dtype).reshape(stop - start, *shape[1:])
 
+    def tensor_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of column ``name`` as a tensor of its own dtype (bfloat16 included)."""
+        rows = torch.from_numpy(self.rows(name, start, stop).copy())
+        return rows.view(torch.bfloat16) if name in self.bfloat16 else rows
+
     def __getstate__(self) -> dict[str, Any]:  # pickled into worker processes: no descriptor
         return {**self.__dict__, "fd": None, "pid": -1}
 
@@ -161,7 +167,8 @@ class CaptionColumn(Sequence):
 
 class DiskLatentDataset(Dataset):
     """Items of a complete disk cache, as ``LatentDataset`` gives them: {"mean", "std", "caption",
-    "original_size", "crop_top_left"}, each read from its shard when asked for."""
+    "original_size", "crop_top_left"} (and ``text.*`` when ``text`` is set), each read from its shard
+    when asked for."""
 
     def __init__(self, folder: str | Path, bucket_of: list[int] | None = None):
         self.folder = Path(folder)
@@ -171,6 +178,7 @@ class DiskLatentDataset(Dataset):
         self.readers = [ShardReader(self.folder / s["file"]) for s in index["shards"]]
         self.bucket_of = bucket_of
         self.captions = CaptionColumn(self)
+        self.text: Callable[[int], dict[str, torch.Tensor]] | None = None  # item -> cached conditioning
 
     def __len__(self) -> int:
         return self.length
@@ -192,6 +200,8 @@ class DiskLatentDataset(Dataset):
         flat = torch.from_numpy(reader.rows("latents", lo, hi).copy())  # (2 C h w,)
         mean, std = flat.view(2, *shape)
         item = {"mean": mean, "std": std, "caption": self.caption(index)}
+        if self.text is not None:  # the frozen text encoders' outputs (``ldm.data.text_disk_cache``)
+            item |= self.text(index)
         return item | {k: torch.from_numpy(reader.rows(k, i, i + 1)[0].copy()) for k in MICRO_KEYS}
 
     def nbytes(self) -> int:
@@ -240,42 +250,66 @@ def build_disk_cache(
 
     Every process calls ``barrier`` twice, whatever it finds, and every process raises the same
     error when the cache is still incomplete after them (no process is left waiting)."""
+    bucketed = getattr(dataset, "bucket_of", None) is not None
+
+    def columns(s: int, items: range, count: int) -> dict[str, torch.Tensor]:
+        mean, std, captions, micro = encode_items(
+            vae,
+            Subset(dataset, items),
+            batch_size,
+            f"caching latents to disk (shard {s + 1}/{count})",
+            bucketed,
+        )
+        return shard_columns(mean, std, captions, micro)
+
+    return build_shards(folder, len(dataset), per_shard, columns, key, FORMAT, rank, world_size, barrier)
+
+
+def build_shards(
+    folder: str | Path,
+    n: int,
+    per_shard: int,
+    columns: Callable[[int, range, int], dict[str, torch.Tensor]],
+    key: str,
+    fmt: str,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+) -> Path:
+    """The shards of items [0, n) that ``folder`` lacks, this process's share (shards rank, rank + P,
+    ...): shard s is ``columns(s, its items, shard count)``, written atomically; then the index (format
+    ``fmt``), by the main process once every shard is there. Every process calls ``barrier`` twice and
+    raises the same error when shards are missing after them."""
     folder = Path(folder)
-    n = len(dataset)
     shards = [range(s, min(n, s + per_shard)) for s in range(0, n, per_shard)]
     index = folder / INDEX
     if not index.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        bucketed = getattr(dataset, "bucket_of", None) is not None
         todo = [
             s for s in range(rank, len(shards), world_size) if not shard_is_complete(folder / shard_name(s))
         ]
         for s in todo:
-            mean, std, captions, micro = encode_items(
-                vae, Subset(dataset, shards[s]), batch_size, f"caching latents to disk (shard {s + 1}/{len(shards)})",
-                bucketed,
-            )  # fmt: skip
-            write_shard(folder / shard_name(s), shard_columns(mean, std, captions, micro))
+            write_shard(folder / shard_name(s), columns(s, shards[s], len(shards)))
     barrier()
     entries = [{"file": shard_name(s), "start": r.start, "items": len(r)} for s, r in enumerate(shards)]
     if rank == 0 and not index.is_file():
         if all(shard_is_complete(folder / e["file"]) for e in entries):
-            meta = {"format": FORMAT, "key": key, "items": n, "shard_items": per_shard, "shards": entries}
+            meta = {"format": fmt, "key": key, "items": n, "shard_items": per_shard, "shards": entries}
             write_json(index, meta)
             _remove_dead_temporaries(folder)
-            logger.info("latent cache: wrote %d items in %d shards to %s", n, len(shards), folder)
+            logger.info("disk cache: wrote %d items in %d shards to %s", n, len(shards), folder)
     barrier()
     if not index.is_file():
         missing = [e["file"] for e in entries if not (folder / e["file"]).is_file()]
         raise DataError(
-            f"latent cache {folder}: shards missing after encoding ({', '.join(missing[:3]) or 'none here'}): "
+            f"disk cache {folder}: shards missing after encoding ({', '.join(missing[:3]) or 'none here'}): "
             "cache_dir must be a folder every process sees (a shared filesystem across machines), "
             "or precompute the cache with ldm-cache and copy it to each machine"
         )
     meta = json.loads(index.read_text())
-    if meta.get("format") != FORMAT or meta.get("items") != n:
+    if meta.get("format") != fmt or meta.get("items") != n:
         raise DataError(
-            f"latent cache {folder} holds {meta.get('items')} items in format {meta.get('format')!r}, "
+            f"disk cache {folder} holds {meta.get('items')} items in format {meta.get('format')!r}, "
             f"the data has {n}: delete the folder to rebuild it"
         )
     return folder

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather, gather_object
 from diffusers import AutoencoderKL
 from torch.utils.data import Dataset
 
 from conditioning import Conditioner
+from conditioning.dropout import NULL_CAPTION
 from ldm.data.cache import cached_latents, fingerprint, nbytes
 from ldm.data.disk_cache import FORMAT as DISK_FORMAT
 from ldm.data.disk_cache import DiskLatentDataset, build_disk_cache, shard_items
 from ldm.data.repeat import RepeatedDataset
+from ldm.data.text_disk_cache import FORMAT as TEXT_FORMAT
+from ldm.data.text_disk_cache import PREFIX as TEXT_PREFIX
+from ldm.data.text_disk_cache import DiskTextColumns, build_text_cache
 from ldm.models.autoencoder import downsampling_factor
 from ldm.train.config import LDMRunConfig
 from ldm.training.memory import MIB, peak_resident_bytes, resident_bytes
@@ -91,3 +97,66 @@ def caption_tokens(conditioner: Conditioner, train_set: Dataset, seen: set[int])
     for start in range(0, len(distinct), 1024):
         ids.update(conditioner.tokenize(distinct[start : start + 1024])[0].unique().tolist())
     return ids
+
+
+def text_training_set(
+    cfg: LDMRunConfig, accelerator: Accelerator, conditioner: Conditioner, latents: Dataset
+) -> bool:
+    """With ``cache_dir`` and frozen text encoders, every item's conditioning on disk too
+    (``ldm.data.text_disk_cache``), read with its latents; returns whether it is. Call it once the
+    encoders are in the dtype they train in (``cast_frozen``): the rows are what they compute."""
+    base = latents.base if isinstance(latents, RepeatedDataset) else latents
+    if not cfg.cache_dir or conditioner.trainable or not isinstance(base, DiskLatentDataset):
+        return False
+    t0 = time.perf_counter()
+    sample = conditioner.encode([""])
+    per_item = sum(v[0].numel() * v.element_size() for v in sample.values())
+    key = text_fingerprint(conditioner, base.folder.name)
+    folder = Path(cfg.cache_dir) / f"text-{key}-{shard_items(per_item)}"
+    build_text_cache(
+        conditioner.encode, base.captions, folder, key, shard_items(per_item),
+        accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
+    )  # fmt: skip
+    base.text = DiskTextColumns(folder)
+    logger.info(
+        "text cache: %d items' conditioning, %.1f MiB on disk at %s, in %.1f s",
+        len(base.text), base.text.nbytes() / MIB, folder, time.perf_counter() - t0,
+    )  # fmt: skip
+    return True
+
+
+def text_fingerprint(conditioner: Conditioner, latents_key: str) -> str:
+    """Key of a text cache: every frozen encoder's config, settings and weights (hashed: a second
+    a gigabyte), their dtype, and the latent cache the captions come from (the data and seed)."""
+    h = hashlib.sha256(f"{TEXT_FORMAT}:{latents_key}".encode())
+    for e in conditioner.encoders:
+        h.update(e.model.config.to_json_string().encode())
+        h.update(f"{e.max_length}:{e.hidden_layer}:{len(e.tokenizer)}".encode())
+        for name, tensor in e.model.state_dict().items():
+            h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cached_conditions(batch: dict, unconditional: dict[str, torch.Tensor], device: torch.device):
+    """``conditions`` (see ``Conditioner.batch_conditions``) from a batch's cached rows: each caption's
+    row, and the unconditional row where condition dropout replaced a caption by ""."""
+
+    def conditions(kept: list[str]) -> dict[str, torch.Tensor]:
+        dropped = [
+            k == NULL_CAPTION and c != NULL_CAPTION for k, c in zip(kept, batch["caption"], strict=True)
+        ]
+        cond = {
+            k[len(TEXT_PREFIX) :]: v.to(device, non_blocking=True)
+            for k, v in batch.items()
+            if k.startswith(TEXT_PREFIX)
+        }
+        if any(dropped):
+            rows = torch.tensor(dropped, device=device)
+            cond = {
+                k: torch.where(rows.view(-1, *[1] * (v.ndim - 1)), unconditional[k].to(v), v)
+                for k, v in cond.items()
+            }
+        return cond
+
+    return conditions

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from conditioning import Conditioner
+from conditioning.dropout import NULL_CAPTION
 from ldm.core.errors import ConfigError
 from ldm.data import build_dataset
 from ldm.data.cache import sample_latents
@@ -21,7 +22,7 @@ from ldm.models.autoencoder import downsampling_factor
 from ldm.pipelines.single_file import check_single_file_layout
 from ldm.train import setup
 from ldm.train.config import LDMRunConfig
-from ldm.train.data import latent_training_set
+from ldm.train.data import cached_conditions, latent_training_set, text_training_set
 from ldm.train.evaluate import grid_prompts, save_prompt_grid
 from ldm.train.finish import export_and_evaluate
 from ldm.train.models import pretrained_folder, pretrained_noise
@@ -79,6 +80,8 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     trainable = setup.trainable_parameters(cfg, unet, conditioner)
     setup.cast_frozen(cfg, unet, conditioner, trainable)
     train_text = tokens.training = conditioner.trainable
+    text_on_disk = text_training_set(cfg, accelerator, conditioner, train_set)  # frozen text + cache_dir
+    null_text = conditioner.encode([NULL_CAPTION]) if text_on_disk else None  # what dropout gives
     if cfg.export.single_file and not cfg.lora.rank:  # fail now, not after training (LoRA: fused at the end)
         check_single_file_layout(setup.training_pipeline(vae, conditioner, unet, objective))
     if is_sharded(accelerator) and cfg.lora.rank:
@@ -107,8 +110,10 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         uniform = rng.rand_host(len(batch["caption"]))  # on the CPU: no device-to-host copy
         target = (z0.shape[-2] * factor, z0.shape[-1] * factor)  # (h, w) in pixels, SDXL's target size
 
+        source = cached_conditions(batch, null_text, device) if text_on_disk else conditions
+
         def unet_kwargs() -> dict:  # inside the trained module's forward (a trained conditioner runs here)
-            return Conditioner.unet_kwargs(conditioner.batch_conditions(conditions, batch, target, uniform))
+            return Conditioner.unet_kwargs(conditioner.batch_conditions(source, batch, target, uniform))
 
         loss = objective.loss(lambda z_t, t: trained(z_t, t, unet_kwargs), z0, rng)
         norm = update(loss, optimizer, trainable)
@@ -131,7 +136,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     reached = train_loop(
         accelerator, out, tc, stage, start.batches, start.rng, start.step, start.metrics, ema
     )
-    if not train_text:
+    if not train_text and not text_on_disk:
         logger.info("text cache: %d distinct captions encoded once", len(conditioner.cache))
     if reached < tc.max_steps:
         return out  # stopped early: resume with --resume latest
