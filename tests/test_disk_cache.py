@@ -240,4 +240,8 @@ def test_sdxl_frozen_text_on_disk_holds_context_and_pooled(tmp_path, vae_folder)
     (folder,) = (tmp_path / "cache").glob("text-*")
     columns = ShardReader(folder / shard_name(0)).columns
     assert set(columns) == {"encoder_hidden_states", "text_embeds"}
-    assert columns["encoder_hidden_states"][1] == [64, 16, 64]  # both encoders' (16, 32) contexts side by side
+    assert columns["encoder_hidden_states"][1] == [
+        64,
+        16,
+        64,
+    ]  # both encoders' (16, 32) contexts side by side
