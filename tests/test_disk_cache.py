@@ -245,3 +245,108 @@ def test_sdxl_frozen_text_on_disk_holds_context_and_pooled(tmp_path, vae_folder)
         16,
         64,
     ]  # both encoders' (16, 32) contexts side by side
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """A stream as ``HFStreamingDataset`` is one: ``rank``, ``world_size``, ``skip`` (rows of this
+    process's stream), ``set_epoch``, and each item's ``stream_position``; rows i, i + P, ... of
+    ``data`` for process i. Rows in ``bad`` fail to decode (skipped, as the real stream does);
+    ``fail_after`` items, then an error (a crash)."""
+
+    def __init__(self, data, fail_after: int | None = None, bad: frozenset = frozenset()):
+        self.data, self.fail_after, self.bad = data, fail_after, bad
+        self.rank, self.world_size, self.skip = 0, 1, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        rows = range(self.rank, len(self.data), self.world_size)
+        yielded = 0
+        for position in range(self.skip, len(rows)):
+            if rows[position] in self.bad:
+                continue
+            if self.fail_after is not None and yielded == self.fail_after:
+                raise RuntimeError("killed")
+            yielded += 1
+            yield {**self.data[rows[position]], "stream_position": position}
+
+
+def test_a_stream_is_cached_shard_by_shard_and_a_crashed_run_resumes_to_the_same_cache(tmp_path):
+    from ldm.data.disk_cache import build_stream_cache
+
+    vae = tiny_autoencoder(1.0).eval()
+    data = build_dataset(DataConfig(resolution=16, train_size=37, val_size=4), "train", 0)
+    whole = build_stream_cache(vae, Stream(data), 8, tmp_path / "whole", "k", per_shard=10)
+    disk = DiskLatentDataset(whole)
+    memory = encode_dataset(vae, data, 8)
+    assert len(disk) == 37 and [disk[i]["caption"] for i in range(37)] == memory.captions
+    assert torch.equal(disk[36]["mean"], memory[36]["mean"])
+    bad = frozenset({3, 12})  # two rows that do not decode: 35 items, rows and items apart
+    whole = build_stream_cache(vae, Stream(data, bad=bad), 8, tmp_path / "bad", "k", per_shard=10)
+    with pytest.raises(RuntimeError, match="killed"):  # dies in its third shard
+        build_stream_cache(vae, Stream(data, 25, bad), 8, tmp_path / "again", "k", per_shard=10)
+    assert sorted(p.name for p in (tmp_path / "again").glob("shard-*")) == [shard_name(0), shard_name(1)]
+    again = build_stream_cache(vae, Stream(data, bad=bad), 8, tmp_path / "again", "k", per_shard=10)
+    assert len(DiskLatentDataset(again)) == 35
+    for name in [shard_name(s) for s in range(4)] + [INDEX]:
+        assert (again / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def test_two_processes_cache_their_parts_of_a_stream(tmp_path):
+    """Process r's run c of items is shard c P + r; once both are done, the index lists them all."""
+    import threading
+
+    from ldm.data.disk_cache import build_stream_cache
+
+    vae = tiny_autoencoder(1.0).eval()
+    data = build_dataset(DataConfig(resolution=16, train_size=25, val_size=4), "train", 0)
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def process(rank: int) -> None:
+        try:
+            build_stream_cache(vae, Stream(data), 4, tmp_path / "c", "k", 5, rank, 2, barrier.wait)
+        except Exception as err:  # noqa: BLE001 (reported below)
+            errors.append(err)
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    disk = DiskLatentDataset(tmp_path / "c")
+    assert len(disk) == 25  # rank 0: 13 items (shards 0, 2, 4), rank 1: 12 (shards 1, 3, 5)
+    assert sorted(disk[i]["caption"] for i in range(25)) == sorted(data[i]["caption"] for i in range(25))
+    index = json.loads((tmp_path / "c" / INDEX).read_text())
+    assert [s["items"] for s in index["shards"]] == [5, 5, 5, 5, 3, 2]
+
+
+def test_training_from_a_stream_caches_it_once_and_reads_the_cache(tmp_path, vae_folder):
+    import datasets
+    from PIL import Image
+
+    shapes = build_dataset(DataConfig(resolution=16, train_size=40, val_size=4), "train", 0)
+    images = [
+        Image.fromarray(((shapes[i]["pixel_values"].permute(1, 2, 0) + 1) * 127.5).byte().numpy())
+        for i in range(40)
+    ]
+    datasets.Dataset.from_dict(
+        {"image": images, "text": [shapes[i]["caption"] for i in range(40)]}
+    ).save_to_disk(tmp_path / "hf")
+    stream = ["data.dataset=hf", f"data.path={tmp_path / 'hf'}", "data.streaming=true", "data.val_size=4",
+              "data.shuffle_buffer=0", f"cache_dir={tmp_path / 'cache'}", "cache_shard_items=16", "eval.num_samples=0"]  # fmt: skip
+    out = train_ldm(tiny_ldm(tmp_path / "run", vae_folder, *stream))
+    (folder,) = (tmp_path / "cache").glob("latents-*")
+    index = json.loads((folder / INDEX).read_text())
+    assert index["items"] == 36 and [s["items"] for s in index["shards"]] == [
+        16,
+        16,
+        4,
+    ]  # 40 less the 4 held out
+    assert len(read_metrics(out / "metrics.jsonl")) == 6
+    again = train_ldm(tiny_ldm(tmp_path / "again", vae_folder, *stream))  # reads the cache: the same run
+    assert [r["train/loss"] for r in read_metrics(again / "metrics.jsonl")] == [
+        r["train/loss"] for r in read_metrics(out / "metrics.jsonl")
+    ]

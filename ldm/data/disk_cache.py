@@ -313,3 +313,93 @@ def build_shards(
             f"the data has {n}: delete the folder to rebuild it"
         )
     return folder
+
+
+def build_stream_cache(
+    vae,
+    stream,
+    batch_size: int,
+    folder: str | Path,
+    key: str,
+    per_shard: int,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+) -> Path:
+    """A streamed dataset (``HFStreamingDataset``: ``rank``, ``world_size``, ``skip``, ``set_epoch``)
+    cached shard by shard, its length unknown until it ends. Process r reads its part of the stream
+    (epoch 0) and writes its c-th run of ``per_shard`` items as shard c P + r, encoding a batch at a
+    time (only ``batch_size`` images in memory); when its part ends it writes ``done-r-of-P``. Each
+    shard records the stream's rows read through its last item (``stream_end``: undecodable rows
+    included, from the items' ``stream_position``), and a rerun skips the shards a process has
+    (``skip``: those rows) and goes on from there. Once
+    every process is done, the main process writes the index (the shards in order). The shards depend
+    on P, which the folder's key holds. Every process calls ``barrier`` twice."""
+    folder = Path(folder)
+    index = folder / INDEX
+    marker = folder / f"done-{rank:05d}-of-{world_size:05d}"
+    if not index.is_file() and not marker.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        chunk, skip = 0, 0
+        while shard_is_complete(folder / shard_name(chunk * world_size + rank)):
+            skip = int(
+                ShardReader(folder / shard_name(chunk * world_size + rank)).rows("stream_end", 0, 1)[0]
+            )
+            chunk += 1
+        stream.rank, stream.world_size, stream.skip = rank, world_size, skip
+        stream.set_epoch(0)
+        parts: list[tuple] = []  # this shard's encoded batches
+        pending: list[dict] = []  # images not yet encoded (< batch_size)
+
+        def encode_pending() -> None:
+            if pending:
+                parts.append(encode_items(vae, pending, batch_size, "caching a stream to disk"))
+                pending.clear()
+
+        def flush() -> None:
+            encode_pending()
+            if parts:
+                mean = torch.cat([p[0] for p in parts])
+                std = torch.cat([p[1] for p in parts])
+                captions = [c for p in parts for c in p[2]]
+                micro = {k: torch.cat([p[3][k] for p in parts]) for k in MICRO_KEYS}
+                columns = shard_columns(mean, std, captions, micro)
+                columns["stream_end"] = torch.tensor([end], dtype=torch.long)  # the stream's rows read
+                write_shard(folder / shard_name(chunk * world_size + rank), columns)
+                parts.clear()
+
+        count, end = 0, skip
+        for item in stream:  # rows that fail to decode are skipped (with a warning) by the stream
+            end = int(item.pop("stream_position", end)) + 1
+            pending.append(item)
+            count += 1
+            if len(pending) == batch_size:
+                encode_pending()
+            if count == per_shard:
+                flush()
+                chunk, count = chunk + 1, 0
+        flush()
+        write_json(marker, {"shards": chunk + (count > 0)})
+    barrier()
+    if rank == 0 and not index.is_file():
+        done = all((folder / f"done-{r:05d}-of-{world_size:05d}").is_file() for r in range(world_size))
+        shards = sorted(int(p.name[6:11]) for p in folder.glob("shard-*.safetensors"))
+        if done and all(shard_is_complete(folder / shard_name(s)) for s in shards):
+            entries, start = [], 0
+            for s in shards:
+                items = ShardReader(folder / shard_name(s)).columns["shapes"][1][0]
+                entries.append({"file": shard_name(s), "start": start, "items": items})
+                start += items
+            meta = {"format": FORMAT, "key": key, "items": start, "shard_items": per_shard, "shards": entries}
+            write_json(index, meta)
+            _remove_dead_temporaries(folder)
+            logger.info("disk cache: wrote %d streamed items in %d shards to %s", start, len(shards), folder)
+    barrier()
+    if not index.is_file():
+        raise DataError(
+            f"disk cache {folder}: a process's part of the stream is missing after caching: cache_dir must "
+            "be a folder every process sees (a shared filesystem across machines)"
+        )
+    if json.loads(index.read_text())["items"] == 0:
+        raise DataError(f"disk cache {folder}: the stream yielded no items; check data.path and its columns")
+    return folder

@@ -294,4 +294,6 @@ class HFStreamingDataset(IterableDataset):
                 continue
             caption = pick_caption(row[self.caption_column], generator)
             pixels, micro = self.transform.apply(image, generator)
-            yield {"pixel_values": pixels, "caption": caption, **micro}
+            # stream_position: rows of this process's stream read so far, less one (undecodable rows
+            # included), where a stream cache resumes (``ldm.data.disk_cache.build_stream_cache``)
+            yield {"pixel_values": pixels, "caption": caption, **micro, "stream_position": position}

@@ -186,9 +186,10 @@ class LDMRunConfig:
             raise ConfigError(
                 f"cache_shard_items={self.cache_shard_items}: give at least 1 (or leave it unset)"
             )
-        if self.cache_latents and self.data.streaming:
+        if self.cache_latents and self.data.streaming and not self.cache_dir:
             raise ConfigError(
-                "cache_latents=true needs a finite dataset: set cache_latents=false with data.streaming"
+                "cache_latents=true with data.streaming caches the stream on disk: set cache_dir=DIR "
+                "(read once, shard by shard), or cache_latents=false to encode every step"
             )
         if self.cache_latents and (self.data.flip or self.data.crop == "random"):
             raise ConfigError(

@@ -12,13 +12,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather, gather_object
 from diffusers import AutoencoderKL
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from conditioning import Conditioner
 from conditioning.dropout import NULL_CAPTION
 from ldm.data.cache import cached_latents, fingerprint, nbytes
 from ldm.data.disk_cache import FORMAT as DISK_FORMAT
-from ldm.data.disk_cache import DiskLatentDataset, build_disk_cache, shard_items
+from ldm.data.disk_cache import DiskLatentDataset, build_disk_cache, build_stream_cache, shard_items
 from ldm.data.repeat import RepeatedDataset
 from ldm.data.text_disk_cache import FORMAT as TEXT_FORMAT
 from ldm.data.text_disk_cache import PREFIX as TEXT_PREFIX
@@ -43,7 +43,18 @@ def latent_training_set(
     distinct = images.base if repeats > 1 else images
     if hasattr(distinct, "keep_rendered"):  # shapes: one pass in order, no rendered copy to keep
         distinct.keep_rendered = False
-    if cfg.cache_dir:  # on disk: each process writes its shards and reads only its rows
+    if isinstance(images, IterableDataset):  # a stream (with cache_dir, see LDMRunConfig): shard by shard
+        folder = [disk_cache_folder(cfg, vae, vae_dir, accelerator.num_processes)]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(folder, from_process=0)
+        folder = folder[0]
+        build_stream_cache(
+            vae, images, CACHE_BATCH, folder, folder.name, shards_of(cfg, vae),
+            accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
+        )  # fmt: skip
+        latents = DiskLatentDataset(folder)
+        held, where = latents.nbytes(), f"on disk at {folder} (from the stream)"
+    elif cfg.cache_dir:  # on disk: each process writes its shards and reads only its rows
         folder = [disk_cache_folder(cfg, vae, vae_dir)]  # the main process's, for all (machines' copies
         if accelerator.num_processes > 1:  # of the autoencoder may differ in modification time)
             broadcast_object_list(folder, from_process=0)
@@ -69,11 +80,15 @@ def latent_training_set(
     return RepeatedDataset(latents, repeats) if repeats > 1 else latents
 
 
-def disk_cache_folder(cfg: LDMRunConfig, vae: AutoencoderKL, vae_dir: Path) -> Path:
+def disk_cache_folder(
+    cfg: LDMRunConfig, vae: AutoencoderKL, vae_dir: Path, stream_processes: int = 0
+) -> Path:
     """``cache_dir/latents-<key>-<items per shard>``: keyed by the autoencoder, the data config and the
-    seed, and the shards' size (a rerun continues a partial cache only with the same shards)."""
+    seed, and the shards' size (a rerun continues a partial cache only with the same shards); a
+    stream's also by the process count (each process caches its part of the stream)."""
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in NOT_IN_CACHE}
-    key = fingerprint(vae_dir, {**data, "disk_format": DISK_FORMAT}, cfg.seed)
+    extra = {"stream_processes": stream_processes} if stream_processes else {}
+    key = fingerprint(vae_dir, {**data, "disk_format": DISK_FORMAT, **extra}, cfg.seed)
     return Path(cfg.cache_dir) / f"latents-{key}-{shards_of(cfg, vae)}"
 
 

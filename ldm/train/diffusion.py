@@ -31,7 +31,7 @@ from ldm.train.validation import LatentValidation
 from ldm.train.whole import WholePipeline
 from ldm.training.compile import compiled_for_training
 from ldm.training.ema import ema_for
-from ldm.training.engine import flattens_weights, is_sharded
+from ldm.training.engine import flattens_weights, is_sharded, takes_one_model
 from ldm.training.loop import Stage, train_loop
 from ldm.training.optim import make_optimizer
 from ldm.training.run import finish_run, resume_training, start_run
@@ -95,7 +95,13 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     trained, optimizer, trainable = setup.prepare(accelerator, unet, conditioner, optimizer)
     modules = accelerator.unwrap_model(trained)  # the UNet (and conditioner) inside, FSDP units when sharded
     conditions = conditioner.training_conditions(conditioner, tokens)  # runs inside `trained`'s forward
-    modules.use_for_loss(compiled_for_training(modules.unet, tc.compile, device))  # sampling: uncompiled
+    # the loss's module, compiled (sampling uses the plain UNet). DDP and one process: the whole prepared
+    # module, its conditioning computed outside (so DDP's all-reduces overlap a compiled backward);
+    # FSDP and DeepSpeed: the UNet inside the one module, whose forward runs a trained conditioner
+    outside = not takes_one_model(accelerator)
+    loss_model = compiled_for_training(trained, tc.compile, device) if outside else trained
+    if not outside:
+        modules.use_for_loss(compiled_for_training(modules.unet, tc.compile, device))
     ema = ema_for(trainable, tc.ema_decay, device)
     start = resume_training(accelerator, out, resume, ema, train_set, tc, cfg.data, cfg.seed, cfg)
     prompts = grid_prompts(cfg, val_set)
@@ -112,10 +118,14 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
 
         source = cached_conditions(batch, null_text, device) if text_on_disk else conditions
 
-        def unet_kwargs() -> dict:  # inside the trained module's forward (a trained conditioner runs here)
+        def unet_kwargs() -> dict:
             return Conditioner.unet_kwargs(conditioner.batch_conditions(source, batch, target, uniform))
 
-        loss = objective.loss(lambda z_t, t: trained(z_t, t, unet_kwargs), z0, rng)
+        if outside:
+            kwargs = unet_kwargs()
+            loss = objective.loss(lambda z_t, t: loss_model(z_t, t, **kwargs), z0, rng)
+        else:  # inside the one module's forward
+            loss = objective.loss(lambda z_t, t: loss_model(z_t, t, unet_kwargs), z0, rng)
         norm = update(loss, optimizer, trainable)
         terms = {"loss": torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0)}
         return terms if norm is None else {**terms, "grad_norm": norm}
@@ -124,7 +134,8 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         with ema_weights(ema, trainable):
             pipe = pipeline()
             if pipe is not None:
-                save_prompt_grid(pipe, prompts, cfg, path)
+                with accelerator.autocast():  # mixed precision: the grid in the half dtype, as training
+                    save_prompt_grid(pipe, prompts, cfg, path)
 
     validate = None
     if validation is not None:
@@ -144,5 +155,6 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     pipe = pipeline()  # every process: FSDP gathers the weights (the EMA's, copied in by the loop)
     if pipe is not None:
         record = tokens.final(conditioner, train_set)
-        results = export_and_evaluate(pipe, cfg, out, val_set, prompts, record)
+        with accelerator.autocast():  # (the export writes the float32 weights; sampling in the half dtype)
+            results = export_and_evaluate(pipe, cfg, out, val_set, prompts, record)
     return finish_run(accelerator, out, results)

@@ -7,17 +7,25 @@ forward is the training step's denoiser call,
     prediction = UNet(z_t, t, **conditions())       (epsilon, v or the flow velocity)
 
 where ``conditions`` runs the conditioner inside the forward, so that its weights are in the one
-module's graph: all-reduced, sharded or partitioned together with the UNet's.
+module's graph: all-reduced, sharded or partitioned together with the UNet's. A frozen conditioner's
+keyword arguments can come as tensors instead (``**unet_kwargs``): then ``torch.compile`` can take the
+whole DDP module, whose gradient all-reduces overlap the backward (DDPOptimizer), where a compiled UNet
+inside it would hand DDP every gradient at the end of the backward at once.
+
+The inputs are cast to the UNet's dtype: DeepSpeed's bf16 and fp16 keep the module's weights in the
+half dtype and run it without autocast. The prediction comes back in float32.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from diffusers import UNet2DConditionModel
 from torch import Tensor, nn
 
 from conditioning import Conditioner
+from conditioning.conditioner import TIME_IDS
 
 
 class TrainedModules(nn.Module):
@@ -31,5 +39,21 @@ class TrainedModules(nn.Module):
         """Call ``module`` (``torch.compile`` of the UNet, sharing its weights) in the forward."""
         self._loss_unet = [module]
 
-    def forward(self, z_t: Tensor, t: Tensor, conditions: Callable[[], dict]) -> Tensor:
-        return self._loss_unet[0](z_t, t, **conditions()).sample
+    def forward(
+        self, z_t: Tensor, t: Tensor, conditions: Callable[[], dict] | None = None, **unet_kwargs
+    ) -> Tensor:
+        kwargs = conditions() if conditions is not None else unet_kwargs
+        dtype = self.unet.dtype
+        if dtype != z_t.dtype:  # DeepSpeed's half weights (under autocast, the weights stay float32)
+            z_t, kwargs = z_t.to(dtype), to_dtype(kwargs, dtype)
+        return self._loss_unet[0](z_t, t, **kwargs).sample.float()
+
+
+def to_dtype(value, dtype: torch.dtype):
+    """Floating tensors in ``value`` (nested dicts) cast to ``dtype``; others, and SDXL's ``time_ids``
+    (sizes, exact in float32; the UNet casts their embedding), as they are."""
+    if isinstance(value, dict):
+        return {k: v if k == TIME_IDS else to_dtype(v, dtype) for k, v in value.items()}
+    if isinstance(value, Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    return value

@@ -20,6 +20,7 @@ from torch import Tensor
 from conditioning import Conditioner
 from conditioning.conditioner import MICRO_KEYS
 from ldm.diffusion.objective import Objective
+from ldm.train.trained import to_dtype
 from ldm.training.engine import is_sharded
 from ldm.training.validation import (
     VALIDATION_SEED,
@@ -93,7 +94,8 @@ class LatentValidation:
             cond = conditioner.batch_conditions(conditioner.encode, batch, target, keep)
             z_t = self.objective.noised(z0, eps, t)
             with autocast():
-                pred = unet(z_t, self.objective.model_timestep(t), **Conditioner.unet_kwargs(cond)).sample
+                kwargs = to_dtype(Conditioner.unet_kwargs(cond), unet.dtype)  # (DeepSpeed: half weights)
+                pred = unet(z_t.to(unet.dtype), self.objective.model_timestep(t), **kwargs).sample
             goal = self.objective.target(z0, eps, t)
             mse = (pred.float() - goal.float()).square().flatten(1).mean(1)  # (B,)
             for e, value in zip(entries, mse.tolist(), strict=True):

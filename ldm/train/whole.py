@@ -21,13 +21,16 @@ from ldm.train.trained import TrainedModules
 from ldm.training.engine import is_sharded, unsharded_class
 
 
-def plain_copy(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A new, unsharded module of ``module``'s class and config, holding ``state`` (its full weights)."""
+def plain_copy(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], device: torch.device
+) -> torch.nn.Module:
+    """A new, unsharded module of ``module``'s class and config, holding ``state`` (its full weights,
+    which accelerate gathers to the CPU), on ``device``."""
     cls = unsharded_class(module)
     with init_empty_weights():
         copy = cls.from_config(module.config) if issubclass(cls, ModelMixin) else cls(module.config)
     copy.load_state_dict(state, strict=True, assign=True)
-    return copy.eval()
+    return copy.to(device).eval()
 
 
 def substate(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -58,11 +61,12 @@ class WholePipeline:
         state = acc.get_state_dict(self.trained)  # every process: all-gathers each unit in turn
         if not acc.is_main_process:
             return None
-        unet = plain_copy(modules.unet, substate(state, "unet."))
-        set_attention_backend(unet, self.attention, next(self.vae.parameters()).device)
+        device = acc.device
+        unet = plain_copy(modules.unet, substate(state, "unet."), device)
+        set_attention_backend(unet, self.attention, device)
         names = {id(m): name for name, m in modules.named_modules()}
         texts = [
-            plain_copy(e.model, substate(state, names[id(e.model)] + "."))
+            plain_copy(e.model, substate(state, names[id(e.model)] + "."), device)
             if id(e.model) in names
             else e.model
             for e in self.conditioner.encoders

@@ -15,8 +15,9 @@ removes the partial folder and raises ``CheckpointWriteError``; older checkpoint
 
 Nothing here unpickles code: accelerate reads its files with ``weights_only=True``, and the
 EMA (which accelerate's ``register_for_checkpointing`` would unpickle without that guard) is
-kept as safetensors plus JSON. Under DeepSpeed, the model and optimizer are DeepSpeed's own
-checkpoint (``pytorch_model/*.pt``, which DeepSpeed itself loads); under FSDP, accelerate's
+kept as safetensors plus JSON (with one exception below). Under DeepSpeed, the model and optimizer are DeepSpeed's own
+checkpoint (``pytorch_model/*.pt``, pickles that DeepSpeed itself loads with ``weights_only=False``:
+resume only from checkpoints you wrote); under FSDP, accelerate's
 distributed checkpoint (one shard per process). The EMA file holds whole tensors under every engine.
 """
 
@@ -62,11 +63,12 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def ema_state(ema: EMAModel) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def ema_state(ema: EMAModel, keep: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, JSON counters) of diffusers' ``EMAModel.state_dict()``, each tensor whole: FSDP
-    shards are gathered (every process calls this), so the file is the same under every engine."""
+    shards are gathered (every process calls this; ``keep=False`` gathers and drops them, the tensors
+    being the main process's to write), so the file is the same under every engine."""
     state = ema.state_dict()
-    tensors = {f"shadow.{i}": p for i, p in enumerate(full_tensors(state.pop("shadow_params")))}
+    tensors = {f"shadow.{i}": p for i, p in enumerate(full_tensors(state.pop("shadow_params"), keep))}
     return tensors, state
 
 
@@ -102,7 +104,9 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
-        ema_tensors = ema_state(ema) if ema is not None else None  # every process (FSDP gathers)
+        ema_tensors = None  # every process calls ema_state (FSDP gathers); the main one keeps its tensors
+        if ema is not None:
+            ema_tensors = ema_state(ema, keep=accelerator.is_main_process)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             if ema_tensors is not None:

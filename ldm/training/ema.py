@@ -26,15 +26,21 @@ class EMA(EMAModel):
         trained = [(s, p) for s, p in zip(self.shadow_params, parameters, strict=True) if p.requires_grad]
         frozen = [(s, p) for s, p in zip(self.shadow_params, parameters, strict=True) if not p.requires_grad]
         if frozen:
-            torch._foreach_copy_([s for s, _ in frozen], [p for _, p in frozen])
-        if trained:
-            torch._foreach_lerp_([s for s, _ in trained], [p.detach() for _, p in trained], 1 - decay)
+            torch._foreach_copy_([s for s, _ in frozen], [p.to(s.dtype) for s, p in frozen])
+        if trained:  # (half weights, as DeepSpeed's bf16 keeps them, into float32 shadows)
+            torch._foreach_lerp_(
+                [s for s, _ in trained], [p.detach().to(s.dtype) for s, p in trained], 1 - decay
+            )
 
 
 def ema_for(params: list[torch.nn.Parameter], decay: float, device: torch.device) -> EMA | None:
     """An EMA of ``params`` on ``device`` (``train.ema_decay`` > 0), else None."""
     if decay <= 0:
         return None
-    ema = EMA(params, decay=decay)
+    # float32 shadows: a half-precision shadow would round (1 - decay) (p - s) away (DeepSpeed's bf16
+    # weights; under autocast, trained weights are float32 already)
+    ema = EMA(
+        [p.detach().float() if p.dtype in (torch.float16, torch.bfloat16) else p for p in params], decay=decay
+    )
     ema.to(device)  # in place (diffusers' EMAModel.to returns None)
     return ema

@@ -77,7 +77,7 @@ def configure_deepspeed(
     config["train_micro_batch_size_per_gpu"] = batch_size
     config["gradient_accumulation_steps"] = accumulation
     config["gradient_clipping"] = grad_clip
-    config.pop("train_batch_size", None)  # accelerate computes it: micro-batch x accumulation x processes
+    config.pop("train_batch_size", None)  # DeepSpeed computes it: micro-batch x accumulation x processes
 
 
 def takes_one_model(accelerator: Accelerator) -> bool:
@@ -157,8 +157,15 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def full_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """Each tensor whole, on the CPU (one at a time: at most one gathered tensor on the device)."""
+def full_tensors(tensors: Iterable[torch.Tensor], keep: bool = True) -> list[torch.Tensor]:
+    """Each tensor whole, on the CPU (one at a time: at most one gathered tensor on the device).
+    ``keep=False`` (a process that only joins the gathers): the shards gathered and dropped, nothing
+    copied, an empty list."""
+    if not keep:
+        for t in tensors:
+            if is_dtensor(t):
+                full_tensor(t)
+        return []
     return [full_tensor(t).detach().cpu().contiguous() for t in tensors]
 
 

@@ -60,12 +60,15 @@ def ema_weights(ema, params) -> Iterator[None]:
     """The EMA weights in ``params`` inside, the trained ones back after (no-op without EMA). The
     tensors are swapped, not copied: no host copy on every process (as ``EMAModel.store`` makes).
     FSDP shards are copied in place instead (FSDP gathers from its own storage, which a swap of
-    ``.data`` would not reach), through one copy of this process's shard."""
+    ``.data`` would not reach), through one copy of this process's shard; so are half weights with
+    float32 shadows (DeepSpeed's bf16), which a swap would turn float32."""
     if ema is None:
         yield
         return
     pairs = list(zip(params, ema.shadow_params, strict=True))
-    if any(is_dtensor(p) for p in params):
+    if any(
+        is_dtensor(p) or p.dtype != s.dtype for p, s in pairs
+    ):  # shards, or float32 shadows of half weights
         with torch.no_grad():
             trained = [p.detach().clone() for p in params]
             for p, s in pairs:
