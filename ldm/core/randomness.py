@@ -64,6 +64,10 @@ class StepRandom:
         """U[0, 1) of shape (local batch,), on the CPU."""
         return self._rows(torch.rand(batch * self.world_size, generator=self.host_generator))
 
+    def rand_host_rows(self, batch: int, width: int) -> torch.Tensor:
+        """U[0, 1) of shape (local batch, width), on the CPU (a row of draws per item)."""
+        return self._rows(torch.rand(batch * self.world_size, width, generator=self.host_generator))
+
     def randint(self, high: int, batch: int) -> torch.Tensor:
         """Integers in [0, high) of shape (local batch,)."""
         full = torch.randint(

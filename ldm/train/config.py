@@ -9,6 +9,7 @@ from conditioning.config import TextEncoderConfig
 from conditioning.encoders import TEXT_ENCODERS
 from ldm.core.config import ConfigError, DataConfig, TrainConfig, check_bounds, check_choice
 from ldm.data.build import DATA_SOURCES
+from ldm.data.captions import CaptionConfig
 from ldm.diffusion.config import NoiseConfig
 from ldm.diffusion.registry import OBJECTIVES
 from ldm.models.config import LoRAConfig, UNetConfig
@@ -126,6 +127,7 @@ class LDMRunConfig:
         default_factory=lambda: TextEncoderConfig(max_length=16, with_projection=True)
     )  # the sdxl conditioner's second encoder
     noise: NoiseConfig = field(default_factory=NoiseConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)  # tag shuffle, tag dropout, prefix
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
             batch_size=64,

@@ -123,6 +123,9 @@ def text_training_set(
     base = latents.base if isinstance(latents, RepeatedDataset) else latents
     if not cfg.cache_dir or conditioner.trainable or not isinstance(base, DiskLatentDataset):
         return False
+    if cfg.caption.changes_captions:  # the rows would be of the captions before the controls
+        logger.info("text cache: in memory (caption.* changes the captions every step)")
+        return False
     t0 = time.perf_counter()
     sample = conditioner.encode([""])
     per_item = sum(v[0].numel() * v.element_size() for v in sample.values())

@@ -17,6 +17,7 @@ from conditioning.dropout import NULL_CAPTION
 from ldm.core.errors import ConfigError
 from ldm.data import build_dataset
 from ldm.data.cache import sample_latents
+from ldm.data.captions import MAX_TAGS, transform_captions
 from ldm.diffusion.registry import build_objective
 from ldm.models.autoencoder import downsampling_factor
 from ldm.pipelines.single_file import check_single_file_layout
@@ -114,6 +115,9 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         z0 = sample_latents(batch, vae, device, rng) * vae.config.scaling_factor  # (B, C, h, w)
         z0 = z0.contiguous(memory_format=memory_format)
         uniform = rng.rand_host(len(batch["caption"]))  # on the CPU: no device-to-host copy
+        if cfg.caption.changes_captions:  # tag shuffle and dropout, prefix and suffix (training only)
+            draws = rng.rand_host_rows(len(batch["caption"]), 2 * MAX_TAGS) if cfg.caption.draws else None
+            batch = {**batch, "caption": transform_captions(list(batch["caption"]), cfg.caption, draws)}
         target = (z0.shape[-2] * factor, z0.shape[-1] * factor)  # (h, w) in pixels, SDXL's target size
 
         source = cached_conditions(batch, null_text, device) if text_on_disk else conditions

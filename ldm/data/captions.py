@@ -1,0 +1,71 @@
+"""Caption controls for tag-style captions (``caption.*``), as kohya's sd-scripts names them.
+
+    "<prefix> " + kept tags + shuffled, dropped-out rest + " <suffix>"
+
+A caption is split on ``separator`` into tags. The first ``keep_tokens`` tags stay in place and are
+never dropped (kohya's ``--keep_tokens``: a subject's name, a trigger word). Each other tag is dropped
+with probability ``tag_dropout`` (``--caption_tag_dropout_rate``), and with ``shuffle_tags`` the rest
+are put in random order (``--shuffle_caption``). ``prefix`` and ``suffix`` are added last, so they
+are neither shuffled nor dropped. The draws are a caption's row of ``2 * MAX_TAGS`` uniforms from the
+step's random stream (``StepRandom.rand_host_rows``): the same on any process count, and checkpointed,
+so a resumed run transforms each caption as the uninterrupted run did. Tags past ``MAX_TAGS`` are
+kept, in order, after the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ldm.core.config import check_bounds
+
+MAX_TAGS = 128  # tags per caption that the draws cover
+
+
+@dataclass
+class CaptionConfig:
+    shuffle_tags: bool = False  # put the tags after the first keep_tokens in random order
+    keep_tokens: int = 0  # leading tags kept in place and never dropped
+    separator: str = ","  # what splits a caption into tags
+    tag_dropout: float = 0.0  # the probability of dropping each tag after the first keep_tokens
+    prefix: str = ""  # added before every training caption (a trigger word)
+    suffix: str = ""  # added after every training caption
+
+    BOUNDS: ClassVar[dict[str, str]] = {"keep_tokens": ">= 0", "tag_dropout": "[0, 1)"}
+
+    def __post_init__(self) -> None:
+        check_bounds("caption", self)
+
+    @property
+    def changes_captions(self) -> bool:
+        return bool(self.shuffle_tags or self.tag_dropout or self.prefix or self.suffix)
+
+    @property
+    def draws(self) -> bool:
+        """Whether the transform needs random draws (shuffle or dropout)."""
+        return bool(self.shuffle_tags or self.tag_dropout)
+
+
+def transform_caption(caption: str, cfg: CaptionConfig, uniforms: torch.Tensor | None) -> str:
+    """``caption`` after the controls of ``cfg``; ``uniforms``: (2 MAX_TAGS,) U[0, 1) draws (None when
+    ``cfg.draws`` is false)."""
+    if cfg.draws and caption:
+        tags = [t.strip() for t in caption.split(cfg.separator)]
+        kept, rest = tags[: cfg.keep_tokens], tags[cfg.keep_tokens :]
+        covered, beyond = rest[:MAX_TAGS], rest[MAX_TAGS:]
+        drop, order = uniforms[:MAX_TAGS], uniforms[MAX_TAGS:]
+        chosen = [i for i in range(len(covered)) if not drop[i] < cfg.tag_dropout]
+        if cfg.shuffle_tags:
+            chosen.sort(key=lambda i: float(order[i]))
+        joiner = cfg.separator.strip() + " " if cfg.separator.strip() else cfg.separator
+        caption = joiner.join(t for t in [*kept, *(covered[i] for i in chosen), *beyond] if t)
+    return " ".join(p for p in (cfg.prefix, caption, cfg.suffix) if p)
+
+
+def transform_captions(captions: list[str], cfg: CaptionConfig, uniforms: torch.Tensor | None) -> list[str]:
+    """Each caption transformed with its row of ``uniforms`` ((B, 2 MAX_TAGS) or None)."""
+    return [
+        transform_caption(c, cfg, None if uniforms is None else uniforms[i]) for i, c in enumerate(captions)
+    ]
