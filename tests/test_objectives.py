@@ -217,3 +217,41 @@ def test_conditioner_holds_several_encoders_and_gives_unet_kwargs():
     torch.testing.assert_close(
         both.unconditional(1)["encoder_hidden_states"], both.encode([""])["encoder_hidden_states"]
     )
+
+
+def test_timestep_range_narrows_the_draws_and_the_default_draws_are_unchanged():
+    from ldm.diffusion.registry import build_objective
+
+    ddpm = build_objective(NoiseConfig(timestep_range=[0.2, 0.5]))
+    t = ddpm.sample_timesteps(4000, StepRandom(0), torch.device("cpu"))
+    assert int(t.min()) == 200 and int(t.max()) == 499  # [lo T, hi T)
+    plain = build_objective(NoiseConfig()).sample_timesteps(64, StepRandom(1), torch.device("cpu"))
+    assert torch.equal(plain, StepRandom(1).randint(1000, 64))  # no range: the draws as before
+    flow = build_objective(NoiseConfig(objective="rectified_flow", timestep_range=[0.5, 1.0]))
+    u = flow.sample_timesteps(4000, StepRandom(0), torch.device("cpu"))
+    assert float(u.min()) >= 0.5 and float(u.max()) <= 1.0 and float(u.min()) < 0.51
+    for bad in ([0.5, 0.5], [0.0, 1.5], [0.2]):
+        with pytest.raises(ConfigError, match="timestep_range"):
+            NoiseConfig(timestep_range=bad)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_debiased_estimation_weights_the_loss_by_kohyas_formula(prediction):
+    from ldm.diffusion.ddpm import compute_snr
+    from ldm.diffusion.registry import build_objective
+
+    objective = build_objective(
+        NoiseConfig(prediction_type=prediction, debiased_estimation=True, min_snr_gamma=5.0)
+    )
+    t = torch.tensor([0, 10, 500, 999])
+    snr = compute_snr(objective.scheduler, t).clamp(max=1000)
+    debias = 1 / snr.sqrt() if prediction == "epsilon" else 1 / (snr + 1)
+    min_snr = torch.minimum(compute_snr(objective.scheduler, t), torch.tensor(5.0))
+    min_snr = (
+        min_snr / compute_snr(objective.scheduler, t)
+        if prediction == "epsilon"
+        else min_snr / (compute_snr(objective.scheduler, t) + 1)
+    )
+    assert torch.allclose(objective.loss_weight(t), min_snr * debias, rtol=1e-5)
+    with pytest.raises(ConfigError, match="debiased_estimation"):
+        NoiseConfig(objective="rectified_flow", debiased_estimation=True)

@@ -25,6 +25,12 @@ class NoiseConfig:
     zero_terminal_snr: bool = False  # rescale betas to SNR(T) = 0 (Lin et al. 2023)
     prediction_type: str = "epsilon"  # epsilon | v_prediction | sample
     min_snr_gamma: float = 0.0  # min-SNR-gamma loss weight (Hang et al. 2023); 0 disables
+    # debiased estimation (Yu et al. 2024; kohya's --debiased_estimation_loss): the loss weighted by
+    # 1 / sqrt(SNR) (eps) or 1 / (SNR + 1) (v), SNR capped at 1000; ddpm only
+    debiased_estimation: bool = False
+    # [lo, hi]: train on that part of the schedule only, as fractions of it (DDPM: t in
+    # [lo T, hi T); flow: t in [lo, hi]); None: all of it (kohya's --min_timestep / --max_timestep)
+    timestep_range: list[float] | None = None
     offset_noise: float = 0.0  # std of per-channel noise added to eps (offset noise); 0 disables
     # rectified_flow: how t in [0, 1] is drawn, uniform | logit_normal (Esser et al. 2024)
     timestep_sampling: str = "uniform"
@@ -48,6 +54,18 @@ class NoiseConfig:
         check_choice("noise.prediction_type", self.prediction_type, PREDICTION_TYPES)
         check_choice("noise.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
         check_bounds("noise", self)
+        if self.timestep_range is not None:
+            lo_hi = list(self.timestep_range)
+            if len(lo_hi) != 2 or not 0 <= lo_hi[0] < lo_hi[1] <= 1:
+                raise ConfigError(
+                    f"noise.timestep_range={lo_hi}: give [lo, hi] with 0 <= lo < hi <= 1 (fractions of the "
+                    "schedule, e.g. [0.0, 0.5] for the less noisy half)"
+                )
+        if self.debiased_estimation and (self.objective != "ddpm" or self.prediction_type == "sample"):
+            raise ConfigError(
+                "noise.debiased_estimation weights eps or v losses by the SNR: it needs noise.objective=ddpm "
+                "with noise.prediction_type=epsilon or v_prediction"
+            )
         if self.objective == "ddpm" and (self.timestep_sampling != "uniform" or self.shift != 1.0):
             raise ConfigError(
                 "noise.timestep_sampling and noise.shift apply to noise.objective=rectified_flow; "

@@ -82,6 +82,26 @@ def min_snr_weight(kind: str, snr_t: Tensor, gamma: float) -> Tensor:
     raise _unknown(kind)
 
 
+def debiased_weight(kind: str, snr_t: Tensor) -> Tensor:
+    """Debiased-estimation loss weights (Yu et al. 2024), per prediction type, (B,): 1 / sqrt(SNR) on
+    the eps error, 1 / (SNR + 1) on the v error, with SNR capped at 1000 (SNR(0) is near infinite), as
+    kohya's ``--debiased_estimation_loss`` computes them."""
+    snr_t = snr_t.clamp(max=1000.0)
+    if kind == "epsilon":
+        return snr_t.clamp_min(1e-12).rsqrt()
+    if kind == "v_prediction":
+        return 1 / (snr_t + 1)
+    raise ValueError(f"debiased estimation weights epsilon or v_prediction losses, not {kind!r}")
+
+
+def timestep_bounds(num_train_timesteps: int, timestep_range: list[float] | None) -> tuple[int, int]:
+    """[lo, hi) of the integer timesteps a ``noise.timestep_range`` of fractions covers (at least one)."""
+    if timestep_range is None:
+        return 0, num_train_timesteps
+    lo = min(int(timestep_range[0] * num_train_timesteps), num_train_timesteps - 1)
+    return lo, max(lo + 1, min(num_train_timesteps, round(timestep_range[1] * num_train_timesteps)))
+
+
 class DDPM(Objective):
     """Prediction epsilon / v / sample on a DDPM schedule, with min-SNR-gamma, offset noise and
     zero-terminal-SNR as ``NoiseConfig`` sets them."""
@@ -89,18 +109,33 @@ class DDPM(Objective):
     name = "ddpm"
     default_sampler = "ddim"
 
-    def __init__(self, scheduler: DDPMScheduler, min_snr_gamma: float = 0.0, offset_noise: float = 0.0):
+    def __init__(
+        self,
+        scheduler: DDPMScheduler,
+        min_snr_gamma: float = 0.0,
+        offset_noise: float = 0.0,
+        debiased: bool = False,
+        timestep_range: list[float] | None = None,
+    ):
         self.scheduler = scheduler
+        self.debiased = debiased
         self.prediction_type: str = scheduler.config.prediction_type
         self.num_train_timesteps: int = scheduler.config.num_train_timesteps
         self.min_snr_gamma = min_snr_gamma
         self.offset_noise = offset_noise
         if self.prediction_type not in PREDICTION_TYPES:
             raise _unknown(self.prediction_type)
+        self.t_low, self.t_high = timestep_bounds(self.num_train_timesteps, timestep_range)
 
     @classmethod
     def from_config(cls, cfg: NoiseConfig) -> DDPM:
-        return cls(training_scheduler(cfg), cfg.min_snr_gamma, cfg.offset_noise)
+        return cls(
+            training_scheduler(cfg),
+            cfg.min_snr_gamma,
+            cfg.offset_noise,
+            cfg.debiased_estimation,
+            cfg.timestep_range,
+        )
 
     @classmethod
     def from_scheduler_config(cls, config: dict[str, Any]) -> DDPM:
@@ -116,10 +151,13 @@ class DDPM(Objective):
         return self.alphas_cumprod.to(like.device)[t].to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
     def sample_timesteps(self, batch: int, rng: StepRandom | None, device: torch.device) -> Tensor:
-        """t ~ U{0..T-1}."""
+        """t ~ U{lo..hi-1}: U{0..T-1} unless ``noise.timestep_range`` narrows it."""
+        width = self.t_high - self.t_low
         if rng is not None:
-            return rng.randint(self.num_train_timesteps, batch).to(device)
-        return torch.randint(0, self.num_train_timesteps, (batch,), device=device)
+            t = rng.randint(width, batch).to(device)
+        else:
+            t = torch.randint(0, width, (batch,), device=device)
+        return t + self.t_low if self.t_low else t
 
     def noised(self, z0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         return self.scheduler.add_noise(z0, eps, t)
@@ -135,9 +173,16 @@ class DDPM(Objective):
         return t
 
     def loss_weight(self, t: Tensor) -> Tensor | None:
-        if self.min_snr_gamma <= 0:
+        """min-SNR-gamma's weight, debiased estimation's, their product, or None (neither)."""
+        if self.min_snr_gamma <= 0 and not self.debiased:
             return None
-        return min_snr_weight(self.prediction_type, compute_snr(self.scheduler, t), self.min_snr_gamma)
+        snr = compute_snr(self.scheduler, t)
+        weight = (
+            min_snr_weight(self.prediction_type, snr, self.min_snr_gamma) if self.min_snr_gamma > 0 else 1.0
+        )
+        if self.debiased:
+            weight = weight * debiased_weight(self.prediction_type, snr)
+        return weight
 
     def to_x0(self, pred: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
         return ddpm_to_x0(self.prediction_type, pred, z_t, self._abar(t, z_t))

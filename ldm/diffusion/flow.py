@@ -60,6 +60,7 @@ class RectifiedFlow(Objective):
         logit_std: float = 1.0,
         shift: float = 1.0,
         offset_noise: float = 0.0,
+        timestep_range: list[float] | None = None,
     ):
         if timestep_sampling not in TIMESTEP_SAMPLING:
             raise ValueError(
@@ -70,12 +71,13 @@ class RectifiedFlow(Objective):
         self.logit_mean, self.logit_std = logit_mean, logit_std
         self.shift = shift
         self.offset_noise = offset_noise
+        self.timestep_range = list(timestep_range) if timestep_range is not None else None
 
     @classmethod
     def from_config(cls, cfg: NoiseConfig) -> RectifiedFlow:
         return cls(
             cfg.num_train_timesteps, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, cfg.shift,
-            cfg.offset_noise,
+            cfg.offset_noise, cfg.timestep_range,
         )  # fmt: skip
 
     @classmethod
@@ -89,7 +91,11 @@ class RectifiedFlow(Objective):
         else:
             n = rng.randn(batch) if rng is not None else torch.randn(batch, device=device)
             t = torch.sigmoid(self.logit_mean + self.logit_std * n.to(device))
-        return shift_time(t, self.shift)  # (B,) in [0, 1]
+        t = shift_time(t, self.shift)  # (B,) in [0, 1]
+        if self.timestep_range is not None:  # noise.timestep_range: into [lo, hi]
+            lo, hi = self.timestep_range
+            t = lo + (hi - lo) * t
+        return t
 
     def noised(self, z0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         return interpolate(z0, eps, t)

@@ -46,6 +46,7 @@ def pretrained_noise(pretrained: str | Path, noise: NoiseConfig) -> NoiseConfig:
         flow = dataclasses.replace(
             noise, objective="rectified_flow", num_train_timesteps=sc.get("num_train_timesteps", 1000),
             shift=sc.get("shift", 1.0), prediction_type="epsilon", min_snr_gamma=0.0, zero_terminal_snr=False,
+            debiased_estimation=False,
         )  # fmt: skip
         logger.info("objective from %s: rectified flow, shift %g", folder, flow.shift)
         return flow
