@@ -127,7 +127,9 @@ class TrainConfig:
     lr_warmup_steps: int = 100  # linear warm-up from 0
     min_lr_ratio: float = 0.0  # final lr / peak lr for cosine and linear
     # adamw | adafactor (factored second moments, no first: a fraction of AdamW's state) |
-    # adamw8bit (bitsandbytes' 8-bit states; needs bitsandbytes and CUDA)
+    # adamw8bit (bitsandbytes' 8-bit states; needs bitsandbytes and CUDA) | prodigy (estimates its own
+    # step size: train.lr is a multiplier on it, 1.0; the prodigy extra) | schedulefree (AdamW without a
+    # schedule: train.lr_schedule=constant; the schedulefree extra)
     optimizer: str = "adamw"
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -183,9 +185,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
         check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
-        check_choice("train.optimizer", self.optimizer, ("adamw", "adafactor", "adamw8bit"))
+        check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        if self.optimizer == "schedulefree" and self.lr_schedule != "constant":
+            raise ConfigError(
+                f"train.optimizer=schedulefree replaces the lr schedule (it averages its iterates): set "
+                f"train.lr_schedule=constant (it is {self.lr_schedule}); train.lr_warmup_steps still warms up"
+            )
         check_choice("train.report_to", self.report_to, ("none", "tensorboard", "wandb", "all"))
         check_bounds("train", self)
+
+
+OPTIMIZERS = ("adamw", "adafactor", "adamw8bit", "prodigy", "schedulefree")
 
 
 def _schema_keys(node: Any) -> list[str]:

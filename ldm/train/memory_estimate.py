@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.training.optim import OPTIMIZER_STATE_BYTES
+
 GIB = 2**30
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -69,6 +71,8 @@ def optimizer_state_bytes(name: str, params: list[nn.Parameter]) -> int:
         return 8 * sum(p.numel() for p in params)
     if name == "adamw8bit":
         return 2 * sum(p.numel() for p in params)
+    if name in ("prodigy", "schedulefree"):
+        return int(OPTIMIZER_STATE_BYTES[name]) * sum(p.numel() for p in params)
     # adafactor (transformers'): for 2+ dims, the second moment factored over the last two dims,
     # shape[:-1] and shape[:-2] + shape[-1:] (a conv weight (o, i, k, k): o i k + o i k); full for vectors
     return 4 * sum(

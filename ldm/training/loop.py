@@ -30,7 +30,7 @@ from ldm.training.ema import EMA
 from ldm.training.loader import TrainBatches
 from ldm.training.metrics import MetricsWriter
 from ldm.training.nonfinite import NonFiniteGuard
-from ldm.training.optim import clip_gradients
+from ldm.training.optim import averaged_weights, clip_gradients, set_optimizer_mode
 from ldm.training.run import averaged, set_lr
 from ldm.training.schedule import lr_multiplier
 from ldm.training.signals import GracefulStop
@@ -125,6 +125,8 @@ def train_loop(
         validate = stage.validate if train.val_every else None
         for module in stage.modules:
             module.train()  # (a frozen text encoder stays in eval mode: TextEncoder.train)
+        optimizers = [optimizer for optimizer, _ in stage.optimizers]
+        set_optimizer_mode(optimizers, train=True)  # schedule-free: the weights it steps
         while step < stop:
             lr = train.lr * lr_multiplier(
                 step, train.lr_warmup_steps, train.max_steps, train.lr_schedule, train.min_lr_ratio
@@ -153,7 +155,8 @@ def train_loop(
             if due:  # on all processes; its figures go into this step's line
                 synchronize(accelerator.device)  # the queued training steps belong to step_time
                 t_val = time.perf_counter()
-                val = validate()
+                with averaged_weights(optimizers):  # schedule-free: its averaged weights
+                    val = validate()
                 t_log += time.perf_counter() - t_val  # train/step_time counts training steps only
             if step % train.log_every == 0 or step == stop:
                 means = averaged(accelerator, {k: v / counts[k] for k, v in sums.items()})
@@ -167,7 +170,8 @@ def train_loop(
             elif val:
                 metrics.write(step, val)
             if stage.sample is not None and train.sample_every and step % train.sample_every == 0:
-                stage.sample(out / "samples" / f"step-{step:06d}.png")
+                with averaged_weights(optimizers):
+                    stage.sample(out / "samples" / f"step-{step:06d}.png")
                 if main:
                     log_image(accelerator, "samples", out / "samples" / f"step-{step:06d}.png", step)
             if step == stop or (train.checkpoint_every and step % train.checkpoint_every == 0):
@@ -179,6 +183,8 @@ def train_loop(
             "stopped at step %d of %d (%s); resume with --resume latest",
             step, train.max_steps, stopper.signal_name or "train.stop_at",
         )  # fmt: skip
-    elif ema is not None:  # finished: the EMA weights are the ones to export and evaluate
-        ema.copy_to(stage.ema_params)
+    else:  # finished: schedule-free's averaged weights, or the EMA's, are the ones to export
+        set_optimizer_mode(optimizers, train=False)
+        if ema is not None:
+            ema.copy_to(stage.ema_params)
     return step

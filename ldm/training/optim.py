@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 
 from ldm.training.engine import full_tensor
+
+logger = logging.getLogger("ldm")
 
 
 def adamw(
@@ -59,10 +63,65 @@ def make_optimizer(
         if not params or params[0].device.type != "cuda":
             raise ConfigError("train.optimizer=adamw8bit runs on CUDA only; use adamw or adafactor here")
         return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; allowed: adamw | adafactor | adamw8bit")
+    if name == "prodigy":
+        prodigy = _optional("prodigyopt", "prodigy", "train.optimizer=prodigy")
+        if lr < 0.1:
+            logger.warning(
+                "train.optimizer=prodigy estimates the step size itself; train.lr=%g multiplies it "
+                "(Prodigy's authors use 1.0)", lr,
+            )  # fmt: skip
+        return prodigy.Prodigy(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    if name == "schedulefree":
+        schedulefree = _optional("schedulefree", "schedulefree", "train.optimizer=schedulefree")
+        return schedulefree.AdamWScheduleFree(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    raise ValueError(
+        f"unknown optimizer {name!r}; allowed: adamw | adafactor | adamw8bit | prodigy | schedulefree"
+    )
 
 
-OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adafactor": 0.0, "adamw8bit": 2.0}  # per parameter (adafactor: ~0)
+def _optional(module: str, extra: str, what: str):
+    """The optional package ``module``, or a ``ConfigError`` naming the extra that installs it."""
+    import importlib
+
+    from ldm.core.errors import ConfigError
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ConfigError(
+            f'{what} needs {module}: pip install -e ".[{extra}]" (or pip install {module})'
+        ) from err
+
+
+def set_optimizer_mode(optimizers, train: bool) -> None:
+    """Schedule-free optimizers (Defazio et al. 2024) hold the weights being stepped (y) in train mode
+    and their average (x, the weights to sample and export) in eval mode: ``train()`` / ``eval()``
+    switch them (accelerate's wrapper forwards); other optimizers have no modes."""
+    for optimizer in optimizers:
+        switch = getattr(optimizer, "train" if train else "eval", None)
+        if callable(switch):
+            switch()
+
+
+@contextmanager
+def averaged_weights(optimizers) -> Iterator[None]:
+    """Inside, a schedule-free optimizer's averaged weights (eval mode); train mode after."""
+    set_optimizer_mode(optimizers, train=False)
+    try:
+        yield
+    finally:
+        set_optimizer_mode(optimizers, train=True)
+
+
+# per parameter: adafactor ~0; prodigy: two moments, its s and the initial weights; schedulefree: z and
+# the second moment
+OPTIMIZER_STATE_BYTES = {
+    "adamw": 8.0,
+    "adafactor": 0.0,
+    "adamw8bit": 2.0,
+    "prodigy": 16.0,
+    "schedulefree": 8.0,
+}
 
 
 def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
