@@ -53,14 +53,18 @@ def test_bad_caption_settings_are_refused():
         CaptionConfig(tag_dropout=1.0)
     with pytest.raises(ConfigError, match="keep_tokens"):
         CaptionConfig(keep_tokens=-1)
+    with pytest.raises(ConfigError, match="separator"):
+        CaptionConfig(separator="")
 
 
 def test_a_resumed_run_with_caption_controls_equals_an_uninterrupted_one(tmp_path):
     vae = tmp_path / "vae"
     tiny_autoencoder(scaling_factor=0.8).save_pretrained(vae)
-    # shapes captions are one tag each (no comma): dropout sometimes leaves only the prefix
+    # "a red circle on a black background": split on "on", two tags (the first kept), so the shuffle,
+    # the dropout and the kept tag all act on the shapes captions
     controls = ["caption.shuffle_tags=true", "caption.tag_dropout=0.3", "caption.prefix=sks",
-                "eval.num_samples=0", "train.checkpoint_every=3"]  # fmt: skip
+                "caption.separator=on", "caption.keep_tokens=1", "eval.num_samples=0",
+                "train.checkpoint_every=3"]  # fmt: skip
     whole = train_ldm(tiny(tmp_path / "whole", vae, *controls))
     train_ldm(tiny(tmp_path / "parts", vae, *controls, "train.stop_at=3"))
     parts = train_ldm(tiny(tmp_path / "parts", vae, *controls), resume="latest")

@@ -20,6 +20,7 @@ from typing import ClassVar
 import torch
 
 from ldm.core.config import check_bounds
+from ldm.core.errors import ConfigError
 
 MAX_TAGS = 128  # tags per caption that the draws cover
 
@@ -37,6 +38,8 @@ class CaptionConfig:
 
     def __post_init__(self) -> None:
         check_bounds("caption", self)
+        if not self.separator:
+            raise ConfigError("caption.separator is empty: give what splits tags (default ',')")
 
     @property
     def changes_captions(self) -> bool:
@@ -52,13 +55,14 @@ def transform_caption(caption: str, cfg: CaptionConfig, uniforms: torch.Tensor |
     """``caption`` after the controls of ``cfg``; ``uniforms``: (2 MAX_TAGS,) U[0, 1) draws (None when
     ``cfg.draws`` is false)."""
     if cfg.draws and caption:
-        tags = [t.strip() for t in caption.split(cfg.separator)]
+        tags = [t for t in (t.strip() for t in caption.split(cfg.separator)) if t]  # ("a,,b": 2 tags)
         kept, rest = tags[: cfg.keep_tokens], tags[cfg.keep_tokens :]
         covered, beyond = rest[:MAX_TAGS], rest[MAX_TAGS:]
-        drop, order = uniforms[:MAX_TAGS], uniforms[MAX_TAGS:]
+        values = uniforms.tolist()  # (one host read, not one per tag)
+        drop, order = values[:MAX_TAGS], values[MAX_TAGS:]
         chosen = [i for i in range(len(covered)) if not drop[i] < cfg.tag_dropout]
         if cfg.shuffle_tags:
-            chosen.sort(key=lambda i: float(order[i]))
+            chosen.sort(key=lambda i: order[i])
         joiner = cfg.separator.strip() + " " if cfg.separator.strip() else cfg.separator
         caption = joiner.join(t for t in [*kept, *(covered[i] for i in chosen), *beyond] if t)
     return " ".join(p for p in (cfg.prefix, caption, cfg.suffix) if p)

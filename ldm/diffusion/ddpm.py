@@ -10,6 +10,7 @@ diffusers' ``DDPMScheduler`` holds the schedule and does the noising (``add_nois
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -20,6 +21,8 @@ from torch import Tensor
 from ldm.core.randomness import StepRandom
 from ldm.diffusion.config import PREDICTION_TYPES, NoiseConfig
 from ldm.diffusion.objective import Objective
+
+logger = logging.getLogger("ldm")
 
 
 def training_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
@@ -126,6 +129,18 @@ class DDPM(Objective):
         if self.prediction_type not in PREDICTION_TYPES:
             raise _unknown(self.prediction_type)
         self.t_low, self.t_high = timestep_bounds(self.num_train_timesteps, timestep_range)
+        if debiased:
+            worst = float(
+                debiased_weight(
+                    self.prediction_type, compute_snr(self.scheduler, torch.arange(self.num_train_timesteps))
+                ).max()
+            )
+            if worst > 100:
+                logger.warning(
+                    "noise.debiased_estimation on this schedule weights the noisiest steps up to %.0fx "
+                    "(its SNR nears 0; SD's scaled_linear peaks at about 640x): such steps can dominate a "
+                    "batch's gradient; consider noise.timestep_range or min_snr_gamma", worst,
+                )  # fmt: skip
 
     @classmethod
     def from_config(cls, cfg: NoiseConfig) -> DDPM:

@@ -85,6 +85,20 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     null_text = conditioner.encode([NULL_CAPTION]) if text_on_disk else None  # what dropout gives
     if cfg.export.single_file and not cfg.lora.rank:  # fail now, not after training (LoRA: fused at the end)
         check_single_file_layout(setup.training_pipeline(vae, conditioner, unet, objective))
+    if takes_one_model(accelerator) and tc.optimizer in ("prodigy", "schedulefree"):
+        if tc.optimizer == "prodigy" or not is_sharded(accelerator):  # (schedule-free under FSDP is fine)
+            raise ConfigError(
+                f"train.optimizer={tc.optimizer} under {accelerator.distributed_type.value} is not supported: "
+                "DeepSpeed's optimizer holds copies of the weights (schedule-free's averaged weights would not "
+                "reach the model), and Prodigy sums its step-size statistics per process; use DDP "
+                "(configs/accelerate/multi-gpu.yaml) or train.optimizer=adamw"
+            )
+    if tc.optimizer == "schedulefree" and tc.ema_decay > 0:
+        logger.warning(
+            "train.optimizer=schedulefree with train.ema_decay=%g: the EMA of the stepped weights takes the "
+            "place of schedule-free's own average in grids, validation and the export; set "
+            "train.ema_decay=0 to use that average", tc.ema_decay,
+        )  # fmt: skip
     if is_sharded(accelerator) and cfg.lora.rank:
         raise ConfigError(
             "LoRA under FSDP is not supported: a LoRA's trained weights are a few MB, which data "
@@ -96,6 +110,8 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     trained, optimizer, trainable = setup.prepare(accelerator, unet, conditioner, optimizer)
     modules = accelerator.unwrap_model(trained)  # the UNet (and conditioner) inside, FSDP units when sharded
     conditions = conditioner.training_conditions(conditioner, tokens)  # runs inside `trained`'s forward
+    if cfg.caption.draws:  # shuffled / dropped-out tags rarely repeat: nothing kept per caption
+        conditioner.cache.max_items = 0
     # the loss's module, compiled (sampling uses the plain UNet). DDP and one process: the whole prepared
     # module, its conditioning computed outside (so DDP's all-reduces overlap a compiled backward);
     # FSDP and DeepSpeed: the UNet inside the one module, whose forward runs a trained conditioner
@@ -151,7 +167,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     reached = train_loop(
         accelerator, out, tc, stage, start.batches, start.rng, start.step, start.metrics, ema
     )
-    if not train_text and not text_on_disk:
+    if not train_text and not text_on_disk and not cfg.caption.draws:
         logger.info("text cache: %d distinct captions encoded once", len(conditioner.cache))
     if reached < tc.max_steps:
         return out  # stopped early: resume with --resume latest

@@ -48,6 +48,11 @@ def pretrained_noise(pretrained: str | Path, noise: NoiseConfig) -> NoiseConfig:
             shift=sc.get("shift", 1.0), prediction_type="epsilon", min_snr_gamma=0.0, zero_terminal_snr=False,
             debiased_estimation=False,
         )  # fmt: skip
+        if noise.debiased_estimation or noise.min_snr_gamma:
+            logger.warning(
+                "%s is a rectified-flow model: noise.debiased_estimation and min_snr_gamma (DDPM loss weights) are off",
+                folder,
+            )
         logger.info("objective from %s: rectified flow, shift %g", folder, flow.shift)
         return flow
     if noise.objective != "ddpm":

@@ -105,12 +105,18 @@ def set_optimizer_mode(optimizers, train: bool) -> None:
 
 @contextmanager
 def averaged_weights(optimizers) -> Iterator[None]:
-    """Inside, a schedule-free optimizer's averaged weights (eval mode); train mode after."""
+    """Inside, a schedule-free optimizer's averaged weights (eval mode); train mode after, with the
+    stepped weights restored exactly (the eval/train interpolations round them otherwise)."""
+    free = [o for o in optimizers if o.param_groups and "train_mode" in o.param_groups[0]]
+    stepped = [(p, p.detach().clone()) for o in free for g in o.param_groups for p in g["params"]]
     set_optimizer_mode(optimizers, train=False)
     try:
         yield
     finally:
         set_optimizer_mode(optimizers, train=True)
+        with torch.no_grad():
+            for p, saved in stepped:
+                p.copy_(saved)
 
 
 # per parameter: adafactor ~0; prodigy: two moments, its s and the initial weights; schedulefree: z and
