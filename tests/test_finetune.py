@@ -9,6 +9,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from ldm.core.config import load_config
+from ldm.core.errors import ConfigError
 from ldm.data import build_dataset
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 from ldm.pipelines.samplers import make_scheduler
@@ -102,6 +103,48 @@ def test_lora_file_loads_into_diffusers_and_ours(tmp_path, sd_folder, mixed_fold
         PROMPT, num_inference_steps=3, guidance_scale=3.0, sampler="ddim", latents=latents, output_type="pt"
     )
     torch.testing.assert_close(mine.images, after, rtol=0, atol=1e-4)
+
+
+def test_dora_file_loads_into_diffusers_and_gives_our_images(tmp_path, sd_folder, mixed_folder):
+    """lora.kind=dora: the adapters and magnitude vectors in diffusers' file; diffusers' loader reads
+    them as DoRA and draws what our pipeline draws with the same file."""
+    from safetensors import safe_open
+
+    cfg = finetune_config(
+        tmp_path / "dora", sd_folder, mixed_folder, "lora.rank=4", "lora.kind=dora", "lora.merge=true"
+    )
+    out = train_ldm(cfg)
+    with safe_open(out / "lora" / "pytorch_lora_weights.safetensors", "pt") as f:
+        assert any("lora_magnitude_vector" in k for k in f.keys())
+    latents = torch.randn(1, 4, 24, 24, generator=torch.Generator().manual_seed(0))
+    theirs = StableDiffusionPipeline.from_pretrained(sd_folder)
+    theirs.set_progress_bar_config(disable=True)
+    theirs.scheduler = make_scheduler("ddim", theirs.scheduler.config)
+    before = theirs(
+        PROMPT, num_inference_steps=3, guidance_scale=3.0, latents=latents, output_type="pt"
+    ).images
+    theirs.load_lora_weights(out / "lora")
+    after = theirs(
+        PROMPT, num_inference_steps=3, guidance_scale=3.0, latents=latents, output_type="pt"
+    ).images
+    assert (after - before).abs().max() > 1e-3
+    ours = LatentDiffusionPipeline.from_pretrained(sd_folder, channels_last=False)
+    ours.load_lora_weights(out / "lora")
+    mine = ours(
+        PROMPT, num_inference_steps=3, guidance_scale=3.0, sampler="ddim", latents=latents, output_type="pt"
+    )
+    torch.testing.assert_close(mine.images, after, rtol=0, atol=1e-4)
+    merged = StableDiffusionPipeline.from_pretrained(out / "model")  # the trained DoRA fused by peft
+    merged.set_progress_bar_config(disable=True)
+    merged.scheduler = make_scheduler("ddim", merged.scheduler.config)
+    fused = merged(
+        PROMPT, num_inference_steps=3, guidance_scale=3.0, latents=latents, output_type="pt"
+    ).images
+    torch.testing.assert_close(fused, after, rtol=0, atol=1e-4)  # the file's magnitudes were applied
+    with pytest.raises(ConfigError, match="magnitude"):
+        finetune_config(
+            tmp_path / "x", sd_folder, mixed_folder, "lora.rank=4", "lora.kind=dora", "lora.format=kohya"
+        )
 
 
 def test_csv_source_with_a_missing_file_and_hf_buckets(tmp_path, mixed_folder, caplog):

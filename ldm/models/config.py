@@ -67,6 +67,9 @@ class LoRAConfig:
     """
 
     rank: int = 0  # 0: full fine-tuning
+    # lora | dora (DoRA, Liu et al. 2024: the weight's direction adapted by B A and its norm by a
+    # trained magnitude vector; peft's use_dora; saved in diffusers' format, which diffusers loads)
+    kind: str = "lora"
     alpha: float | None = None  # scale numerator; None: alpha = rank (scale 1)
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
@@ -83,5 +86,11 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         check_bounds("lora", self)
         check_choice("lora.format", self.format, LORA_FORMATS)
+        check_choice("lora.kind", self.kind, ("lora", "dora"))
+        if self.kind == "dora" and self.format != "diffusers":
+            raise ConfigError(
+                f"lora.kind=dora with lora.format={self.format}: kohya's LoRA layout has no DoRA magnitude "
+                "vectors; use lora.format=diffusers"
+            )
         if not self.target_modules:
             raise ConfigError("config key 'lora.target_modules' is empty; name the UNet layers to adapt")

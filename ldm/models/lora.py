@@ -37,6 +37,7 @@ def _peft_config(cfg: LoRAConfig, targets: list[str]):
         lora_dropout=cfg.dropout,
         init_lora_weights="gaussian",  # A ~ N(0, 1/r), B = 0: the model starts unchanged
         target_modules=targets,
+        use_dora=cfg.kind == "dora",  # magnitude m = ||W|| per output at the start: unchanged too
     )
 
 
