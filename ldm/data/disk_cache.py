@@ -265,6 +265,22 @@ def build_disk_cache(
     return build_shards(folder, len(dataset), per_shard, columns, key, FORMAT, rank, world_size, barrier)
 
 
+def _write_index(folder: Path, entries: list[dict], key: str, fmt: str, per_shard: int) -> None:
+    """The index of a cache whose shards ``entries`` are all there (main process); it marks it complete."""
+    items = sum(e["items"] for e in entries)
+    meta = {"format": fmt, "key": key, "items": items, "shard_items": per_shard, "shards": entries}
+    write_json(folder / INDEX, meta)
+    _remove_dead_temporaries(folder)
+    logger.info("disk cache: wrote %d items in %d shards to %s", items, len(entries), folder)
+
+
+def _not_shared(folder: Path, what: str) -> DataError:
+    return DataError(
+        f"disk cache {folder}: {what}: cache_dir must be a folder every process sees (a shared filesystem "
+        "across machines), or precompute the cache with ldm-cache and copy it to each machine"
+    )
+
+
 def build_shards(
     folder: str | Path,
     n: int,
@@ -294,18 +310,11 @@ def build_shards(
     entries = [{"file": shard_name(s), "start": r.start, "items": len(r)} for s, r in enumerate(shards)]
     if rank == 0 and not index.is_file():
         if all(shard_is_complete(folder / e["file"]) for e in entries):
-            meta = {"format": fmt, "key": key, "items": n, "shard_items": per_shard, "shards": entries}
-            write_json(index, meta)
-            _remove_dead_temporaries(folder)
-            logger.info("disk cache: wrote %d items in %d shards to %s", n, len(shards), folder)
+            _write_index(folder, entries, key, fmt, per_shard)
     barrier()
     if not index.is_file():
         missing = [e["file"] for e in entries if not (folder / e["file"]).is_file()]
-        raise DataError(
-            f"disk cache {folder}: shards missing after encoding ({', '.join(missing[:3]) or 'none here'}): "
-            "cache_dir must be a folder every process sees (a shared filesystem across machines), "
-            "or precompute the cache with ldm-cache and copy it to each machine"
-        )
+        raise _not_shared(folder, f"shards missing after encoding ({', '.join(missing[:3]) or 'none here'})")
     meta = json.loads(index.read_text())
     if meta.get("format") != fmt or meta.get("items") != n:
         raise DataError(
@@ -390,16 +399,10 @@ def build_stream_cache(
                 items = ShardReader(folder / shard_name(s)).columns["shapes"][1][0]
                 entries.append({"file": shard_name(s), "start": start, "items": items})
                 start += items
-            meta = {"format": FORMAT, "key": key, "items": start, "shard_items": per_shard, "shards": entries}
-            write_json(index, meta)
-            _remove_dead_temporaries(folder)
-            logger.info("disk cache: wrote %d streamed items in %d shards to %s", start, len(shards), folder)
+            _write_index(folder, entries, key, FORMAT, per_shard)
     barrier()
     if not index.is_file():
-        raise DataError(
-            f"disk cache {folder}: a process's part of the stream is missing after caching: cache_dir must "
-            "be a folder every process sees (a shared filesystem across machines)"
-        )
+        raise _not_shared(folder, "a process's part of the stream is missing after caching")
     if json.loads(index.read_text())["items"] == 0:
         raise DataError(f"disk cache {folder}: the stream yielded no items; check data.path and its columns")
     return folder

@@ -44,10 +44,9 @@ def latent_training_set(
     if hasattr(distinct, "keep_rendered"):  # shapes: one pass in order, no rendered copy to keep
         distinct.keep_rendered = False
     if isinstance(images, IterableDataset):  # a stream (with cache_dir, see LDMRunConfig): shard by shard
-        folder = [disk_cache_folder(cfg, vae, vae_dir, accelerator.num_processes)]
-        if accelerator.num_processes > 1:
-            broadcast_object_list(folder, from_process=0)
-        folder = folder[0]
+        folder = main_process_value(
+            accelerator, disk_cache_folder(cfg, vae, vae_dir, accelerator.num_processes)
+        )
         build_stream_cache(
             vae, images, CACHE_BATCH, folder, folder.name, shards_of(cfg, vae),
             accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
@@ -55,10 +54,7 @@ def latent_training_set(
         latents = DiskLatentDataset(folder)
         held, where = latents.nbytes(), f"on disk at {folder} (from the stream)"
     elif cfg.cache_dir:  # on disk: each process writes its shards and reads only its rows
-        folder = [disk_cache_folder(cfg, vae, vae_dir)]  # the main process's, for all (machines' copies
-        if accelerator.num_processes > 1:  # of the autoencoder may differ in modification time)
-            broadcast_object_list(folder, from_process=0)
-        folder = folder[0]
+        folder = main_process_value(accelerator, disk_cache_folder(cfg, vae, vae_dir))
         build_disk_cache(
             vae, distinct, CACHE_BATCH, folder, folder.name, shards_of(cfg, vae),
             accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
@@ -78,6 +74,15 @@ def latent_training_set(
         f"{peak / MIB:.0f} MiB" if peak else "not reported by this OS",
     )  # fmt: skip
     return RepeatedDataset(latents, repeats) if repeats > 1 else latents
+
+
+def main_process_value(accelerator: Accelerator, value):
+    """The main process's ``value`` on every process (a cache folder's key: machines' copies of the
+    autoencoder may differ in modification time)."""
+    box = [value]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(box, from_process=0)
+    return box[0]
 
 
 def disk_cache_folder(
