@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ldm.core.config import ConfigError, check_bounds, check_choice
@@ -79,3 +79,32 @@ class TextEncoderConfig:
     def trainable(self) -> bool:
         """Whether the encoder's weights are optimized: ``train`` if set, else only a scratch encoder."""
         return self.train if self.train is not None else self.kind == "scratch"
+
+
+@dataclass
+class NewTokensConfig:
+    """Textual inversion (Gal et al. 2022): new tokens whose embedding rows train (``conditioning.new_tokens``).
+
+    Alone (``lora.rank=0``) nothing else trains: the UNet and the text encoders stay frozen. With
+    ``lora.rank`` > 0 the rows and the LoRA train together: pivotal tuning. SDXL: the tokens go into
+    both tokenizers and both encoders. Saved to ``embeddings/`` as diffusers' ``load_textual_inversion``
+    reads them.
+    """
+
+    tokens: list[str] = field(default_factory=list)  # e.g. ["<my-cat>"]: lower case, not in the vocabulary
+    init: list[str] = field(default_factory=list)  # one word per token: its embedding starts the token's rows
+    vectors: int = 1  # embedding rows per token (diffusers' num_vectors): more rows, more capacity
+    lr: float | None = None  # the rows' learning rate; None: train.lr (no weight decay on them)
+    # also export model/ with the tokens in its tokenizer(s) and text encoder(s) (and, with LoRA and
+    # lora.merge=true, the adapters merged)
+    merge: bool = False
+
+    BOUNDS: ClassVar[dict[str, str]] = {"vectors": ">= 1", "lr": "> 0"}
+
+    def __post_init__(self) -> None:
+        check_bounds("ti", self)
+        if self.tokens and len(self.init) != len(self.tokens):
+            raise ConfigError(
+                f"ti.tokens has {len(self.tokens)} token(s) and ti.init {len(self.init)} word(s): give one "
+                "init word per token (a word close to the concept, e.g. ti.init=[cat] for ti.tokens=['<my-cat>'])"
+            )

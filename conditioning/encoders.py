@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from conditioning.config import TextEncoderConfig
+from conditioning.new_tokens import expand_multi_vector
 from conditioning.openclip import load_open_clip_text
 from conditioning.tokenizer import (
     BOS_TOKEN_ID,
@@ -111,7 +112,7 @@ class TextEncoder(nn.Module):
 
     def tokenize(self, captions: list[str]) -> Tensor:
         """Captions -> token ids (B, max_length) on the CPU: OpenCLIP's cleaning, start/end tokens, padding."""
-        texts = [clean_caption(c) for c in captions]
+        texts = [expand_multi_vector(clean_caption(c), self.tokenizer) for c in captions]
         batch = self.tokenizer(
             texts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         )

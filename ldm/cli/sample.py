@@ -3,7 +3,7 @@
     ldm-sample --model runs/ldm-shapes/model --prompt "a red circle on a black background" \\
         [--negative-prompt TEXT] [-n 4] [--steps 30] [--guidance 7.5] [--sampler NAME] [--seed 0] \\
         [--size 32] [--device cpu] [--dtype float32] [--lora PATH] [--lora-scale 1] [--vae PATH] \\
-        [--tiled-decode] --out samples/
+        [--embeddings PATH] [--tiled-decode] --out samples/
 
 Writes one PNG per image (``<out>/<prompt index>-<image index>.png``) and ``<out>/grid.png``.
 """
@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora", default=None, help="LoRA folder or .safetensors to apply")
     parser.add_argument("--lora-scale", type=float, default=1.0)
     parser.add_argument("--vae", default=None, help="another autoencoder folder with the same latents")
+    parser.add_argument(
+        "--embeddings",
+        default=None,
+        help="textual-inversion file or folder (a run's embeddings/): its tokens become words of the prompt",
+    )
     parser.add_argument("--tiled-decode", action="store_true", help="decode in tiles (large images)")
     parser.add_argument(
         "--allow-pickle",
@@ -76,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         check_device(args.device)
         if args.out.exists() and not args.out.is_dir():
             raise UserError(f"--out {args.out}: that is a file; give a folder for the images")
-        if args.lora and not Path(args.lora).exists():
-            raise MissingFileError(f"--lora {args.lora}: no such file or folder")
+        for flag, value in (("--lora", args.lora), ("--embeddings", args.embeddings)):
+            if value and not Path(value).exists():
+                raise MissingFileError(f"{flag} {value}: no such file or folder")
         pipe = LatentDiffusionPipeline.from_pretrained(
             args.model,
             device=args.device,
@@ -90,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(
                 f"--size {args.size}: give a multiple of the autoencoder's factor {pipe.vae_scale_factor}"
             )
+        if args.embeddings:
+            pipe.load_textual_inversion(args.embeddings)
         if args.lora:
             pipe.load_lora_weights(args.lora, scale=args.lora_scale, allow_pickle=args.allow_pickle)
         if args.tiled_decode:

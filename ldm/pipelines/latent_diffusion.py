@@ -305,6 +305,25 @@ class LatentDiffusionPipeline:
         """Remove all adapters (unfused), back to the base model."""
         self.as_diffusers().unload_lora_weights()
 
+    # ------------------------------------------------------------------------------ textual inversion
+    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> list[str]:
+        """Add the new tokens of a textual-inversion file (or of a folder's ``*.safetensors``) to the
+        tokenizer(s) and text encoder(s), through diffusers' ``load_textual_inversion``; returns the
+        tokens. Files: diffusers' ``{token: (k, D)}``
+        (ours from ``ti.tokens``, SD 1.x/2.x), AUTOMATIC1111's ``string_to_param``, and SDXL's
+        ``{"clip_l": (k, 768), "clip_g": (k, 1280)}`` (token: ``token``, else the file's ``token``
+        metadata, else its name). Prompts then use it as a word; a k-vector token stands for its k rows."""
+        from ldm.pipelines.textual_inversion import load_textual_inversion
+
+        return load_textual_inversion(self, Path(path), token)
+
+    def save_textual_inversion(self, folder: str | Path, tokens: list[str]) -> list[Path]:
+        """Write each of ``tokens`` (added by training or loading) to ``folder/<name>.safetensors``, in the
+        layout ``load_textual_inversion`` (ours and diffusers') reads; returns the files."""
+        from ldm.pipelines.textual_inversion import save_textual_inversion
+
+        return save_textual_inversion(self, Path(folder), tokens)
+
     def to(
         self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
     ) -> LatentDiffusionPipeline:

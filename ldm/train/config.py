@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from conditioning.config import TextEncoderConfig
+from conditioning.config import NewTokensConfig, TextEncoderConfig
 from conditioning.encoders import TEXT_ENCODERS
 from ldm.core.config import ConfigError, DataConfig, TrainConfig, check_bounds, check_choice
 from ldm.data.build import DATA_SOURCES
@@ -141,6 +141,7 @@ class LDMRunConfig:
     )
     sample: SampleConfig = field(default_factory=SampleConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    ti: NewTokensConfig = field(default_factory=NewTokensConfig)  # textual inversion; + LoRA: pivotal tuning
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: LDMEvalConfig = field(default_factory=LDMEvalConfig)
     cache_latents: bool = True  # encode the dataset once with the frozen autoencoder
@@ -182,6 +183,8 @@ class LDMRunConfig:
                 "export.single_file=true with LoRA writes the merged model: set lora.merge=true "
                 "(the adapters alone go to lora/, in lora.format's layout)"
             )
+        if self.ti.tokens:
+            self._check_new_tokens()
         if self.lora.text_encoder and not self.lora.rank:
             raise ConfigError("lora.text_encoder=true needs lora.rank >= 1")
         if self.cache_shard_items is not None and self.cache_shard_items < 1:
@@ -197,4 +200,19 @@ class LDMRunConfig:
             raise ConfigError(
                 "cache_latents=true encodes each image once, unaugmented: set data.flip=false and "
                 "data.crop=center, or cache_latents=false to augment every step"
+            )
+
+    def _check_new_tokens(self) -> None:
+        text_trains = self.text.train if self.pretrained else self.text.trainable
+        if text_trains:
+            raise ConfigError(
+                "ti.tokens trains the new tokens' rows with the text encoder frozen, but text.train is on "
+                f"({'set' if self.text.train else 'a scratch encoder trains by default'}): set text.train=false"
+            )
+        if self.ti.merge and self.lora.rank:
+            raise ConfigError("ti.merge=true with LoRA: set lora.merge=true (model/ then holds both)")
+        if self.export.single_file:
+            raise ConfigError(
+                "export.single_file=true with ti.tokens: AUTOMATIC1111 and ComfyUI load the embeddings/ files "
+                "next to the base model's single file, and read no new rows in one; set export.single_file=false"
             )

@@ -57,6 +57,8 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     vae, vae_dir, conditioner, unet = setup.models_on_device(cfg, device, weights_format)
     objective = build_objective(cfg.noise)
     tokens = setup.TokenRecord.of_run(cfg)  # the words a scratch text encoder knows
+    if tokens.prior is not None:  # textual inversion's new tokens are learned by design
+        tokens.prior |= setup.new_token_ids(cfg, conditioner)
 
     # --- data: cached posteriors, or images encoded on the fly --------------------------------
     train_set = build_dataset(cfg.data, "train", cfg.seed, bucket_step=8 * downsampling_factor(vae))
@@ -80,7 +82,9 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     # --- what trains, its optimizer, EMA; where the run starts -------------------------------
     trainable = setup.trainable_parameters(cfg, unet, conditioner)
     setup.cast_frozen(cfg, unet, conditioner, trainable)
-    train_text = tokens.training = conditioner.trainable
+    train_text = conditioner.trainable
+    # trains on the captions' words: the text encoder, or its LoRA (new tokens' rows alone learn no others)
+    tokens.training = train_text and (not cfg.ti.tokens or cfg.lora.text_encoder)
     text_on_disk = text_training_set(cfg, accelerator, conditioner, train_set)  # frozen text + cache_dir
     null_text = conditioner.encode([NULL_CAPTION]) if text_on_disk else None  # what dropout gives
     if cfg.export.single_file and not cfg.lora.rank:  # fail now, not after training (LoRA: fused at the end)
@@ -104,9 +108,13 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
             "LoRA under FSDP is not supported: a LoRA's trained weights are a few MB, which data "
             "parallel holds whole; launch with configs/accelerate/multi-gpu.yaml (DDP) instead"
         )
-    optimizer = make_optimizer(
-        tc.optimizer, trainable, tc.lr, (tc.adam_beta1, tc.adam_beta2), tc.weight_decay
-    )
+    if takes_one_model(accelerator) and cfg.ti.tokens:
+        raise ConfigError(
+            f"ti.tokens under {accelerator.distributed_type.value} is not supported: the new tokens' rows "
+            "are a few KB, which data parallel holds whole; launch with configs/accelerate/multi-gpu.yaml (DDP)"
+        )
+    groups = setup.parameter_groups(cfg, trainable, conditioner)  # the new tokens' rows: ti.lr
+    optimizer = make_optimizer(tc.optimizer, groups, tc.lr, (tc.adam_beta1, tc.adam_beta2), tc.weight_decay)
     trained, optimizer, trainable = setup.prepare(accelerator, unet, conditioner, optimizer)
     modules = accelerator.unwrap_model(trained)  # the UNet (and conditioner) inside, FSDP units when sharded
     conditions = conditioner.training_conditions(conditioner, tokens)  # runs inside `trained`'s forward

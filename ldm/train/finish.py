@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from conditioning.new_tokens import fuse_new_tokens
 from conditioning.vocabulary import save_trained_tokens
 from ldm.eval.plots import plot_losses
 from ldm.models.lora import KOHYA_WEIGHTS, save_kohya_lora, save_lora
@@ -18,6 +19,15 @@ from ldm.train.config import LDMRunConfig
 from ldm.train.evaluate import evaluate_run, save_prompt_grid
 
 logger = logging.getLogger("ldm")
+EMBEDDINGS = "embeddings"  # out/embeddings/<token>.safetensors: textual inversion's files
+
+
+def exports_model(cfg: LDMRunConfig) -> bool:
+    """Whether the run writes ``model/``: full fine-tuning does; LoRA with ``lora.merge``, textual
+    inversion alone with ``ti.merge`` (else they write their adapters or embeddings only)."""
+    if cfg.lora.rank:
+        return cfg.lora.merge
+    return cfg.ti.merge if cfg.ti.tokens else True
 
 
 def export_and_evaluate(
@@ -39,9 +49,14 @@ def export_and_evaluate(
         if cfg.lora.format in ("kohya", "both"):
             path = save_kohya_lora(out / "lora" / KOHYA_WEIGHTS, pipe.unet, texts[0], second)
             logger.info("exported LoRA weights in kohya's layout to %s", path)
-    if not cfg.lora.rank or cfg.lora.merge:
+    if cfg.ti.tokens:  # textual inversion / pivotal tuning: the new tokens' rows
+        files = pipe.save_textual_inversion(out / EMBEDDINGS, cfg.ti.tokens)
+        logger.info("exported the new tokens' embeddings to %s", ", ".join(str(f) for f in files))
+    if exports_model(cfg):
         if cfg.lora.rank:
             pipe.fuse_lora()
+        for model in pipe.text_encoders:  # new tokens: plain embedding tables of V + n rows
+            fuse_new_tokens(model)
         export_pipeline(pipe, out / "model")
         if cfg.export.single_file:
             path = pipe.save_single_file(out / SINGLE_FILE, cfg.export.dtype)

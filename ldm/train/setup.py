@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from conditioning import Conditioner
 from conditioning.conditioner import unreached_parameters
+from conditioning.new_tokens import add_new_tokens, new_rows, vector_names
 from conditioning.vocabulary import load_trained_tokens
 from ldm.core.randomness import seeded_on_every_process
 from ldm.models.lora import add_lora
@@ -32,6 +33,9 @@ def models_on_device(
     starts random starts the same on every process."""
     with seeded_on_every_process(cfg.seed):
         vae, vae_dir, encoders, unet = build_models(cfg)
+    for e in encoders:  # textual inversion: the new tokens' rows, in every encoder (SDXL: both)
+        if cfg.ti.tokens:
+            add_new_tokens(e.model, e.tokenizer, cfg.ti.tokens, cfg.ti.init, cfg.ti.vectors)
     vae.to(device).eval().requires_grad_(False)
     conditioner = make_conditioner(cfg, [e.to(device) for e in encoders])
     unet = unet.to(device, memory_format=memory_format)
@@ -43,16 +47,44 @@ def trainable_parameters(
     cfg: LDMRunConfig, unet: UNet2DConditionModel, conditioner: Conditioner
 ) -> list[torch.nn.Parameter]:
     """LoRA adapters (``lora.rank`` > 0; the base weights stay frozen), or the whole UNet and, when it
-    learns, the text encoder."""
+    learns, the text encoder; with ``ti.tokens``, the new tokens' rows too (last), and without LoRA
+    only those (textual inversion: the UNet frozen)."""
+    rows = [r for e in conditioner.encoders if (r := new_rows(e.model)) is not None]
     if cfg.lora.rank:
         trainable = add_lora(unet, [e.model for e in conditioner.encoders], cfg.lora)
-        conditioner.trainable = cfg.lora.text_encoder  # its forward then runs with autograd
+        conditioner.trainable = cfg.lora.text_encoder or bool(rows)  # its forward then runs with autograd
         unreached = {id(p) for e in conditioner.encoders for p in unreached_parameters(e)}
         for p in trainable:  # adapters past SDXL's hidden_states[-2] would never get a gradient (DDP)
             if id(p) in unreached:
                 p.requires_grad_(False)
-        return [p for p in trainable if id(p) not in unreached]
-    return list(unet.parameters()) + (list(conditioner.parameters()) if conditioner.trainable else [])
+        trainable = [p for p in trainable if id(p) not in unreached]
+    elif rows:  # textual inversion alone: the networks stay as they are
+        unet.requires_grad_(False)
+        conditioner.trainable, trainable = True, []
+    else:
+        return list(unet.parameters()) + (list(conditioner.parameters()) if conditioner.trainable else [])
+    for r in rows:
+        r.requires_grad_(True)
+    return trainable + rows
+
+
+def parameter_groups(cfg: LDMRunConfig, trainable: list[torch.nn.Parameter], conditioner: Conditioner):
+    """The optimizer's parameter groups: the new tokens' rows (``ti.lr``, no weight decay: it would pull
+    them toward zero, away from the vocabulary's scale) apart from the rest."""
+    rows = {id(r) for e in conditioner.encoders if (r := new_rows(e.model)) is not None}
+    if not rows:
+        return trainable
+    rest = [p for p in trainable if id(p) not in rows]
+    tokens = {"params": [p for p in trainable if id(p) in rows], "weight_decay": 0.0}
+    if cfg.ti.lr is not None:  # (the lr schedule scales both groups alike)
+        tokens |= {"lr": cfg.ti.lr, "lr_scale": cfg.ti.lr / cfg.train.lr}
+    return ([{"params": rest}] if rest else []) + [tokens]
+
+
+def new_token_ids(cfg: LDMRunConfig, conditioner: Conditioner) -> set[int]:
+    """The ids of the new tokens' rows in the first tokenizer (learned by design: no preflight warning)."""
+    names = [n for token in cfg.ti.tokens for n in vector_names(token, cfg.ti.vectors)]
+    return set(conditioner.encoders[0].tokenizer.convert_tokens_to_ids(names)) if names else set()
 
 
 def cast_frozen(
@@ -66,7 +98,7 @@ def cast_frozen(
     if half is None:
         return
     modules = [e.model for e in conditioner.encoders if not e.trainable]
-    if cfg.lora.rank:
+    if cfg.lora.rank or cfg.ti.tokens:  # frozen base weights (textual inversion: every network)
         modules = [unet, *(e.model for e in conditioner.encoders)]
     for module in modules:
         module.to(half)
@@ -141,7 +173,16 @@ def log_plan(cfg: LDMRunConfig, trainable: list, train_text: bool, objective: st
     tc = cfg.train
     logger.info(
         "training %.3fM parameters (%s; text encoder %s; %s) for %d steps, %s",
-        sum(p.numel() for p in trainable) / 1e6, f"LoRA rank {cfg.lora.rank}" if cfg.lora.rank else "full UNet",
+        sum(p.numel() for p in trainable) / 1e6, plan_line(cfg),
         "trained" if train_text else "frozen", objective, tc.max_steps,
         global_batch_line(tc.batch_size, processes, tc.gradient_accumulation_steps),
     )  # fmt: skip
+
+
+def plan_line(cfg: LDMRunConfig) -> str:
+    what = f"LoRA rank {cfg.lora.rank}" if cfg.lora.rank else "full UNet"
+    if cfg.ti.tokens:
+        vectors = f", {cfg.ti.vectors} vectors each" if cfg.ti.vectors > 1 else ""
+        tokens = f"new tokens {', '.join(cfg.ti.tokens)}{vectors}"
+        what = f"{what} + {tokens} (pivotal tuning)" if cfg.lora.rank else f"textual inversion: {tokens}"
+    return what

@@ -27,7 +27,7 @@ def adamw(
 
 def make_optimizer(
     name: str,
-    params: Iterable[torch.nn.Parameter],
+    params: Iterable[torch.nn.Parameter] | list[dict],
     lr: float,
     betas: tuple[float, float],
     weight_decay: float,
@@ -60,7 +60,14 @@ def make_optimizer(
                 "train.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes, CUDA only); "
                 "or use train.optimizer=adafactor"
             ) from err
-        if not params or params[0].device.type != "cuda":
+        first = (
+            params[0]["params"][0]
+            if params and isinstance(params[0], dict)
+            else params[0]
+            if params
+            else None
+        )
+        if first is None or first.device.type != "cuda":
             raise ConfigError("train.optimizer=adamw8bit runs on CUDA only; use adamw or adafactor here")
         return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
     if name == "prodigy":

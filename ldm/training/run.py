@@ -153,8 +153,10 @@ def metrics_writer(accelerator: Accelerator, out: Path, step: int) -> MetricsWri
 
 
 def set_lr(optimizer, lr: float) -> None:
+    """Every parameter group at ``lr`` times its own ``lr_scale`` (1 unless the group sets one, as the
+    new tokens' rows do for ``ti.lr``)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def finish_run(accelerator: Accelerator, out: Path, results: dict | None) -> Path:
