@@ -184,3 +184,34 @@ def test_noise_schedule_comes_from_the_pretrained_folder(tmp_path):
         pretrained_noise(tmp_path / "nothing", NoiseConfig())
     with pytest.raises(ValueError, match="lora.text_encoder"):
         load_config(LDMRunConfig, None, ["lora.rank=4", "text.train=true"])
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_loha_and_lokr_save_load_in_ours_and_equal_the_merged_model(kind, tmp_path, sd_folder, mixed_folder):
+    """lora.kind=loha|lokr (peft's LoHa and LoKr): peft's layout, which diffusers' LoRA loader does not
+    read; our pipeline loads it and draws what the merged export draws."""
+    cfg = finetune_config(tmp_path / kind, sd_folder, mixed_folder, "lora.rank=4", f"lora.kind={kind}",
+                          "lora.text_encoder=true", "lora.merge=true")  # fmt: skip
+    out = train_ldm(cfg)
+    assert (out / "lora" / "unet" / "adapter_model.safetensors").exists()
+    assert (out / "lora" / "text_encoder" / "adapter_config.json").exists()
+    latents = torch.randn(1, 4, 24, 24, generator=torch.Generator().manual_seed(0))
+
+    def ours_image(pipe):
+        return pipe(PROMPT, num_inference_steps=3, guidance_scale=3.0, sampler="ddim", latents=latents.clone(),
+                    output_type="pt").images  # fmt: skip
+
+    base = ours_image(LatentDiffusionPipeline.from_pretrained(sd_folder, channels_last=False))
+    ours = LatentDiffusionPipeline.from_pretrained(sd_folder, channels_last=False)
+    ours.load_lora_weights(out / "lora")
+    adapted = ours_image(ours)
+    assert (adapted - base).abs().max() > 1e-3  # the trained adapters change the output
+    merged = StableDiffusionPipeline.from_pretrained(out / "model")  # fused by peft's merge, in diffusers
+    merged.set_progress_bar_config(disable=True)
+    merged.scheduler = make_scheduler("ddim", merged.scheduler.config)
+    theirs = merged(
+        PROMPT, num_inference_steps=3, guidance_scale=3.0, latents=latents.clone(), output_type="pt"
+    )
+    torch.testing.assert_close(adapted, theirs.images, rtol=0, atol=1e-4)
+    ours.fuse_lora()  # ours fuses them too
+    torch.testing.assert_close(ours_image(ours), adapted, rtol=0, atol=1e-4)

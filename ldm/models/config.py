@@ -69,6 +69,8 @@ class LoRAConfig:
     rank: int = 0  # 0: full fine-tuning
     # lora | dora (DoRA, Liu et al. 2024: the weight's direction adapted by B A and its norm by a
     # trained magnitude vector; peft's use_dora; saved in diffusers' format, which diffusers loads)
+    # | loha (Hadamard product of two low-rank pairs) | lokr (Kronecker product): peft's LoHa and LoKr,
+    # saved in peft's layout (lora/<model>/adapter_model.safetensors), which our pipeline loads
     kind: str = "lora"
     alpha: float | None = None  # scale numerator; None: alpha = rank (scale 1)
     dropout: float = 0.0
@@ -86,7 +88,12 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         check_bounds("lora", self)
         check_choice("lora.format", self.format, LORA_FORMATS)
-        check_choice("lora.kind", self.kind, ("lora", "dora"))
+        check_choice("lora.kind", self.kind, ("lora", "dora", "loha", "lokr"))
+        if self.kind in ("loha", "lokr") and self.format != "diffusers":
+            raise ConfigError(
+                f"lora.kind={self.kind} with lora.format={self.format}: ldm writes LoHa and LoKr in peft's "
+                "layout only (lora/unet/adapter_model.safetensors); use lora.format=diffusers"
+            )
         if self.kind == "dora" and self.format != "diffusers":
             raise ConfigError(
                 f"lora.kind=dora with lora.format={self.format}: kohya's LoRA layout has no DoRA magnitude "

@@ -28,12 +28,26 @@ KOHYA_WEIGHTS = "kohya_lora.safetensors"
 KOHYA_PREFIXES = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
 
 
-def _peft_config(cfg: LoRAConfig, targets: list[str]):
-    from peft import LoraConfig
+PEFT_KINDS = ("loha", "lokr")  # kinds diffusers' LoRA files cannot hold: saved in peft's own layout
+PEFT_PARTS = ("unet", "text_encoder", "text_encoder_2")  # lora/<part>/ of a peft-layout adapter folder
+PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # peft's file names
 
+
+def _peft_config(cfg: LoRAConfig, targets: list[str]):
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
+    if (
+        cfg.kind in PEFT_KINDS
+    ):  # LoHa (Hyeon-Woo et al. 2022) and LoKr (LyCORIS): Hadamard / Kronecker products
+        kind = LoHaConfig if cfg.kind == "loha" else LoKrConfig
+        # init_weights: one factor zero, so the model starts unchanged (as LoRA's B = 0)
+        return kind(
+            r=cfg.rank, alpha=alpha, rank_dropout=cfg.dropout, target_modules=targets, init_weights=True
+        )
     return LoraConfig(
         r=cfg.rank,
-        lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
+        lora_alpha=alpha,
         lora_dropout=cfg.dropout,
         init_lora_weights="gaussian",  # A ~ N(0, 1/r), B = 0: the model starts unchanged
         target_modules=targets,
@@ -53,7 +67,10 @@ def inject_adapter(model: nn.Module, config, name: str = "default") -> list[nn.P
     if not isinstance(getattr(model, "peft_config", None), dict):
         model.peft_config = {}
     model.peft_config[name] = config
-    params = [p for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n]
+    prefixes = ("lora_", "hada_", "lokr_")  # LoRA's, LoHa's and LoKr's parameters
+    params = [
+        p for n, p in model.named_parameters() if name in n.split(".") and any(x in n for x in prefixes)
+    ]
     for p in params:
         p.requires_grad_(True)
     if not params:
@@ -161,3 +178,60 @@ def save_kohya_lora(
     umask_permissions(tmp)
     tmp.replace(path)
     return path
+
+
+def save_peft_adapters(folder: Path, models: dict[str, nn.Module | None]) -> Path:
+    """LoHa / LoKr adapters in peft's layout, one folder per adapted model (``PEFT_PARTS``):
+    ``folder/<part>/adapter_model.safetensors`` (``get_peft_model_state_dict``) and
+    ``adapter_config.json`` (the adapter's peft config: kind, rank, alpha, targets). Atomic."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for part, model in models.items():
+        if model is None or not getattr(model, "peft_config", None):
+            continue
+        (tmp / part).mkdir(parents=True)
+        state = {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
+        save_file(state, str(tmp / part / PEFT_WEIGHTS))
+        model.peft_config["default"].save_pretrained(tmp / part)
+    umask_permissions(tmp)
+    replace_dir(tmp, folder)
+    return folder
+
+
+def is_peft_folder(path: Path) -> bool:
+    """Whether ``path`` is an adapter folder in peft's layout (``save_peft_adapters``)."""
+    return path.is_dir() and any((path / part / PEFT_CONFIG).is_file() for part in PEFT_PARTS)
+
+
+def load_peft_adapters(
+    folder: Path, models: dict[str, nn.Module | None], name: str, scale: float = 1.0
+) -> None:
+    """Add the adapters of a peft-layout folder to ``models`` (by part name) as adapter ``name``."""
+    from peft import PeftConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    for part in PEFT_PARTS:
+        if not (folder / part / PEFT_CONFIG).is_file():
+            continue
+        model = models.get(part)
+        if model is None:
+            raise ValueError(f"{folder / part} adapts a {part} that this pipeline does not have")
+        config = PeftConfig.from_pretrained(folder / part)
+        if hasattr(model, "add_adapter") and isinstance(model, UNet2DConditionModel):
+            model.add_adapter(config, adapter_name=name)
+        else:
+            inject_adapter(model, config, name)
+        result = set_peft_model_state_dict(model, load_file(folder / part / PEFT_WEIGHTS), adapter_name=name)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(f"{folder / part}: weights for no layer of the model, e.g. {unexpected[:3]}")
+        model.requires_grad_(False)
+        if scale != 1.0:
+            for module in model.modules():
+                if isinstance(module, BaseTunerLayer) and hasattr(module, "set_scale"):
+                    module.set_scale(name, scale)

@@ -41,6 +41,7 @@ from ldm.core.safe_load import PICKLE_SUFFIXES, check_model_folder, from_pretrai
 from ldm.diffusion.objective import Objective
 from ldm.diffusion.registry import objective_for
 from ldm.models.autoencoder import downsampling_factor
+from ldm.models.lora import is_peft_folder, load_peft_adapters
 from ldm.pipelines.denoise import Blend, denoise, initial_sigma, noise_to
 from ldm.pipelines.folder import check_pipeline_folder, is_sdxl_folder, pipeline_index
 from ldm.pipelines.inputs import (
@@ -288,14 +289,22 @@ class LatentDiffusionPipeline:
             pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
             if pickles:
                 raise pickle_refused(pickles[0])
+        name = adapter_name or f"lora{len(getattr(self.unet, 'peft_config', {}) or {})}"
+        if is_peft_folder(path):  # LoHa / LoKr in peft's layout (lora.kind=loha|lokr)
+            parts = {
+                "unet": self.unet,
+                "text_encoder": self.text_encoder,
+                "text_encoder_2": self.text_encoder_2,
+            }
+            load_peft_adapters(path, parts, name, scale)
+            return
         sd = self.as_diffusers()
         kw = {"weight_name": path.name} if path.is_file() else {}
-        name = adapter_name or f"lora{len(getattr(self.unet, 'peft_config', {}) or {})}"
         sd.load_lora_weights(path.parent if path.is_file() else path, adapter_name=name, **kw)
         if scale != 1.0:
             sd.set_adapters([name], adapter_weights=[scale])
 
-    def fuse_lora(self, scale: float = 1.0) -> None:
+    def fuse_lora(self, scale: float = 1.0) -> None:  # (LoRA, DoRA, LoHa, LoKr: peft's merge)
         """Merge the loaded adapters into the base weights, then drop them: plain modules, no overhead."""
         sd = self.as_diffusers()
         sd.fuse_lora(lora_scale=scale)

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from conditioning.new_tokens import fuse_new_tokens
 from conditioning.vocabulary import save_trained_tokens
 from ldm.eval.plots import plot_losses
-from ldm.models.lora import KOHYA_WEIGHTS, save_kohya_lora, save_lora
+from ldm.models.lora import KOHYA_WEIGHTS, PEFT_KINDS, save_kohya_lora, save_lora, save_peft_adapters
 from ldm.pipelines.export import export_pipeline
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 from ldm.pipelines.single_file import SINGLE_FILE
@@ -43,7 +43,11 @@ def export_and_evaluate(
     if cfg.lora.rank:
         texts = pipe.text_encoders if cfg.lora.text_encoder else [None, None]
         second = texts[1] if pipe.is_sdxl else None
-        if cfg.lora.format in ("diffusers", "both"):
+        if cfg.lora.kind in PEFT_KINDS:  # LoHa, LoKr: peft's layout (diffusers' LoRA files hold neither)
+            parts = {"unet": pipe.unet, "text_encoder": texts[0], "text_encoder_2": second}
+            save_peft_adapters(out / "lora", parts)
+            logger.info("exported %s adapters in peft's layout to %s", cfg.lora.kind, out / "lora")
+        elif cfg.lora.format in ("diffusers", "both"):
             save_lora(out / "lora", pipe.unet, texts[0], second, sdxl=pipe.is_sdxl)
             logger.info("exported LoRA weights to %s", out / "lora")
         if cfg.lora.format in ("kohya", "both"):
