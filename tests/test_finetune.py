@@ -215,3 +215,34 @@ def test_loha_and_lokr_save_load_in_ours_and_equal_the_merged_model(kind, tmp_pa
     torch.testing.assert_close(adapted, theirs.images, rtol=0, atol=1e-4)
     ours.fuse_lora()  # ours fuses them too
     torch.testing.assert_close(ours_image(ours), adapted, rtol=0, atol=1e-4)
+
+
+def test_rank_and_alpha_per_module_kind_reach_diffusers(tmp_path, sd_folder, mixed_folder):
+    """lora.rank_pattern / alpha_pattern (peft's): the file holds each module's rank, its metadata each
+    alpha, so diffusers' loader draws what the merged export draws."""
+    from safetensors import safe_open
+
+    cfg = finetune_config(tmp_path / "pattern", sd_folder, mixed_folder, "lora.rank=4", "lora.merge=true",
+                          "lora.rank_pattern={to_k: 2}", "lora.alpha_pattern={to_v: 16}")  # fmt: skip
+    out = train_ldm(cfg)
+    with safe_open(out / "lora" / "pytorch_lora_weights.safetensors", "pt") as f:
+        ranks = {
+            k.split(".lora")[0].rsplit(".", 1)[-1]: f.get_tensor(k).shape[0]
+            for k in f.keys()
+            if "lora.down" in k
+        }
+    assert ranks == {"to_q": 4, "to_k": 2, "to_v": 4, "0": 4}  # to_out.0 ends in "0"
+    latents = torch.randn(1, 4, 24, 24, generator=torch.Generator().manual_seed(0))
+
+    def image(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
+        return pipe(
+            PROMPT, num_inference_steps=3, guidance_scale=3.0, latents=latents.clone(), output_type="pt"
+        ).images
+
+    theirs = StableDiffusionPipeline.from_pretrained(sd_folder)
+    theirs.load_lora_weights(out / "lora")
+    merged = StableDiffusionPipeline.from_pretrained(out / "model")
+    torch.testing.assert_close(image(theirs), image(merged), rtol=0, atol=1e-4)
+    assert theirs.unet.peft_config[next(iter(theirs.unet.peft_config))].alpha_pattern == {"to_v": 16}

@@ -73,6 +73,10 @@ class LoRAConfig:
     # saved in peft's layout (lora/<model>/adapter_model.safetensors), which our pipeline loads
     kind: str = "lora"
     alpha: float | None = None  # scale numerator; None: alpha = rank (scale 1)
+    # per module kind (peft's rank_pattern / alpha_pattern): a module-name pattern -> its rank / alpha,
+    # e.g. {attn2.to_k: 4, to_out.0: 16}; the other target modules keep rank and alpha
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     text_encoder: bool = False  # adapters on the text encoder's attention too
@@ -93,6 +97,16 @@ class LoRAConfig:
             raise ConfigError(
                 f"lora.kind={self.kind} with lora.format={self.format}: ldm writes LoHa and LoKr in peft's "
                 "layout only (lora/unet/adapter_model.safetensors); use lora.format=diffusers"
+            )
+        if (self.rank_pattern or self.alpha_pattern) and self.format != "diffusers":
+            raise ConfigError(
+                f"lora.rank_pattern / lora.alpha_pattern with lora.format={self.format}: ldm writes kohya's "
+                "layout with one rank and alpha; use lora.format=diffusers (its metadata keeps the patterns)"
+            )
+        if any(v < 1 for v in self.rank_pattern.values()) or any(v <= 0 for v in self.alpha_pattern.values()):
+            raise ConfigError(
+                f"lora.rank_pattern {self.rank_pattern} / lora.alpha_pattern {self.alpha_pattern}: ranks must be "
+                ">= 1 and alphas > 0"
             )
         if self.kind == "dora" and self.format != "diffusers":
             raise ConfigError(

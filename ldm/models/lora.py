@@ -48,6 +48,8 @@ def _peft_config(cfg: LoRAConfig, targets: list[str]):
     return LoraConfig(
         r=cfg.rank,
         lora_alpha=alpha,
+        rank_pattern=dict(cfg.rank_pattern),  # per module kind (a name pattern -> rank / alpha)
+        alpha_pattern=dict(cfg.alpha_pattern),
         lora_dropout=cfg.dropout,
         init_lora_weights="gaussian",  # A ~ N(0, 1/r), B = 0: the model starts unchanged
         target_modules=targets,
