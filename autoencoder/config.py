@@ -112,6 +112,10 @@ class VAERunConfig:
 
     def __post_init__(self) -> None:
         check_choice("data.dataset", self.data.dataset, tuple(DATA_SOURCES))
+        if self.data.masked_loss:
+            raise ConfigError(
+                "data.masked_loss weights stage 2's diffusion loss; the autoencoder trains unmasked"
+            )
         if self.train.decoder_only and not self.pretrained:
             raise ConfigError(
                 "train.decoder_only=true needs pretrained=PATH: the autoencoder whose decoder to fine-tune"

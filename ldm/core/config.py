@@ -71,6 +71,9 @@ class DataConfig:
     repeats: int = 1  # walk the training items this many times per epoch (small datasets)
     buckets: bool = False  # aspect-ratio buckets of about resolution^2 pixels (folder, csv, hf)
     bucket_max_aspect: float = 2.0  # widest bucket: w/h (and h/w) at most this
+    # folder, csv: per-pixel loss weights from each image's <stem>-masklabel.png or its alpha channel
+    # (ldm.data.masks; images with neither count as all ones)
+    masked_loss: bool = False
     # shapes only
     train_size: int = 50_000  # items in the training split
     holdout: list[str] = field(
@@ -111,6 +114,11 @@ class DataConfig:
         if self.crop_margin and self.dataset != "shapes":
             raise ConfigError(
                 "data.crop_margin applies to the shapes dataset; for images use data.crop=random or data.buckets"
+            )
+        if self.masked_loss and self.dataset not in ("folder", "csv"):
+            raise ConfigError(
+                f"data.masked_loss=true reads mask files and alpha channels of image files: use data.dataset="
+                f"folder or csv (not {self.dataset})"
             )
         if self.dataset in ("folder", "csv", "hf") and not self.path:
             raise ConfigError(f"data.dataset={self.dataset} needs data.path=PATH (the images to train on)")

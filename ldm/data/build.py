@@ -23,8 +23,9 @@ from torch.utils.data import Dataset, IterableDataset
 from ldm.core.config import DataConfig
 from ldm.core.errors import DataError
 from ldm.data.buckets import make_buckets, nearest_bucket
-from ldm.data.folder import ImageFolderDataset, scan_csv, scan_folder
+from ldm.data.folder import IMAGE_EXTENSIONS, ImageFolderDataset, scan_csv, scan_folder
 from ldm.data.hf import HFImageDataset, HFStreamingDataset, load_hf_dataset
+from ldm.data.masks import check_mask_sizes
 from ldm.data.repeat import RepeatedDataset
 from ldm.data.shapes import ShapesDataset
 
@@ -124,7 +125,10 @@ def _listed(cfg: DataConfig, train: bool, seed: int, crop: str, flip: bool) -> D
         items = scan_csv(cfg.path, cfg.image_column, cfg.caption_column)
     train_idx, val_idx = split_indices(len(items), cfg.val_size, seed)
     chosen = [items[i] for i in (train_idx if train else val_idx)]
-    return ImageFolderDataset(cfg.path, cfg.resolution, crop, flip, items=chosen)
+    masks = cfg.masked_loss and train  # (validation measures the plain loss)
+    if masks:  # a mask of the wrong size stops the run here, before anything trains
+        check_mask_sizes([(it.path, it.size) for it in chosen], IMAGE_EXTENSIONS)
+    return ImageFolderDataset(cfg.path, cfg.resolution, crop, flip, items=chosen, masks=masks)
 
 
 def _hf(cfg: DataConfig, train: bool, seed: int, crop: str, flip: bool) -> Dataset | IterableDataset:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ldm.core.randomness import StepRandom
 from ldm.data.batches import item_batches
+from ldm.data.masks import latent_mask
 from ldm.data.transforms import split_key
 
 logger = logging.getLogger("ldm")
@@ -136,6 +137,13 @@ def encode_items(
         captions.extend(it["caption"] for it in items)
         for k, values in zip(MICRO_KEYS, zip(*(item_micro(it) for it in items), strict=True), strict=True):
             sizes[k][start : start + len(items)] = torch.tensor(values)  # (b, 2)
+        if "mask" in items[0]:  # masked loss: each item's weights at the latents' size
+            if per_item:
+                raise ValueError("latent cache: masks with aspect-ratio buckets are not supported")
+            masks = latent_mask(torch.stack([it["mask"] for it in items]), tuple(means.shape[-2:]))
+            if "mask" not in sizes:
+                sizes["mask"] = masks.new_empty((n, *masks.shape[1:]))  # (N, 1, h, w)
+            sizes["mask"][start : start + len(items)] = masks
     if means is None:  # no items
         return torch.empty(0), torch.empty(0), captions, sizes
     return means, stds, captions, sizes
@@ -187,9 +195,9 @@ def encode_sharded(
     )
     everyone = gather_object([(captions, sizes)])  # one (captions, sizes) per process, in rank order
     ordered = [everyone[i % world_size][0][i // world_size] for i in range(n)]
-    micro = {
+    micro = {  # MICRO_KEYS, and "mask" with masked loss
         k: torch.stack([everyone[i % world_size][1][k][i // world_size] for i in range(n)]) if n else sizes[k]
-        for k in MICRO_KEYS
+        for k in sizes
     }
     if bucket_of is None:
         shapes = [s for s in gather_object([tuple(mean.shape[1:]) if len(mean) else None]) if s is not None]

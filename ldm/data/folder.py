@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.core.errors import DataError
+from ldm.data.masks import is_mask_file, load_mask
 from ldm.data.transforms import MIN_IMAGE_SIDE, ImageTransform, check_pixels, load_rgb, split_key
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def _walk_images(root: Path) -> tuple[list[Path], list[Path]]:
             path = Path(folder) / name
             if name == METADATA_FILE:
                 metadata.append(path)
-            elif path.suffix.lower() in IMAGE_EXTENSIONS:
+            elif path.suffix.lower() in IMAGE_EXTENSIONS and not is_mask_file(path):  # masks: no images
                 images.append(path)
     return sorted(images), sorted(metadata)
 
@@ -205,8 +206,10 @@ class ImageFolderDataset(Dataset):
         flip: bool = False,
         items: Sequence[FolderItem] | None = None,
         caption_column: str = "text",
+        masks: bool = False,
     ) -> None:
         self.root = Path(root)
+        self.masks = masks  # items carry "mask" (1, R, R): data.masked_loss (ldm.data.masks)
         self.items: list[FolderItem] = list(items) if items is not None else scan_folder(root, caption_column)
         self.transform = ImageTransform(resolution, crop, flip)
         self.target_sizes: list[tuple[int, int]] | None = None  # (w, h) per item when bucketed
@@ -237,7 +240,10 @@ class ImageFolderDataset(Dataset):
                 logger.warning("cannot decode %s (%r); using the next image instead", path, err)
                 continue
             size = self.target_sizes[index] if self.target_sizes is not None else None
-            pixels, micro = self.transform.apply(image, generator, size)
+            mask = None
+            if self.masks:  # the mask file's, the alpha channel's, or all ones
+                mask = load_mask(path, IMAGE_EXTENSIONS) or Image.new("L", image.size, 255)
+            pixels, micro = self.transform.apply(image, generator, size, mask)
             return {"pixel_values": pixels, "caption": text, **micro}
         raise DataError(f"none of the {len(self.items)} images of {self.root} could be decoded")
 

@@ -159,10 +159,13 @@ class ImageTransform:
         image: Image.Image,
         generator: torch.Generator | None = None,
         size: tuple[int, int] | None = None,
+        mask: Image.Image | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(pixels as ``__call__``, what was done to the image): ``{"original_size": (h, w) before
         resizing, "crop_top_left": (top, left) of the crop in the resized image}``, int64 (2,) each,
-        SDXL's micro-conditioning; a flip mirrors the crop's left edge (left -> resized width - left - w)."""
+        SDXL's micro-conditioning; a flip mirrors the crop's left edge (left -> resized width - left - w).
+        With ``mask`` (an ``L`` image of the image's size) also ``"mask"``: float32 (1, h, w) in [0, 1],
+        resized (bilinear), cropped and flipped as the image."""
         image = to_rgb(image) if image.mode != "RGB" else image
         tw, th = size if size is not None else (self.resolution, self.resolution)
         w, h = image.size
@@ -179,13 +182,25 @@ class ImageTransform:
         else:
             top, left = (new_h - th) // 2, (new_w - tw) // 2
         image = image.crop((left, top, left + tw, top + th))
+        weights = None
+        if mask is not None:
+            if mask.size != (w, h):
+                raise ValueError(f"a {mask.size[0]}x{mask.size[1]} mask for a {w}x{h} image")
+            if (new_w, new_h) != (w, h):
+                mask = mask.resize((new_w, new_h), resample=Image.Resampling.BILINEAR)
+            mask = mask.crop((left, top, left + tw, top + th))
+            weights = torch.from_numpy(np.array(mask, dtype=np.uint8)).float().div_(255.0)[None]  # (1, h, w)
 
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (h, w, 3)
         x = pixels.permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, h, w) in [-1, 1]
         if self.flip and generator is not None and bool(torch.rand((), generator=generator) < 0.5):
             x = x.flip(-1)
+            weights = weights.flip(-1) if weights is not None else None
             left = new_w - left - tw
-        return x.contiguous(), micro_conditions((h, w), (top, left))
+        micro = micro_conditions((h, w), (top, left))
+        if weights is not None:
+            micro["mask"] = weights.contiguous()
+        return x.contiguous(), micro
 
 
 def micro_conditions(

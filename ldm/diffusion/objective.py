@@ -103,17 +103,27 @@ class Objective(ABC):
     def sample_noise(self, z0: Tensor, rng: StepRandom | None = None) -> Tensor:
         return sample_noise(z0, self.offset_noise, rng)
 
-    def losses(self, denoiser: Denoiser, z0: Tensor, rng: StepRandom | None = None) -> Tensor:
+    def losses(
+        self, denoiser: Denoiser, z0: Tensor, rng: StepRandom | None = None, mask: Tensor | None = None
+    ) -> Tensor:
         """Per-sample weighted squared error for clean latents ``z0`` (B, C, h, w), (B,); draws t and
-        eps from ``rng`` (the training loop's ``StepRandom``) or else the global RNG."""
+        eps from ``rng`` (the training loop's ``StepRandom``) or else the global RNG.
+
+        ``mask`` (B, 1, h, w) in [0, 1]: per-latent-pixel weights (masked loss, as kohya's
+        ``--masked_loss``): mean over pixels of m * (pred - target)^2, so a zero weight takes a pixel
+        out of the loss and its gradient, and all ones is the plain loss."""
         t = self.sample_timesteps(z0.shape[0], rng, z0.device)  # (B,)
         eps = self.sample_noise(z0, rng)  # (B, C, h, w)
         z_t = self.noised(z0, eps, t)
         pred = denoiser(z_t, self.model_timestep(t))  # (B, C, h, w)
         per_sample = (pred.float() - self.target(z0, eps, t).float()).square()
+        if mask is not None:
+            per_sample = per_sample * mask.to(per_sample)  # broadcast over the channels
         per_sample = per_sample.flatten(1).mean(1)  # (B,)
         weight = self.loss_weight(t)
         return per_sample if weight is None else per_sample * weight
 
-    def loss(self, denoiser: Denoiser, z0: Tensor, rng: StepRandom | None = None) -> Tensor:
-        return self.losses(denoiser, z0, rng).mean()
+    def loss(
+        self, denoiser: Denoiser, z0: Tensor, rng: StepRandom | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        return self.losses(denoiser, z0, rng, mask).mean()

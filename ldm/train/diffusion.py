@@ -18,6 +18,7 @@ from ldm.core.errors import ConfigError
 from ldm.data import build_dataset
 from ldm.data.cache import sample_latents
 from ldm.data.captions import MAX_TAGS, transform_captions
+from ldm.data.masks import latent_mask
 from ldm.diffusion.registry import build_objective
 from ldm.models.autoencoder import downsampling_factor
 from ldm.pipelines.single_file import check_single_file_layout
@@ -138,6 +139,8 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     def step(batch: dict, _: int, rng, update) -> dict[str, torch.Tensor]:
         z0 = sample_latents(batch, vae, device, rng) * vae.config.scaling_factor  # (B, C, h, w)
         z0 = z0.contiguous(memory_format=memory_format)
+        mask = batch.get("mask")  # masked loss: (B, 1, h, w) from the cache, (B, 1, H, W) from the images
+        mask = latent_mask(mask.to(device), tuple(z0.shape[-2:])) if mask is not None else None
         uniform = rng.rand_host(len(batch["caption"]))  # on the CPU: no device-to-host copy
         if cfg.caption.changes_captions:  # tag shuffle and dropout, prefix and suffix (training only)
             draws = rng.rand_host_rows(len(batch["caption"]), 2 * MAX_TAGS) if cfg.caption.draws else None
@@ -151,9 +154,9 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
 
         if outside:
             kwargs = unet_kwargs()
-            loss = objective.loss(lambda z_t, t: loss_model(z_t, t, **kwargs), z0, rng)
+            loss = objective.loss(lambda z_t, t: loss_model(z_t, t, **kwargs), z0, rng, mask)
         else:  # inside the one module's forward
-            loss = objective.loss(lambda z_t, t: loss_model(z_t, t, unet_kwargs), z0, rng)
+            loss = objective.loss(lambda z_t, t: loss_model(z_t, t, unet_kwargs), z0, rng, mask)
         norm = update(loss, optimizer, trainable)
         terms = {"loss": torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0)}
         return terms if norm is None else {**terms, "grad_norm": norm}
