@@ -14,6 +14,8 @@ in the layout diffusers' ``load_textual_inversion`` reads.
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -105,6 +107,12 @@ def add_new_tokens(
         raise ValueError("this text encoder has new tokens already")
     for token in tokens:
         check_new_token(token, tokenizer, vectors)
+        clash = [t for t in tokens if t != token and re.fullmatch(re.escape(token) + r"_\d+", t)]
+        if clash:  # "<a>_1" is the name of "<a>"'s second vector
+            raise ConfigError(
+                f"new tokens {token!r} and {clash[0]!r}: a token's extra vectors are named "
+                f"{token}_1, {token}_2, ...; choose names that are not of that form"
+            )
     if len(tokenizer) != embedding.num_embeddings:
         raise ConfigError(
             f"the tokenizer has {len(tokenizer)} tokens and the text encoder {embedding.num_embeddings} "
@@ -118,7 +126,21 @@ def add_new_tokens(
     if ids != list(range(first, first + len(names))):
         raise ValueError(f"the tokenizer gave the new tokens ids {ids}, not {first}..")
     _body(model).embeddings.token_embedding = AddedTokenEmbedding(embedding, rows.to(embedding.weight.device))
+    pool_at_end_of_text(model, tokenizer)
     return ids
+
+
+def pool_at_end_of_text(model: nn.Module, tokenizer) -> None:
+    """Make the pooled embedding read the end-of-text token. Older CLIP configs (SD 1.x's, SDXL's:
+    ``eos_token_id`` 2) pool at the largest id, which new tokens (ids past the vocabulary) would
+    take over. With the tokenizer's end-of-text id, transformers pools at its first occurrence: the
+    same place for every caption without new tokens (transformers PR #24777)."""
+    eos = tokenizer.eos_token_id
+    if eos is not None and model.config.eos_token_id != eos:
+        model.config.eos_token_id = eos
+        body = _body(model)
+        if hasattr(body, "eos_token_id"):
+            body.eos_token_id = eos
 
 
 def new_rows(model: nn.Module) -> Tensor | None:

@@ -263,6 +263,12 @@ def test_dry_run_memory_estimate_counts_what_trains(tmp_path, tiny_vae_folder, s
     assert 0 < lora.trained_parameters < frozen / 10
     vae = sum(p.numel() for p in models["autoencoder"].parameters())
     assert lora.weights == 2 * (frozen - lora.trained_parameters) + 4 * lora.trained_parameters + 4 * vae
+    # textual inversion: the new token's rows in both encoders train, nothing else
+    models, ti = dry_run_models(
+        finetune_config(tmp_path, sdxl_folder, "unused", "ti.tokens=['<x>']", "ti.init=[cat]")
+    )
+    widths = sum(m.model.config.hidden_size for name, m in models.items() if name.startswith("text encoder"))
+    assert ti.trained_parameters == widths
     assert (
         main(
             [

@@ -61,12 +61,29 @@ def test_new_rows_start_from_the_init_word_and_leave_the_vocabulary_alone():
         (["star"], ["circle"], "already exists in the tokenizer's vocabulary"),
         (["<Star>"], ["circle"], "lower case"),
         (["<a>", "<a>"], ["circle", "circle"], "repeats a token"),
+        (["<a>", "<a>_1"], ["circle", "circle"], "extra vectors are named"),
     ],
 )
 def test_bad_new_tokens_are_refused(tokens, init, message):
     model, tokenizer = tiny_text()
     with pytest.raises(ConfigError, match=message):
         add_new_tokens(model, tokenizer, tokens, init, vectors=1)
+
+
+def test_old_clip_configs_pool_at_the_end_of_text_not_at_the_new_token():
+    """SD 1.x / SDXL configs carry eos_token_id 2: transformers then pools at the largest id, which a
+    new token would be; adding tokens makes it pool at the end-of-text token, as before for old ids."""
+    model, tokenizer = tiny_text()
+    body = getattr(model, "text_model", model)  # transformers < 5 nests the modules under .text_model
+    model.config.eos_token_id = body.eos_token_id = 2
+    old = tokenizer(["a red circle"], padding="max_length", max_length=16, return_tensors="pt").input_ids
+    before = model(input_ids=old).pooler_output
+    add_new_tokens(model, tokenizer, ["<a>"], ["circle"], vectors=1)
+    torch.testing.assert_close(model(input_ids=old).pooler_output, before)  # old captions: unchanged
+    ids = tokenizer(["a <a> circle"], padding="max_length", max_length=16, return_tensors="pt").input_ids
+    out = model(input_ids=ids)
+    end = int((ids[0] == tokenizer.eos_token_id).nonzero()[0])
+    torch.testing.assert_close(out.pooler_output[0], out.last_hidden_state[0, end])
 
 
 def test_bad_textual_inversion_configs_are_refused(tmp_path):
@@ -77,6 +94,9 @@ def test_bad_textual_inversion_configs_are_refused(tmp_path):
         config(f"ti.tokens=['{TOKEN}']")
     with pytest.raises(ConfigError, match="set text.train=false"):  # a scratch encoder trains by default
         config(f"ti.tokens=['{TOKEN}']", "ti.init=[circle]")
+    with pytest.raises(ConfigError, match="Prodigy takes one lr"):
+        config(f"ti.tokens=['{TOKEN}']", "ti.init=[circle]", "text.train=false", "lora.rank=2", "ti.lr=0.5",
+               "train.optimizer=prodigy", "train.lr=1.0")  # fmt: skip
     with pytest.raises(ConfigError, match="set lora.merge=true"):
         config(
             f"ti.tokens=['{TOKEN}']", "ti.init=[circle]", "text.train=false", "lora.rank=2", "ti.merge=true"
@@ -203,3 +223,15 @@ def test_presets_run_on_a_tiny_model(preset, tmp_path, sd_folder, mixed_folder):
     assert (out / "embeddings" / "my-concept.safetensors").exists()
     assert (out / "lora").exists() == (preset == "pivotal")
     assert (out / "samples" / "final.png").exists()
+
+
+def test_the_validation_loss_reads_captions_with_the_prefix_and_moves(tmp_path, sd_folder, mixed_folder):
+    """Held-out captions get caption.prefix (the new token) as training captions do: with everything
+    but the rows frozen, the validation loss moves only because of that."""
+    import json
+
+    out = train_ldm(finetune_config(tmp_path / "val", sd_folder, mixed_folder, *TI, "ti.lr=5e-2",
+                                    "train.max_steps=3", "train.val_every=1"))  # fmt: skip
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["val/loss"] for r in rows if "val/loss" in r]
+    assert len(losses) >= 2 and len(set(losses)) == len(losses)

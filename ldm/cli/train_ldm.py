@@ -36,6 +36,7 @@ def dry_run_models(cfg: LDMRunConfig):
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL
 
+    from conditioning.new_tokens import add_new_tokens
     from ldm.pipelines.single_file import SINGLE_FILE_SUFFIXES, config_folder
     from ldm.train import memory_estimate as mem
     from ldm.train.models import DEFAULT_VAE, make_conditioner
@@ -65,6 +66,9 @@ def dry_run_models(cfg: LDMRunConfig):
             )
             channels, factor = 4, 8
         encoders, unet = _meta_networks(cfg, channels, factor)
+    for e in encoders:  # textual inversion: the new tokens' rows are what trains
+        if cfg.ti.tokens:
+            add_new_tokens(e.model, e.tokenizer, cfg.ti.tokens, cfg.ti.init, cfg.ti.vectors)
     conditioner = make_conditioner(cfg, encoders)
     for i, e in enumerate(encoders):
         models[f"text encoder {i + 1} ({'trained' if e.trainable else 'frozen'})"] = e

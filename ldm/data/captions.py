@@ -14,6 +14,7 @@ kept, in order, after the others.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -73,3 +74,13 @@ def transform_captions(captions: list[str], cfg: CaptionConfig, uniforms: torch.
     return [
         transform_caption(c, cfg, None if uniforms is None else uniforms[i]) for i, c in enumerate(captions)
     ]
+
+
+def trigger_words(cfg: CaptionConfig):
+    """caption -> caption with ``prefix`` and ``suffix`` only (no draws): what held-out captions get, so
+    that the validation loss measures captions as training sees them (a trigger word, a new token);
+    None without a prefix or suffix."""
+    if not (cfg.prefix or cfg.suffix):
+        return None
+    fixed = dataclasses.replace(cfg, shuffle_tags=False, tag_dropout=0.0)
+    return lambda caption: transform_caption(caption, fixed, None)

@@ -215,8 +215,17 @@ class LDMRunConfig:
                 "ti.tokens trains the new tokens' rows with the text encoder frozen, but text.train is on "
                 f"({'set' if self.text.train else 'a scratch encoder trains by default'}): set text.train=false"
             )
+        if self.conditioner == "sdxl" and not self.pretrained and self.text_2.trainable:
+            raise ConfigError("ti.tokens trains with the text encoders frozen: set text_2.train=false too")
         if self.ti.merge and self.lora.rank:
-            raise ConfigError("ti.merge=true with LoRA: set lora.merge=true (model/ then holds both)")
+            raise ConfigError(
+                "ti.merge=true with LoRA: leave ti.merge unset and set lora.merge=true (model/ then holds both)"
+            )
+        if self.train.optimizer == "prodigy" and self.lora.rank and self.ti.lr not in (None, self.train.lr):
+            raise ConfigError(
+                f"train.optimizer=prodigy with ti.lr={self.ti.lr} and train.lr={self.train.lr}: Prodigy takes one lr "
+                "for all its parameter groups; leave ti.lr unset (or equal to train.lr)"
+            )
         if self.export.single_file:
             raise ConfigError(
                 "export.single_file=true with ti.tokens: AUTOMATIC1111 and ComfyUI load the embeddings/ files "

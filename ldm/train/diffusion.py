@@ -17,7 +17,7 @@ from conditioning.dropout import NULL_CAPTION
 from ldm.core.errors import ConfigError
 from ldm.data import build_dataset
 from ldm.data.cache import sample_latents
-from ldm.data.captions import MAX_TAGS, transform_captions
+from ldm.data.captions import MAX_TAGS, transform_captions, trigger_words
 from ldm.data.masks import latent_mask
 from ldm.diffusion.registry import build_objective
 from ldm.models.autoencoder import downsampling_factor
@@ -76,6 +76,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
             tc.val_timesteps,
             tc.val_batch_size or tc.batch_size,
             cfg.seed,
+            trigger_words(cfg.caption),  # held-out captions with the training captions' prefix / suffix
         )
     if cfg.cache_latents:  # the images (and any rendered copy) are done with once cached
         train_set = latent_training_set(cfg, accelerator, vae, vae_dir, train_set)
@@ -131,7 +132,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     ema = ema_for(trainable, tc.ema_decay, device)
     start = resume_training(accelerator, out, resume, ema, train_set, tc, cfg.data, cfg.seed, cfg)
     prompts = grid_prompts(cfg, val_set)
-    setup.log_plan(cfg, trainable, train_text, objective.name, accelerator.num_processes)
+    setup.log_plan(cfg, trainable, tokens.training, objective.name, accelerator.num_processes)
     factor = downsampling_factor(vae)
     pipeline = WholePipeline(accelerator, vae, conditioner, trained, objective, cfg.unet.attention)
 

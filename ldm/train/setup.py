@@ -100,6 +100,8 @@ def cast_frozen(
     modules = [e.model for e in conditioner.encoders if not e.trainable]
     if cfg.lora.rank or cfg.ti.tokens:  # frozen base weights (textual inversion: every network)
         modules = [unet, *(e.model for e in conditioner.encoders)]
+    if cfg.ti.tokens and cfg.ti.merge:  # model/ is the base itself: its weights must not be rounded
+        modules = []
     for module in modules:
         module.to(half)
     for p in trainable:  # the adapters (and anything trained inside those modules) back to float32

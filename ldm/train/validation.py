@@ -50,7 +50,17 @@ class LatentValidation:
     """The fixed entries and their loss; ``__call__`` runs on every process (a collective) and gives
     every process the same figures."""
 
-    def __init__(self, val_set, vae, objective: Objective, items: int, per_item: int, batch: int, seed: int):
+    def __init__(
+        self,
+        val_set,
+        vae,
+        objective: Objective,
+        items: int,
+        per_item: int,
+        batch: int,
+        seed: int,
+        captions=None,
+    ):  # captions: caption -> caption, applied to the held-out captions (caption.prefix / suffix)
         self.objective = objective
         self.batch = batch
         self.seed = VALIDATION_SEED + seed
@@ -63,7 +73,8 @@ class LatentValidation:
                 mean = vae.encode(pixels[None].to(device, vae.dtype)).latent_dist.mean[0]
                 self.latents.append(mean.float() * vae.config.scaling_factor)
                 kept = {k: torch.as_tensor(item[k]) for k in MICRO_KEYS if k in item}
-                self.items.append({"caption": item["caption"], "size": tuple(pixels.shape[-2:]), **kept})
+                caption = captions(item["caption"]) if captions is not None else item["caption"]
+                self.items.append({"caption": caption, "size": tuple(pixels.shape[-2:]), **kept})
         n = len(self.items)
         self.entries = n * per_item
         self.u = stratified_fractions(self.entries, self.seed)  # (E,) fractions of the schedule
