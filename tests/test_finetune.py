@@ -246,3 +246,13 @@ def test_rank_and_alpha_per_module_kind_reach_diffusers(tmp_path, sd_folder, mix
     merged = StableDiffusionPipeline.from_pretrained(out / "model")
     torch.testing.assert_close(image(theirs), image(merged), rtol=0, atol=1e-4)
     assert theirs.unet.peft_config[next(iter(theirs.unet.peft_config))].alpha_pattern == {"to_v": 16}
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "loha", "lokr"])
+def test_every_kind_gets_the_per_module_patterns(kind):
+    from ldm.models.config import LoRAConfig
+    from ldm.models.lora import _peft_config
+
+    cfg = LoRAConfig(rank=4, kind=kind, rank_pattern={"to_k": 2}, alpha_pattern={"to_v": 16.0})
+    peft = _peft_config(cfg, ["to_q", "to_k", "to_v"])
+    assert peft.rank_pattern == {"to_k": 2} and peft.alpha_pattern == {"to_v": 16.0}

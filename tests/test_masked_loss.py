@@ -33,8 +33,9 @@ def test_all_ones_equals_the_plain_loss_and_a_half_mask_stops_the_other_half(obj
     assert torch.all(weight.grad[..., :4] == 0) and torch.all(weight.grad[..., 4:].abs() > 0)
 
 
-def masked_folder(root, mask_size=None):
-    """Three 32 px images: one with a mask file (left half black), one with alpha (top half clear), one plain."""
+def masked_folder(root, mask_size=None, black=False):
+    """Four 32 px images: "a" with a mask file (left half black), "b" with alpha (top half clear), two plain;
+    ``black``: every image with an all-black mask file."""
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in ("a", "b", "c", "d"):
@@ -49,6 +50,8 @@ def masked_folder(root, mask_size=None):
     mask = np.full(mask_size or (32, 32), 255, np.uint8)
     mask[:, :16] = 0
     Image.fromarray(mask, "L").save(root / "a-masklabel.png")
+    for name in ("a", "b", "c", "d") if black else ():
+        Image.fromarray(np.zeros((32, 32), np.uint8), "L").save(root / f"{name}-masklabel.png")
     return root
 
 
@@ -93,11 +96,20 @@ def test_a_mask_of_another_size_is_refused_before_training(tmp_path):
 
 
 @pytest.mark.parametrize("cache", ["true", "false"])
-def test_masked_fine_tune_runs_with_and_without_the_latent_cache(cache, tmp_path):
+def test_masked_fine_tune_reaches_the_loss_with_and_without_the_latent_cache(cache, tmp_path):
+    """Black masks everywhere: the training loss is exactly 0 at every step (the masks reach it)."""
+    from ldm.training.metrics import read_metrics
+
     sd = save_tiny_sd_pipeline(tmp_path / "tiny-sd")
-    root = masked_folder(tmp_path / "data")
-    cfg = finetune_config(tmp_path / "out", sd, root, "data.masked_loss=true", "data.buckets=false",
-                          "data.resolution=32", f"cache_latents={cache}", "data.val_size=1",
-                          "preflight.samples=0")  # fmt: skip
-    out = train_ldm(cfg)
-    assert (out / "model" / "model_index.json").exists()
+
+    def run(name, black):
+        root = masked_folder(tmp_path / f"data-{name}", black=black)
+        cfg = finetune_config(tmp_path / name, sd, root, "data.masked_loss=true", "data.buckets=false",
+                              "data.resolution=32", f"cache_latents={cache}", "data.val_size=1",
+                              "preflight.samples=0")  # fmt: skip
+        out = train_ldm(cfg)
+        assert (out / "model" / "model_index.json").exists()
+        return [r["train/loss"] for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
+
+    assert set(run("black", True)) == {0.0}
+    assert all(loss > 0 for loss in run("masked", False))

@@ -197,7 +197,9 @@ def encode_sharded(
     ordered = [everyone[i % world_size][0][i // world_size] for i in range(n)]
     micro = {  # MICRO_KEYS, and "mask" with masked loss
         k: torch.stack([everyone[i % world_size][1][k][i // world_size] for i in range(n)]) if n else sizes[k]
-        for k in sizes
+        for k in dict.fromkeys(
+            k for _, shard in everyone for k in shard
+        )  # (a process without items has no mask)
     }
     if bucket_of is None:
         shapes = [s for s in gather_object([tuple(mean.shape[1:]) if len(mean) else None]) if s is not None]

@@ -233,16 +233,16 @@ class ImageFolderDataset(Dataset):
             if i in self._broken:
                 continue
             path, text = self.items[i][:2]
+            mask = None
             try:
                 image = load_rgb(path)
+                if self.masks:  # the mask file's, the alpha channel's, or all ones
+                    mask = load_mask(path, IMAGE_EXTENSIONS) or Image.new("L", image.size, 255)
             except Exception as err:  # any decode failure: report it, then use the next item
                 self._broken.add(i)
-                logger.warning("cannot decode %s (%r); using the next image instead", path, err)
+                logger.warning("cannot decode %s or its mask (%r); using the next image instead", path, err)
                 continue
             size = self.target_sizes[index] if self.target_sizes is not None else None
-            mask = None
-            if self.masks:  # the mask file's, the alpha channel's, or all ones
-                mask = load_mask(path, IMAGE_EXTENSIONS) or Image.new("L", image.size, 255)
             pixels, micro = self.transform.apply(image, generator, size, mask)
             return {"pixel_values": pixels, "caption": text, **micro}
         raise DataError(f"none of the {len(self.items)} images of {self.root} could be decoded")

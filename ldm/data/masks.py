@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from ldm.core.errors import DataError
+from ldm.data.transforms import to_rgb
 
 MASK_SUFFIX = "-masklabel"
 
@@ -42,7 +43,9 @@ def load_mask(image: Path, extensions: Sequence[str]) -> Image.Image | None:
     if path is not None:
         with Image.open(path) as m:
             m.load()
-            return ImageOps.exif_transpose(m).convert("L")
+            m = ImageOps.exif_transpose(m)
+            wide = m.mode.startswith("I") or m.mode == "F"  # 16-bit, 32-bit: rescaled, not clipped
+            return (to_rgb(m) if wide else m).convert("L")
     with Image.open(image) as im:
         if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
             im.load()

@@ -37,14 +37,15 @@ def _peft_config(cfg: LoRAConfig, targets: list[str]):
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
-    if (
-        cfg.kind in PEFT_KINDS
-    ):  # LoHa (Hyeon-Woo et al. 2022) and LoKr (LyCORIS): Hadamard / Kronecker products
+    # LoHa (Hyeon-Woo et al. 2022) and LoKr (LyCORIS): Hadamard / Kronecker products of low-rank factors
+    if cfg.kind in PEFT_KINDS:
         kind = LoHaConfig if cfg.kind == "loha" else LoKrConfig
-        # init_weights: one factor zero, so the model starts unchanged (as LoRA's B = 0)
+        # init_weights: one factor zero, so the model starts unchanged (as LoRA's B = 0); lora.dropout is
+        # peft's rank_dropout here (it drops rank components, not inputs)
         return kind(
-            r=cfg.rank, alpha=alpha, rank_dropout=cfg.dropout, target_modules=targets, init_weights=True
-        )
+            r=cfg.rank, alpha=alpha, rank_dropout=cfg.dropout, target_modules=targets, init_weights=True,
+            rank_pattern=dict(cfg.rank_pattern), alpha_pattern=dict(cfg.alpha_pattern),
+        )  # fmt: skip
     return LoraConfig(
         r=cfg.rank,
         lora_alpha=alpha,

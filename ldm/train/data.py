@@ -29,7 +29,11 @@ from ldm.training.memory import MIB, peak_resident_bytes, resident_bytes
 
 logger = logging.getLogger("ldm")
 CACHE_BATCH = 256  # images per encoder call while caching
-NOT_IN_CACHE = ("num_workers", "repeats")  # data keys that do not change what the cache holds
+NOT_IN_CACHE = (
+    "num_workers",
+    "repeats",
+    "masked_loss",
+)  # (masks are never in the disk cache)  # data keys that do not change what the cache holds
 
 
 def latent_training_set(
