@@ -112,4 +112,5 @@ def test_masked_fine_tune_reaches_the_loss_with_and_without_the_latent_cache(cac
         return [r["train/loss"] for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
 
     assert set(run("black", True)) == {0.0}
-    assert all(loss > 0 for loss in run("masked", False))
+    if cache == "true":  # (once is enough: the partial masks leave a loss)
+        assert all(loss > 0 for loss in run("masked", False))
