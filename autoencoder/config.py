@@ -116,6 +116,11 @@ class VAERunConfig:
             raise ConfigError(
                 "data.masked_loss weights stage 2's diffusion loss; the autoencoder trains unmasked"
             )
+        if self.data.dataset == "sources":
+            raise ConfigError(
+                "data.dataset=sources (concepts, class images) is stage 2's; train the autoencoder on one "
+                "data.path (folder, csv or hf) with data.repeats"
+            )
         if self.train.decoder_only and not self.pretrained:
             raise ConfigError(
                 "train.decoder_only=true needs pretrained=PATH: the autoencoder whose decoder to fine-tune"

@@ -143,12 +143,18 @@ class Conditioner(nn.Module):
         batch: dict,
         target_size: tuple[int, int],
         uniform: Tensor | None = None,
+        p_uncond: Tensor | None = None,
     ) -> Conditioning:
         """A training batch's conditioning: condition dropout (caption -> "", and with ``zero_uncond``
         the rows zeroed), ``conditions`` (from ``training_conditions``), then the micro-conditioning
-        from the batch's ``original_size`` and ``crop_top_left`` (default: the target size, (0, 0))."""
+        from the batch's ``original_size`` and ``crop_top_left`` (default: the target size, (0, 0)).
+        ``p_uncond`` (B,): each caption's own dropout probability (a concept dataset's sources), with
+        ``uniform`` (B,) the draws; else ``self.p_uncond`` for all."""
         captions = list(batch["caption"])
-        dropped = uncond_mask(len(captions), self.p_uncond, uniform=uniform)  # (B,)
+        if p_uncond is not None:
+            dropped = uniform < p_uncond.to(uniform)  # (B,)
+        else:
+            dropped = uncond_mask(len(captions), self.p_uncond, uniform=uniform)  # (B,)
         kept = [NULL_CAPTION if d else c for c, d in zip(captions, dropped.tolist(), strict=True)]
         cond = conditions(kept)
         if self.zero_uncond and bool(dropped.any()):

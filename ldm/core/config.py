@@ -11,6 +11,7 @@ refused when the config is read, not steps into a run.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -55,6 +56,71 @@ def check_bounds(section: str, cfg: Any) -> None:
             raise ConfigError(f"config key '{section}.{name}' is {value}; it must be {allowed}")
 
 
+ROLES = ("train", "regularization")
+
+
+@dataclass
+class SourceConfig:
+    """One source of a concept dataset (``data.dataset=sources``, ``data.sources``): its images, how
+    often an epoch walks them, its captions, and its role. ``train`` sources teach the concept;
+    ``regularization`` sources are DreamBooth's class images (prior preservation), captioned by their
+    own captions where they have them (drawn ones have their prompt), else ``class_prompt``; their
+    loss is weighted by ``data.prior_loss_weight``."""
+
+    def prompts(self) -> list[str]:
+        """The prompts a regularization source's class images are drawn from, in turn."""
+        return list(self.class_prompts) or [self.class_prompt]
+
+    path: str | None = (
+        None  # folder root (folder) or .csv file (csv); a regularization folder may not exist yet
+    )
+    dataset: str = "folder"  # folder | csv
+    role: str = "train"  # train | regularization
+    repeats: int = 1  # this source's items this many times an epoch
+    # regularization: the caption of its images that have none, and the prompt the base model draws
+    # missing class images from
+    class_prompt: str | None = None
+    # regularization: several prompts instead, drawn in turn (class image n: prompt n mod len), each
+    # image captioned with its prompt (a class of many kinds; for the shapes demo, its captions)
+    class_prompts: list[str] = field(default_factory=list)
+    # regularization: the base model draws class images into `path` until it holds this many (0: none)
+    num_class_images: int = 0
+    caption_dropout: float | None = None  # this source's condition dropout; None: text.p_uncond
+    prefix: str = ""  # added before this source's captions (a trigger word), after caption.prefix
+    suffix: str = ""  # added after this source's captions, before caption.suffix
+    caption_column: str = "text"  # caption key in metadata.jsonl (folder) or column (csv)
+    image_column: str = "image"  # image file column, relative to the csv (csv)
+
+    BOUNDS: ClassVar[dict[str, str]] = {
+        "repeats": ">= 1",
+        "num_class_images": ">= 0",
+        "caption_dropout": "[0, 1)",
+    }
+
+    def __post_init__(self) -> None:
+        check_choice("data.sources[].dataset", self.dataset, ("folder", "csv"))
+        check_choice("data.sources[].role", self.role, ROLES)
+        check_bounds("data.sources[]", self)
+        if not self.path:
+            raise ConfigError("a data.sources entry has no path: give each source path=DIR (or a .csv)")
+        if self.role == "train" and (self.class_prompt is not None or self.class_prompts or self.num_class_images):
+            raise ConfigError(
+                f"data.sources entry {self.path}: class_prompt(s) and num_class_images belong to a "
+                "role=regularization source (DreamBooth's class images); add one with the class prompt, "
+                "or remove them from this train source"
+            )
+        if self.role == "regularization":
+            if not self.class_prompt and not self.class_prompts:
+                raise ConfigError(
+                    f"data.sources entry {self.path}: a role=regularization source needs class_prompt "
+                    "(e.g. 'a photo of a dog'), the caption of its class images (or class_prompts: several)"
+                )
+            if self.dataset != "folder":
+                raise ConfigError(
+                    f"data.sources entry {self.path}: regularization sources are folders (dataset=folder)"
+                )
+
+
 @dataclass
 class DataConfig:
     """Where images and captions come from, and how they become tensors."""
@@ -90,8 +156,13 @@ class DataConfig:
     # shapes, train split: half the items drawn up to this many pixels larger and cropped, a crop per
     # item (SDXL's micro-conditioning sees their original size and crop vary); 0: none
     crop_margin: int = 0
+    # dataset=sources: several image sources in one run (SourceConfig: path, role, repeats, captions),
+    # each counted in the log; regularization sources hold DreamBooth's class images
+    sources: list[SourceConfig] = field(default_factory=list)
+    prior_loss_weight: float = 1.0  # the loss weight of regularization items (DreamBooth's lambda)
 
     BOUNDS: ClassVar[dict[str, str]] = {
+        "prior_loss_weight": ">= 0",
         "resolution": ">= 8",
         "val_size": ">= 0",
         "num_workers": ">= 0",
@@ -115,7 +186,28 @@ class DataConfig:
             raise ConfigError(
                 "data.crop_margin applies to the shapes dataset; for images use data.crop=random or data.buckets"
             )
-        if self.masked_loss and self.dataset not in ("folder", "csv"):
+        if self.dataset == "sources" and not self.sources:
+            raise ConfigError(
+                "data.dataset=sources needs data.sources: a list of {path, role, repeats, ...} "
+                "(see configs/ldm/dreambooth-lora.yaml)"
+            )
+        if self.sources and self.dataset != "sources":
+            raise ConfigError(
+                f"data.sources is set but data.dataset is {self.dataset}: set data.dataset=sources to train "
+                "on them (and leave data.path unset), or remove data.sources"
+            )
+        if self.dataset == "sources":
+            if self.path:
+                raise ConfigError(
+                    "data.dataset=sources reads each source's own path: leave data.path unset "
+                    f"(it is {self.path}) or list it as a source"
+                )
+            if not any(s.role == "train" for s in self.sources):
+                raise ConfigError(
+                    "data.sources has no role=train source: add the images of the concept to learn "
+                    "(regularization sources alone teach nothing new)"
+                )
+        if self.masked_loss and self.dataset not in ("folder", "csv", "sources"):
             raise ConfigError(
                 f"data.masked_loss=true reads mask files and alpha channels of image files: use data.dataset="
                 f"folder or csv (not {self.dataset})"
@@ -210,11 +302,18 @@ def _schema_keys(node: Any) -> list[str]:
     return sorted(node.keys()) if isinstance(node, DictConfig) else []
 
 
-def _explain(err: OmegaConfBaseException, schema: DictConfig) -> str:
+def _explain(err: OmegaConfBaseException, schema: DictConfig, merged: DictConfig | None = None) -> str:
     key = getattr(err, "full_key", None) or "?"
     if isinstance(err, ConfigKeyError) or "not in struct" in str(err) or "Key '" in str(err):
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(schema, parent) if parent else schema
+        if node is None and merged is not None:  # inside a list item (data.sources[0]): the merged one
+            node = OmegaConf.select(merged, parent)
+        kind = getattr(err, "object_type", None)
+        in_list = node is None or (not parent and kind is not OmegaConf.get_type(schema))
+        if in_list and dataclasses.is_dataclass(kind):  # a list item's dataclass (a source)
+            fields = ", ".join(sorted(f.name for f in dataclasses.fields(kind)))
+            return f"unknown config key '{leaf}' in a {kind.__name__} entry; keys allowed there: {fields}"
         allowed = ", ".join(_schema_keys(node)) or "(none)"
         where = f"'{parent}'" if parent else "the top level"
         return f"unknown config key '{key}'; keys allowed at {where}: {allowed}"
@@ -241,13 +340,23 @@ def load_config(schema: type[T], preset: str | Path | None = None, overrides: li
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=200)")
-    if overrides:
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    # a key through a list item (data.sources.0.path=DIR) updates that item, after the others
+    indexed = [o for o in overrides or [] if any(part.isdigit() for part in o.split("=", 1)[0].split("."))]
+    plain = [o for o in overrides or [] if o not in indexed]
+    if plain:
+        layers.append(OmegaConf.from_dotlist(plain))
+    merged = None
     try:
         merged = OmegaConf.merge(base, *layers)
+        for item in indexed:
+            key = item.split("=", 1)[0]
+            value = OmegaConf.select(OmegaConf.from_dotlist([f"value={item.split('=', 1)[1]}"]), "value")
+            if OmegaConf.select(merged, key.rsplit(".", 1)[0], default=None) is None:
+                raise ConfigError(f"override {item!r}: there is no list item {key.rsplit('.', 1)[0]} to change")
+            OmegaConf.update(merged, key, value, merge=True)
         return OmegaConf.to_object(merged)  # runs each dataclass's __post_init__ checks
     except OmegaConfBaseException as err:
-        raise ConfigError(_explain(err, base)) from None
+        raise ConfigError(_explain(err, base, merged)) from None
 
 
 def to_yaml(config: Any) -> str:

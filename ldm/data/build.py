@@ -20,10 +20,11 @@ import datasets
 import numpy as np
 from torch.utils.data import Dataset, IterableDataset
 
-from ldm.core.config import DataConfig
-from ldm.core.errors import DataError
+from ldm.core.config import DataConfig, SourceConfig
+from ldm.core.errors import ConfigError, DataError
 from ldm.data.buckets import make_buckets, nearest_bucket
-from ldm.data.folder import IMAGE_EXTENSIONS, ImageFolderDataset, scan_csv, scan_folder
+from ldm.data.concepts import Concatenated, SourceView, paired_positions, source_positions
+from ldm.data.folder import IMAGE_EXTENSIONS, FolderItem, ImageFolderDataset, scan_csv, scan_folder
 from ldm.data.hf import HFImageDataset, HFStreamingDataset, load_hf_dataset
 from ldm.data.masks import check_mask_sizes
 from ldm.data.repeat import RepeatedDataset
@@ -92,7 +93,14 @@ def build_dataset(
     if train and cfg.buckets:
         if bucket_step is None:
             raise ValueError("data.buckets=true: build_dataset needs bucket_step (the latent factor times 8)")
-        assign_buckets(dataset, cfg.resolution, bucket_step, cfg.bucket_max_aspect)
+        if isinstance(dataset, SourceView):  # each source's images get their buckets, then the view
+            for part in dataset.base.parts:
+                assign_buckets(part, cfg.resolution, bucket_step, cfg.bucket_max_aspect)
+            dataset = SourceView(
+                Concatenated(dataset.base.parts), dataset.items, dataset.sources, dataset.group
+            )
+        else:
+            assign_buckets(dataset, cfg.resolution, bucket_step, cfg.bucket_max_aspect)
     if train and cfg.repeats > 1:
         dataset = RepeatedDataset(dataset, cfg.repeats)
     return dataset
@@ -146,12 +154,67 @@ def _hf(cfg: DataConfig, train: bool, seed: int, crop: str, flip: bool) -> Datas
     return HFImageDataset(data, cfg.resolution, crop, flip, cfg.image_column, cfg.caption_column)
 
 
+def _source_items(source: SourceConfig) -> list[FolderItem]:
+    """A source's images with their captions; a regularization source's images without one get its
+    ``class_prompt`` (or its first ``class_prompts``)."""
+    if source.dataset == "csv":
+        items = scan_csv(source.path, source.image_column, source.caption_column)
+    else:
+        items = scan_folder(source.path, source.caption_column)
+    if source.role == "regularization":
+        items = [it if it.caption else it._replace(caption=source.prompts()[0]) for it in items]
+    return items
+
+
+def _with_words(items: list[FolderItem], source: SourceConfig) -> list[FolderItem]:
+    """Held-out items with their source's prefix and suffix, as training sees them."""
+    words = lambda c: " ".join(p for p in (source.prefix, c, source.suffix) if p)  # noqa: E731
+    return [it._replace(caption=words(it.caption)) for it in items]
+
+
+def _concepts(cfg: DataConfig, train: bool, seed: int, crop: str, flip: bool) -> Dataset:
+    """``data.sources`` as one dataset: train split, a ``SourceView`` (``ldm.data.concepts``); validation,
+    the held-out items of the train sources (regularization sources are never held out)."""
+    if cfg.repeats > 1:
+        raise ConfigError(
+            "data.repeats applies to one data.path; with data.sources give each source its repeats"
+        )
+    parts, sizes, held = [], [], []
+    for source in cfg.sources:
+        items = _source_items(source)
+        if source.role == "train":
+            train_idx, val_idx = split_indices(len(items), cfg.val_size, seed)
+        else:
+            train_idx, val_idx = list(range(len(items))), []
+        if not train:
+            held.extend(_with_words([items[i] for i in val_idx], source))
+            continue
+        chosen = [items[i] for i in train_idx]
+        if cfg.masked_loss:
+            check_mask_sizes([(it.path, it.size) for it in chosen], IMAGE_EXTENSIONS)
+        parts.append(
+            ImageFolderDataset(source.path, cfg.resolution, crop, flip, items=chosen, masks=cfg.masked_loss)
+        )
+        sizes.append(len(chosen))
+    if not train:
+        return ImageFolderDataset(cfg.sources[0].path, cfg.resolution, crop, flip, items=held)
+    items, sources = source_positions(sizes, [s.repeats for s in cfg.sources])
+    roles = np.array([s.role == "regularization" for s in cfg.sources])
+    group = 1
+    if roles.any():  # DreamBooth: instance and class positions in pairs
+        prior = roles[sources]
+        items, sources = paired_positions((items[~prior], sources[~prior]), (items[prior], sources[prior]))
+        group = 2
+    return SourceView(Concatenated(parts), items, sources, group)
+
+
 # the data sources by name (``data.dataset``): (config, train split?, seed, crop, flip) -> dataset
 DATA_SOURCES: dict[str, Callable[..., Dataset | IterableDataset]] = {
     "shapes": _shapes,
     "folder": _listed,
     "csv": _listed,
     "hf": _hf,
+    "sources": _concepts,
 }
 
 

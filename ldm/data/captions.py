@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from ldm.core.config import check_bounds
+from ldm.core.config import SourceConfig, check_bounds
 from ldm.core.errors import ConfigError
 
 MAX_TAGS = 128  # tags per caption that the draws cover
@@ -69,10 +69,29 @@ def transform_caption(caption: str, cfg: CaptionConfig, uniforms: torch.Tensor |
     return " ".join(p for p in (cfg.prefix, caption, cfg.suffix) if p)
 
 
-def transform_captions(captions: list[str], cfg: CaptionConfig, uniforms: torch.Tensor | None) -> list[str]:
-    """Each caption transformed with its row of ``uniforms`` ((B, 2 MAX_TAGS) or None)."""
+def transform_captions(
+    captions: list[str], cfg: CaptionConfig | list[CaptionConfig], uniforms: torch.Tensor | None
+) -> list[str]:
+    """Each caption transformed with its row of ``uniforms`` ((B, 2 MAX_TAGS) or None), by ``cfg`` or
+    by its own config (a list: one per caption, a concept dataset's sources)."""
+    configs = cfg if isinstance(cfg, list) else [cfg] * len(captions)
     return [
-        transform_caption(c, cfg, None if uniforms is None else uniforms[i]) for i, c in enumerate(captions)
+        transform_caption(c, configs[i], None if uniforms is None else uniforms[i])
+        for i, c in enumerate(captions)
+    ]
+
+
+def source_caption_configs(cfg: CaptionConfig, sources: list[SourceConfig]) -> list[CaptionConfig]:
+    """The caption controls of each source of a concept dataset: a train source's are ``cfg`` with the
+    source's prefix and suffix inside ``cfg``'s ("<cfg.prefix> <source prefix> caption <source suffix>
+    <cfg.suffix>"); a regularization source's class prompt gets only its own prefix and suffix (the
+    class images keep the base model's words: no trigger word, no tag controls)."""
+    join = lambda *words: " ".join(w for w in words if w)  # noqa: E731
+    return [
+        dataclasses.replace(cfg, prefix=join(cfg.prefix, s.prefix), suffix=join(s.suffix, cfg.suffix))
+        if s.role == "train"
+        else CaptionConfig(prefix=s.prefix, suffix=s.suffix, separator=cfg.separator)
+        for s in sources
     ]
 
 

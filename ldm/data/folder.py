@@ -56,6 +56,12 @@ def _walk_images(root: Path) -> tuple[list[Path], list[Path]]:
     return sorted(images), sorted(metadata)
 
 
+def image_files(root: str | Path) -> list[Path]:
+    """The image files under ``root`` (mask files and hidden entries left out), sorted; [] where
+    ``root`` does not exist yet (a regularization folder before its class images are drawn)."""
+    return _walk_images(Path(root))[0] if Path(root).is_dir() else []
+
+
 def _metadata_path(jsonl: Path, file_name: object, line_no: int) -> Path:
     """The image path a metadata line names; refuses names that leave the jsonl's folder."""
     if not isinstance(file_name, str) or not file_name:

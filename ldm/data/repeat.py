@@ -20,6 +20,10 @@ class RepeatedDataset(Dataset):
         bucket_of = getattr(base, "bucket_of", None)
         self.bucket_of = None if bucket_of is None else list(bucket_of) * times
 
+    def over(self, base: Dataset) -> RepeatedDataset:
+        """The same repeats of another dataset of the same items (their latents)."""
+        return RepeatedDataset(base, self.times)
+
     def __len__(self) -> int:
         return self.n * self.times
 

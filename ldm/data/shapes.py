@@ -32,6 +32,10 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "magenta": (220, 30, 220),
 }
 SHAPES: dict[str, int] = {"circle": 0, "square": 1, "triangle": 2}  # name -> shape id used by `render`
+# shapes `render` draws that no dataset item has: new concepts to teach a trained model (the export
+# tool's --shape). cross: a plus sign, arms CROSS_ARM x its side thick
+NEW_SHAPES: dict[str, int] = {"cross": 3}
+CROSS_ARM = 1 / 3
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "black": (0, 0, 0),
     "gray": (128, 128, 128),
@@ -187,7 +191,7 @@ def _row_spans(specs: Sequence[ShapeSpec], rows: int) -> tuple[torch.Tensor, tor
     cx = torch.tensor([s.cx for s in specs], dtype=torch.float32)[:, None]  # (N, 1)
     cy = torch.tensor([s.cy for s in specs], dtype=torch.float32)[:, None]
     half = torch.tensor([s.size / 2 for s in specs], dtype=torch.float32)[:, None]
-    shape_ids = torch.tensor([SHAPES[s.shape] for s in specs])[:, None]
+    shape_ids = torch.tensor([{**SHAPES, **NEW_SHAPES}[s.shape] for s in specs])[:, None]
     dy = v[None, :] - cy  # (N, rows)
 
     # circle: disc of radius size / 2 -> half-width sqrt(r^2 - dy^2)
@@ -200,7 +204,12 @@ def _row_spans(specs: Sequence[ShapeSpec], rows: int) -> tuple[torch.Tensor, tor
     depth = dy + half_height
     triangle_w = torch.where((depth >= 0) & (dy <= half_height), depth / math.sqrt(3), -1.0)
 
+    # cross: a plus sign of side size, arms CROSS_ARM x size thick -> full width within the
+    # horizontal arm, the vertical arm's half thickness elsewhere inside the box
+    arm = half * CROSS_ARM
+    cross_w = torch.where(dy.abs() <= arm, half.expand_as(dy), torch.where(dy.abs() <= half, arm.expand_as(dy), -1.0))
     width = torch.where(shape_ids == SHAPES["square"], square_w, triangle_w)
+    width = torch.where(shape_ids == NEW_SHAPES["cross"], cross_w, width)
     width = torch.where(shape_ids == SHAPES["circle"], circle_w, width)  # (N, rows); -1: row misses the shape
     return cx - width, cx + width
 

@@ -70,7 +70,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.data.shapes import BACKGROUNDS, COLORS, SHAPES
+from ldm.data.shapes import BACKGROUNDS, COLORS, CROSS_ARM, NEW_SHAPES, SHAPES
 
 NONE = "none"  # the color / shape of an image without a (recognisable) one; never in a caption
 
@@ -255,6 +255,11 @@ def _template_coverage(shape: str, area: float, y: np.ndarray, x: np.ndarray, an
     elif shape == "triangle":  # upward equilateral: base 1/3 of the height below the centroid
         inradius = math.sqrt(math.sqrt(3) * area) / 3  # area = height^2 / sqrt(3)
         distance = np.maximum(y, (math.sqrt(3) * np.abs(x) - y) / 2) - inradius
+    elif shape == "cross":  # a plus sign, arms CROSS_ARM x its side thick (ldm.data.shapes.NEW_SHAPES)
+        half = math.sqrt(area / (2 * CROSS_ARM - CROSS_ARM**2)) / 2  # area = side^2 (2k - k^2)
+        arm = CROSS_ARM * half
+        ay, ax = np.abs(y), np.abs(x)
+        distance = np.minimum(np.maximum(ay - arm, ax - half), np.maximum(ay - half, ax - arm))
     elif shape in ("pentagon", "hexagon"):  # regular, a vertex towards ``angle``
         n = 5 if shape == "pentagon" else 6
         apothem = math.sqrt(area / (n * math.tan(math.pi / n)))  # area = n * apothem^2 * tan(pi / n)
@@ -293,9 +298,11 @@ def _anisotropy(alpha: np.ndarray) -> float:
     return (mean + half_gap) / max(mean - half_gap, 1e-12)
 
 
-def _template_errors(alpha: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
-    """Mismatch of the shape coverage ``alpha`` (zero away from the shape) with each shape, and
-    with each near miss (``NEAR_MISSES``).
+def _template_errors(
+    alpha: np.ndarray, new_shapes: Sequence[str] = ()
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Mismatch of the shape coverage ``alpha`` (zero away from the shape) with each shape (and each
+    of ``new_shapes``), and with each near miss (``NEAR_MISSES``).
 
     Each template has the measured area and centroid (the pentagon, hexagon and star also the
     orientation of the coverage's 5- / 6-fold angular moment); the error is the L1 difference
@@ -317,7 +324,7 @@ def _template_errors(alpha: np.ndarray) -> tuple[dict[str, float], dict[str, flo
     z = x + 1j * y
     weight = target * np.abs(z) ** 2  # the rim decides the orientation
     target = _blur3(target)
-    shapes = [*SHAPES, *NEAR_MISSES]
+    shapes = [*SHAPES, *new_shapes, *NEAR_MISSES]
     folds = {"pentagon": 5, "hexagon": 6, "star": 5}
     angles = [
         float(np.angle((weight * z ** folds[s]).sum())) / folds[s] if s in folds else 0.0 for s in shapes
@@ -330,13 +337,16 @@ def _template_errors(alpha: np.ndarray) -> tuple[dict[str, float], dict[str, flo
         best = np.minimum(best, np.abs(templates - target).sum(axis=(1, 2)) / area)
         templates = _blur3(templates)
     errors = {s: float(e) for s, e in zip(shapes, best, strict=True)}
-    return {s: errors[s] for s in SHAPES}, {s: errors[s] for s in NEAR_MISSES}
+    return {s: errors[s] for s in [*SHAPES, *new_shapes]}, {s: errors[s] for s in NEAR_MISSES}
 
 
 def _read(
-    image: np.ndarray, color_palette: tuple[list[str], np.ndarray], bg_palette: tuple[list[str], np.ndarray]
+    image: np.ndarray,
+    color_palette: tuple[list[str], np.ndarray],
+    bg_palette: tuple[list[str], np.ndarray],
+    new_shapes: Sequence[str] = (),
 ) -> ShapeReading:
-    """Measure one (3, H, W) image: uint8, or float in [-1, 1]."""
+    """Measure one (3, H, W) image: uint8, or float in [-1, 1]; ``new_shapes`` compete with ``SHAPES``."""
     image = _as_unit255(image)
     _, height, width = image.shape
     if height < 3 or width < 3:
@@ -378,7 +388,7 @@ def _read(
     smooth = _blur3(diff)  # (3, H, W)
     far = candidate & ((smooth * smooth).sum(axis=0) > FOREGROUND_DISTANCE**2)
     stray = float((far & ~region).sum()) / area
-    errors, near_misses = _template_errors(alpha)
+    errors, near_misses = _template_errors(alpha, new_shapes)
     anisotropy = _anisotropy(alpha)
     shape = min(errors, key=errors.__getitem__)
     if (
@@ -398,17 +408,31 @@ def _read(
 # ---------------------------------------------------------------------------- public API
 
 
+def _new_shapes(new_shapes: Sequence[str]) -> tuple[str, ...]:
+    unknown = [s for s in new_shapes if s not in NEW_SHAPES]
+    if unknown:
+        raise ValueError(f"new shapes {unknown} unknown; the reader knows {', '.join(NEW_SHAPES)}")
+    return tuple(new_shapes)
+
+
 def read_batch(
-    images: Any, colors: Palette | None = None, backgrounds: Palette | None = None
+    images: Any,
+    colors: Palette | None = None,
+    backgrounds: Palette | None = None,
+    new_shapes: Sequence[str] = (),
 ) -> list[ShapeReading]:
     """``ShapeReading`` (label plus the measurements behind it) of each image; see ``classify_batch``."""
     color_palette = _palette(colors, COLORS)
     bg_palette = _palette(backgrounds, BACKGROUNDS)
-    return [_read(image, color_palette, bg_palette) for image in _images(images)]
+    extra = _new_shapes(new_shapes)
+    return [_read(image, color_palette, bg_palette, extra) for image in _images(images)]
 
 
 def classify_batch(
-    images: Any, colors: Palette | None = None, backgrounds: Palette | None = None
+    images: Any,
+    colors: Palette | None = None,
+    backgrounds: Palette | None = None,
+    new_shapes: Sequence[str] = (),
 ) -> list[tuple[str, str, str]]:
     """``(color, shape, background)`` of each image.
 
@@ -417,8 +441,10 @@ def classify_batch(
     single images (tensors, arrays, PIL images); (B, H, W, 3) arrays work too.
     ``colors`` / ``backgrounds`` map names to (r, g, b) in 0..255 and default to the
     dataset's palettes. Images without a discernible shape give ``("none", "none", bg)``.
+    ``new_shapes`` (of ``NEW_SHAPES``, e.g. ``("cross",)``) are read as shapes too: a model taught a
+    new concept is scored with them.
     """
-    return [reading.label for reading in read_batch(images, colors, backgrounds)]
+    return [reading.label for reading in read_batch(images, colors, backgrounds, new_shapes)]
 
 
 def classify(
@@ -433,7 +459,10 @@ _CAPTION = re.compile(r"an? (?P<color>.+?) (?P<shape>\S+) on an? (?P<background>
 
 
 def parse_caption(
-    caption: str, colors: Palette | None = None, backgrounds: Palette | None = None
+    caption: str,
+    colors: Palette | None = None,
+    backgrounds: Palette | None = None,
+    new_shapes: Sequence[str] = (),
 ) -> tuple[str, str, str]:
     """``"a {color} {shape} on a {background} background"`` -> ``(color, shape, background)``.
 
@@ -447,8 +476,9 @@ def parse_caption(
             f"caption {caption!r} is not of the form 'a {{color}} {{shape}} on a {{background}} background'"
         )
     color, shape, background = match["color"], match["shape"], match["background"]
-    if shape not in SHAPES:
-        raise ValueError(f"caption {caption!r}: unknown shape {shape!r}; shapes: {', '.join(SHAPES)}")
+    if shape not in (*SHAPES, *new_shapes):
+        known = ", ".join((*SHAPES, *new_shapes))
+        raise ValueError(f"caption {caption!r}: unknown shape {shape!r}; shapes: {known}")
     if colors is not None and color not in colors:
         raise ValueError(f"caption {caption!r}: color {color!r} is not in the palette ({', '.join(colors)})")
     if backgrounds is not None and background not in backgrounds:
@@ -459,7 +489,11 @@ def parse_caption(
 
 
 def caption_accuracy(
-    images: Any, captions: Sequence[str], colors: Palette | None = None, backgrounds: Palette | None = None
+    images: Any,
+    captions: Sequence[str],
+    colors: Palette | None = None,
+    backgrounds: Palette | None = None,
+    new_shapes: Sequence[str] = (),
 ) -> dict[str, float | int]:
     """How often ``classify_batch(images)`` agrees with ``captions``.
 
@@ -472,8 +506,8 @@ def caption_accuracy(
         captions = [captions]
     colors = COLORS if colors is None else colors
     backgrounds = BACKGROUNDS if backgrounds is None else backgrounds
-    truth = [parse_caption(c, colors, backgrounds) for c in captions]
-    predicted = classify_batch(images, colors, backgrounds)
+    truth = [parse_caption(c, colors, backgrounds, new_shapes) for c in captions]
+    predicted = classify_batch(images, colors, backgrounds, new_shapes)
     if len(predicted) != len(truth):
         raise ValueError(f"{len(predicted)} images but {len(truth)} captions")
     n = len(truth)

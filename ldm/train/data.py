@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, IterableDataset
 from conditioning import Conditioner
 from conditioning.dropout import NULL_CAPTION
 from ldm.data.cache import cached_latents, fingerprint, nbytes
+from ldm.data.concepts import SourceView
 from ldm.data.disk_cache import FORMAT as DISK_FORMAT
 from ldm.data.disk_cache import DiskLatentDataset, build_disk_cache, build_stream_cache, shard_items
 from ldm.data.repeat import RepeatedDataset
@@ -29,11 +30,8 @@ from ldm.training.memory import MIB, peak_resident_bytes, resident_bytes
 
 logger = logging.getLogger("ldm")
 CACHE_BATCH = 256  # images per encoder call while caching
-NOT_IN_CACHE = (
-    "num_workers",
-    "repeats",
-    "masked_loss",
-)  # (masks are never in the disk cache)  # data keys that do not change what the cache holds
+# data keys that do not change what the cache holds (masks are never in the disk cache)
+NOT_IN_CACHE = ("num_workers", "repeats", "masked_loss", "prior_loss_weight")
 
 
 def latent_training_set(
@@ -43,8 +41,8 @@ def latent_training_set(
     ``cache_dir``, on disk (``ldm.data.disk_cache``: every process writes its shards, then reads its
     items from them); else in memory (each process encodes a shard and all gather them)."""
     t0, rss_before = time.perf_counter(), resident_bytes()
-    repeats = images.times if isinstance(images, RepeatedDataset) else 1
-    distinct = images.base if repeats > 1 else images
+    view = images if isinstance(images, (RepeatedDataset, SourceView)) else None  # positions over items
+    distinct = images.base if view is not None else images
     if hasattr(distinct, "keep_rendered"):  # shapes: one pass in order, no rendered copy to keep
         distinct.keep_rendered = False
     if isinstance(images, IterableDataset):  # a stream (with cache_dir, see LDMRunConfig): shard by shard
@@ -77,7 +75,12 @@ def latent_training_set(
         len(latents), held / MIB, where, time.perf_counter() - t0, rss_before / MIB,
         f"{peak / MIB:.0f} MiB" if peak else "not reported by this OS",
     )  # fmt: skip
-    return RepeatedDataset(latents, repeats) if repeats > 1 else latents
+    return view.over(latents) if view is not None else latents
+
+
+def distinct_items(dataset: Dataset) -> Dataset:
+    """The dataset of distinct items under ``data.repeats`` or a concept dataset's positions."""
+    return dataset.base if isinstance(dataset, (RepeatedDataset, SourceView)) else dataset
 
 
 def main_process_value(accelerator: Accelerator, value):
@@ -115,7 +118,7 @@ def posterior_bytes(cfg: LDMRunConfig, vae: AutoencoderKL) -> int:
 def caption_tokens(conditioner: Conditioner, train_set: Dataset, seen: set[int]) -> set[int]:
     """Token ids of the training captions: every caption of a finite dataset (so that a resumed run
     records those before the resume too), plus the ids ``seen`` in this run's batches."""
-    base = train_set.base if isinstance(train_set, RepeatedDataset) else train_set
+    base = distinct_items(train_set)
     distinct = list(dict.fromkeys(getattr(base, "captions", None) or []))
     ids = set(seen)
     for start in range(0, len(distinct), 1024):
@@ -129,10 +132,11 @@ def text_training_set(
     """With ``cache_dir`` and frozen text encoders, every item's conditioning on disk too
     (``ldm.data.text_disk_cache``), read with its latents; returns whether it is. Call it once the
     encoders are in the dtype they train in (``cast_frozen``): the rows are what they compute."""
-    base = latents.base if isinstance(latents, RepeatedDataset) else latents
+    base = distinct_items(latents)
     if not cfg.cache_dir or conditioner.trainable or not isinstance(base, DiskLatentDataset):
         return False
-    if cfg.caption.changes_captions:  # the rows would be of the captions before the controls
+    if cfg.caption.changes_captions or any(s.prefix or s.suffix for s in cfg.data.sources):
+        # the rows would be of the captions before the controls
         logger.info("text cache: in memory (caption.* changes the captions every step)")
         return False
     t0 = time.perf_counter()

@@ -18,6 +18,7 @@ from ldm.core.errors import ConfigError
 from ldm.data import build_dataset
 from ldm.data.cache import sample_latents
 from ldm.data.captions import MAX_TAGS, transform_captions, trigger_words
+from ldm.data.concepts import SOURCE_KEY
 from ldm.data.masks import latent_mask
 from ldm.diffusion.registry import build_objective
 from ldm.models.autoencoder import downsampling_factor
@@ -29,6 +30,7 @@ from ldm.train.evaluate import grid_prompts, save_prompt_grid
 from ldm.train.finish import export_and_evaluate
 from ldm.train.models import pretrained_folder, pretrained_noise
 from ldm.train.preflight import preflight
+from ldm.train.sources import SourceTerms, ensure_class_images, log_sources, shown_caption
 from ldm.train.validation import LatentValidation
 from ldm.train.whole import WholePipeline
 from ldm.training.compile import compiled_for_training
@@ -37,7 +39,7 @@ from ldm.training.engine import flattens_weights, is_sharded, takes_one_model
 from ldm.training.loop import Stage, train_loop
 from ldm.training.optim import make_optimizer
 from ldm.training.run import finish_run, resume_training, start_run
-from ldm.training.validation import ema_weights
+from ldm.training.validation import ema_weights, eval_mode
 
 logger = logging.getLogger("ldm")
 
@@ -62,7 +64,13 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         tokens.prior |= setup.new_token_ids(cfg, conditioner)
 
     # --- data: cached posteriors, or images encoded on the fly --------------------------------
+    if cfg.data.sources:  # DreamBooth: the class images a regularization source lacks, by the base model
+        with eval_mode(unet, *[e.model for e in conditioner.encoders]):
+            ensure_class_images(
+                cfg, accelerator, lambda: setup.training_pipeline(vae, conditioner, unet, objective)
+            )
     train_set = build_dataset(cfg.data, "train", cfg.seed, bucket_step=8 * downsampling_factor(vae))
+    log_sources(cfg, train_set)
     val_set = build_dataset(cfg.data, "val", cfg.seed)
     if accelerator.is_main_process:  # can the base model carry this data at all? (seconds)
         preflight(cfg, train_set, vae, vae_dir, conditioner, tokens.prior)
@@ -131,7 +139,8 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         modules.use_for_loss(compiled_for_training(modules.unet, tc.compile, device))
     ema = ema_for(trainable, tc.ema_decay, device)
     start = resume_training(accelerator, out, resume, ema, train_set, tc, cfg.data, cfg.seed, cfg)
-    prompts = grid_prompts(cfg, val_set)
+    per_source = SourceTerms.of(cfg, device) if cfg.data.sources else None  # concept datasets
+    prompts = grid_prompts(cfg, val_set, train_set, shown_caption(cfg, per_source))
     setup.log_plan(cfg, trainable, tokens.training, objective.name, accelerator.num_processes)
     factor = downsampling_factor(vae)
     pipeline = WholePipeline(accelerator, vae, conditioner, trained, objective, cfg.unet.attention)
@@ -143,23 +152,33 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
         mask = batch.get("mask")  # masked loss: (B, 1, h, w) from the cache, (B, 1, H, W) from the images
         mask = latent_mask(mask.to(device), tuple(z0.shape[-2:])) if mask is not None else None
         uniform = rng.rand_host(len(batch["caption"]))  # on the CPU: no device-to-host copy
-        if cfg.caption.changes_captions:  # tag shuffle and dropout, prefix and suffix (training only)
+        sources = batch[SOURCE_KEY] if per_source is not None else None  # (B,) each item's source
+        captions = per_source.captions(sources) if per_source is not None else cfg.caption
+        if per_source is not None or cfg.caption.changes_captions:  # tags, prefix and suffix (training only)
             draws = rng.rand_host_rows(len(batch["caption"]), 2 * MAX_TAGS) if cfg.caption.draws else None
-            batch = {**batch, "caption": transform_captions(list(batch["caption"]), cfg.caption, draws)}
+            batch = {**batch, "caption": transform_captions(list(batch["caption"]), captions, draws)}
+        p_uncond = per_source.p_uncond[sources] if per_source is not None else None
         target = (z0.shape[-2] * factor, z0.shape[-1] * factor)  # (h, w) in pixels, SDXL's target size
 
         source = cached_conditions(batch, null_text, device) if text_on_disk else conditions
 
         def unet_kwargs() -> dict:
-            return Conditioner.unet_kwargs(conditioner.batch_conditions(source, batch, target, uniform))
+            cond = conditioner.batch_conditions(source, batch, target, uniform, p_uncond)
+            return Conditioner.unet_kwargs(cond)
 
         if outside:
             kwargs = unet_kwargs()
-            loss = objective.loss(lambda z_t, t: loss_model(z_t, t, **kwargs), z0, rng, mask)
+            losses = objective.losses(lambda z_t, t: loss_model(z_t, t, **kwargs), z0, rng, mask)
         else:  # inside the one module's forward
-            loss = objective.loss(lambda z_t, t: loss_model(z_t, t, unet_kwargs), z0, rng, mask)
+            losses = objective.losses(lambda z_t, t: loss_model(z_t, t, unet_kwargs), z0, rng, mask)  # (B,)
+        if per_source is not None:  # DreamBooth: class images weighted by data.prior_loss_weight
+            loss = (losses * per_source.weight[sources.to(device)]).mean()
+        else:
+            loss = losses.mean()
         norm = update(loss, optimizer, trainable)
         terms = {"loss": torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0)}
+        if per_source is not None and per_source.has_prior:
+            terms.update(per_source.role_terms(losses.detach(), sources.to(device)))
         return terms if norm is None else {**terms, "grad_norm": norm}
 
     def grid(path: Path) -> None:  # every process (FSDP gathers); the main process draws

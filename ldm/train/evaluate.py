@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from ldm.core.errors import ConfigError
 from ldm.core.images import save_grid
 from ldm.eval.pipeline_eval import PipelineEvalSettings, evaluate_pipeline
 from ldm.eval.report import pipeline_report
@@ -26,19 +27,35 @@ from ldm.training.validation import ema_weights, eval_mode
 logger = logging.getLogger("ldm")
 
 
-def grid_prompts(cfg: LDMRunConfig, val_set: Dataset) -> list[str]:
-    """The prompts of the periodic sample grids: configured, else the first distinct validation captions."""
+TRAIN_PROMPT_ITEMS = 256  # training items looked through for grid prompts when nothing is held out
+
+
+def grid_prompts(
+    cfg: LDMRunConfig, val_set: Dataset, train_set: Dataset | None = None, shown=None
+) -> list[str]:
+    """The prompts of the periodic sample grids: configured, else the first distinct validation
+    captions, else (nothing held out: ``data.val_size=0``) the first distinct captions of the first
+    training items, as ``shown(item)`` gives them (with their trigger words)."""
     if cfg.sample.prompts_file:
         return [line.prompt for line in read_prompt_file(cfg.sample.prompts_file)]
     if cfg.sample.prompts:
         return list(cfg.sample.prompts)
     prompts: list[str] = []
-    for i in range(len(val_set)):
-        caption = val_set[i]["caption"]
-        if caption and caption not in prompts:
-            prompts.append(caption)
-        if len(prompts) == cfg.sample.grid_prompts:
-            break
+    for dataset, caption_of in ((val_set, None), (train_set, shown)):
+        if dataset is None or prompts:
+            continue
+        for i in range(min(len(dataset), TRAIN_PROMPT_ITEMS if caption_of else len(dataset))):
+            item = dataset[i]
+            caption = caption_of(item) if caption_of else item["caption"]
+            if caption and caption not in prompts:
+                prompts.append(caption)
+            if len(prompts) == cfg.sample.grid_prompts:
+                break
+    if not prompts:
+        raise ConfigError(
+            "no prompts for the sample grids and the evaluation: the captions are empty; set "
+            "sample.prompts=['...'] (or sample.prompts_file)"
+        )
     return prompts
 
 
@@ -93,6 +110,9 @@ def evaluate_run(
     curves and samples of the run folder ``run``, default ``out``); returns the figures."""
     if cfg.eval.num_samples == 0:
         logger.info("evaluation skipped: eval.num_samples=0")
+        return {}
+    if len(val_set) == 0:
+        logger.info("evaluation skipped: no held-out items (data.val_size=0); ldm-eval measures a model later")
         return {}
     t0 = time.perf_counter()
     results, sweep_images = evaluate_pipeline(pipe, val_set, eval_settings(cfg))

@@ -67,8 +67,9 @@ class TrainBatches:
             args = {k: v for k, v in self._loader_args.items() if k not in ("batch_size", "drop_last")}
             return iter(DataLoader(self.dataset, batch_sampler=batches, **args))
         sampler = ResumableSampler(
-            len(self.dataset), self.seed, self.state["position"], self.rank, self.world_size
-        )
+            len(self.dataset), self.seed, self.state["position"], self.rank, self.world_size,
+            getattr(self.dataset, "group", 1),  # DreamBooth's pairs (ldm.data.concepts)
+        )  # fmt: skip
         return iter(DataLoader(self.dataset, sampler=sampler, **self._loader_args))
 
     def __iter__(self) -> TrainBatches:

@@ -115,14 +115,24 @@ def train_batches(
 
 def averaged(accelerator: Accelerator, sums: dict[str, torch.Tensor | float]) -> dict[str, float]:
     """``sums`` (the same keys on every process) averaged over the processes, as floats: the logged
-    losses are those of the global batch. One collective, at logging steps only."""
+    losses are those of the global batch. A value of two elements is a (sum, count) pair: its
+    figure is sum / count over all processes (a loss over some items of each batch, such as
+    DreamBooth's class images), left out where the count is 0. One collective, at logging steps only."""
     keys = sorted(sums)
-    stacked = torch.stack(
-        [torch.as_tensor(sums[k], dtype=torch.float32, device=accelerator.device) for k in keys]
-    )
+    flat = [
+        torch.as_tensor(sums[k], dtype=torch.float32, device=accelerator.device).reshape(-1) for k in keys
+    ]
+    stacked = torch.cat(flat)
     if accelerator.num_processes > 1:
         stacked = accelerator.reduce(stacked, "mean")
-    return dict(zip(keys, stacked.tolist(), strict=True))
+    values, out, start = stacked.tolist(), {}, 0
+    for key, f in zip(keys, flat, strict=True):
+        if f.numel() == 1:
+            out[key] = values[start]
+        elif values[start + 1] > 0:  # (sum, count)
+            out[key] = values[start] / values[start + 1]
+        start += f.numel()
+    return out
 
 
 def process_mean(accelerator: Accelerator):

@@ -19,33 +19,46 @@ class ResumableSampler(Sampler[tuple[int, int]]):
     """Yields ``(index, aug_seed)`` forever, starting at global position ``start``.
 
     With ``num_replicas > 1`` each rank takes every ``num_replicas``-th position, so the
-    ranks together walk the same global order as one process would.
+    ranks together walk the same global order as one process would. With ``group`` g > 1 the
+    items are permuted in groups of g consecutive indices (``num_items`` a multiple of g), each
+    group's items yielded one after another, and each rank takes every ``num_replicas``-th group
+    (DreamBooth's instance/class pairs stay in one batch).
     """
 
-    def __init__(self, num_items: int, seed: int, start: int = 0, rank: int = 0, num_replicas: int = 1):
+    def __init__(
+        self, num_items: int, seed: int, start: int = 0, rank: int = 0, num_replicas: int = 1, group: int = 1
+    ):
         if num_items < 1:
             raise DataError("the training dataset is empty: check data.path (or data.split)")
+        if num_items % group:
+            raise ValueError(f"{num_items} items do not split into groups of {group}")
         self.num_items = num_items
         self.seed = seed
         self.start = start
         self.rank = rank
         self.num_replicas = num_replicas
+        self.group = group
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_items, generator=generator)
+        return torch.randperm(self.num_items // self.group, generator=generator)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        position = self.start + self.rank
-        epoch = position // self.num_items
+        g, groups = self.group, self.num_items // self.group
+        local = self.start // self.num_replicas  # items this rank has consumed
+        unit = self.rank + (local // g) * self.num_replicas  # the global group (g = 1: the position)
+        member = local % g
+        epoch = unit // groups
         order = self._permutation(epoch)
         while True:
-            if position // self.num_items != epoch:
-                epoch = position // self.num_items
+            if unit // groups != epoch:
+                epoch = unit // groups
                 order = self._permutation(epoch)
-            index = int(order[position % self.num_items])
-            yield index, (self.seed * 1_000_003 + position) % (2**63 - 1)
-            position += self.num_replicas
+            index = int(order[unit % groups]) * g + member
+            yield index, (self.seed * 1_000_003 + unit * g + member) % (2**63 - 1)
+            member += 1
+            if member == g:
+                member, unit = 0, unit + self.num_replicas
 
     def __len__(self) -> int:  # an endless stream; DataLoader only needs a number
         return 2**62
