@@ -30,7 +30,10 @@ def test_the_reader_reads_its_own_crosses_and_no_cross_elsewhere(resolution):
     assert all(label[1] == "none" for label in classify_batch(images))  # unknown to the plain reader
     plain = shape_specs(0, "val", range(200))  # the dataset's shapes never read as a cross
     labels = classify_batch(render(plain, resolution), new_shapes=("cross",))
-    assert np.mean([label == (s.color, s.shape, s.background) for label, s in zip(labels, plain, strict=True)]) >= 0.99
+    assert (
+        np.mean([label == (s.color, s.shape, s.background) for label, s in zip(labels, plain, strict=True)])
+        >= 0.99
+    )
 
 
 def test_the_export_tool_draws_the_new_shape_captioned_with_a_token(tmp_path):
@@ -40,7 +43,10 @@ def test_the_export_tool_draws_the_new_shape_captioned_with_a_token(tmp_path):
     from PIL import Image
 
     images = torch.stack(
-        [torch.from_numpy(np.array(Image.open(tmp_path / "c" / r["file_name"]))).permute(2, 0, 1) for r in rows]
+        [
+            torch.from_numpy(np.array(Image.open(tmp_path / "c" / r["file_name"]))).permute(2, 0, 1)
+            for r in rows
+        ]
     )
     truth = [r["text"].replace("<cross>", "cross") for r in rows]
     assert caption_accuracy(images, truth, new_shapes=("cross",))["accuracy"] == 1.0

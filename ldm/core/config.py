@@ -103,7 +103,9 @@ class SourceConfig:
         check_bounds("data.sources[]", self)
         if not self.path:
             raise ConfigError("a data.sources entry has no path: give each source path=DIR (or a .csv)")
-        if self.role == "train" and (self.class_prompt is not None or self.class_prompts or self.num_class_images):
+        if self.role == "train" and (
+            self.class_prompt is not None or self.class_prompts or self.num_class_images
+        ):
             raise ConfigError(
                 f"data.sources entry {self.path}: class_prompt(s) and num_class_images belong to a "
                 "role=regularization source (DreamBooth's class images); add one with the class prompt, "
@@ -352,7 +354,9 @@ def load_config(schema: type[T], preset: str | Path | None = None, overrides: li
             key = item.split("=", 1)[0]
             value = OmegaConf.select(OmegaConf.from_dotlist([f"value={item.split('=', 1)[1]}"]), "value")
             if OmegaConf.select(merged, key.rsplit(".", 1)[0], default=None) is None:
-                raise ConfigError(f"override {item!r}: there is no list item {key.rsplit('.', 1)[0]} to change")
+                raise ConfigError(
+                    f"override {item!r}: there is no list item {key.rsplit('.', 1)[0]} to change"
+                )
             OmegaConf.update(merged, key, value, merge=True)
         return OmegaConf.to_object(merged)  # runs each dataclass's __post_init__ checks
     except OmegaConfBaseException as err:

@@ -60,7 +60,9 @@ def export_folder(
         spec, pixels = dataset.image(i)  # (3, R, R) uint8
         caption = spec.caption
         if color is not None or shape is not None:
-            spec = dataclasses.replace(spec, color=color[0] if color else spec.color, shape=shape or spec.shape)
+            spec = dataclasses.replace(
+                spec, color=color[0] if color else spec.color, shape=shape or spec.shape
+            )
             if shape is not None:  # a square box: kept inside the image (a triangle's box is lower)
                 spec = dataclasses.replace(spec, cy=min(max(spec.cy, spec.size / 2), 1 - spec.size / 2))
             pixels = render([spec], resolution, colors={**COLORS, **dict([color] if color else [])})[0]

@@ -207,7 +207,9 @@ def _row_spans(specs: Sequence[ShapeSpec], rows: int) -> tuple[torch.Tensor, tor
     # cross: a plus sign of side size, arms CROSS_ARM x size thick -> full width within the
     # horizontal arm, the vertical arm's half thickness elsewhere inside the box
     arm = half * CROSS_ARM
-    cross_w = torch.where(dy.abs() <= arm, half.expand_as(dy), torch.where(dy.abs() <= half, arm.expand_as(dy), -1.0))
+    cross_w = torch.where(
+        dy.abs() <= arm, half.expand_as(dy), torch.where(dy.abs() <= half, arm.expand_as(dy), -1.0)
+    )
     width = torch.where(shape_ids == SHAPES["square"], square_w, triangle_w)
     width = torch.where(shape_ids == NEW_SHAPES["cross"], cross_w, width)
     width = torch.where(shape_ids == SHAPES["circle"], circle_w, width)  # (N, rows); -1: row misses the shape

@@ -112,7 +112,9 @@ def evaluate_run(
         logger.info("evaluation skipped: eval.num_samples=0")
         return {}
     if len(val_set) == 0:
-        logger.info("evaluation skipped: no held-out items (data.val_size=0); ldm-eval measures a model later")
+        logger.info(
+            "evaluation skipped: no held-out items (data.val_size=0); ldm-eval measures a model later"
+        )
         return {}
     t0 = time.perf_counter()
     results, sweep_images = evaluate_pipeline(pipe, val_set, eval_settings(cfg))
