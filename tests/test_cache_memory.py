@@ -83,7 +83,7 @@ def test_caching_memory_grows_with_the_cache_not_the_batches(tmp_path, processes
 
 
 class _Items(torch.utils.data.Dataset):
-    """Random images of one shape, or (with ``bucket_of``) of two shapes, with captions."""
+    """Random images of one shape, or (with ``bucket_of``) of two shapes, with captions and masks."""
 
     def __init__(self, n: int, buckets: bool):
         g = torch.Generator().manual_seed(0)
@@ -95,7 +95,8 @@ class _Items(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        return {"pixel_values": self.images[i], "caption": f"item {i}"}
+        mask = (self.images[i][:1] > 0).float()  # (1, H, W): masked loss, per item
+        return {"pixel_values": self.images[i], "caption": f"item {i}", "mask": mask}
 
 
 @pytest.mark.parametrize("buckets", [False, True])
@@ -138,3 +139,5 @@ def test_sharded_cache_equals_one_process(buckets):
         for i in range(len(data)):
             torch.testing.assert_close(latents[i]["mean"], whole[i]["mean"], rtol=0, atol=1e-6)
             torch.testing.assert_close(latents[i]["std"], whole[i]["std"], rtol=0, atol=1e-6)
+            assert torch.equal(latents[i]["mask"], whole[i]["mask"])  # the masks, gathered in item order
+            assert latents[i]["mask"].shape[-2:] == whole[i]["mean"].shape[-2:]

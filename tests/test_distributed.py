@@ -128,14 +128,39 @@ def vae_folder(tmp_path_factory):
     return folder
 
 
+VAL = ["train.val_every=2", "train.val_batch_size=3"]  # the validation loss, in fixed chunks
+
+
+def stage_args(stage: str, vae_folder: Path) -> tuple[str, list[str]]:
+    """(script, arguments) of a stage's 4-step run."""
+    if stage == "vae":
+        return "train_vae.py", [*VAE, *VAL]
+    return "train_ldm.py", [*LDM, f"vae={vae_folder}", *VAL]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, vae_folder):
+    """stage -> (dump, run folder) of its one-process run with batch 4, launched once for the tests
+    that compare against it."""
+    runs = {}
+
+    def reference(stage: str) -> tuple[Path, Path]:
+        if stage not in runs:
+            script, args = stage_args(stage, vae_folder)
+            tmp = tmp_path_factory.mktemp(f"one-{stage}")
+            runs[stage] = (launch(tmp, script, processes=1, batch=4, args=args)[0], tmp / f"{Path(script).stem}-1")
+        return runs[stage]
+
+    return reference
+
+
 @pytest.mark.parametrize("stage", ["ldm", "ldm-disk-cache", "vae"])
-def test_two_processes_equal_one_with_the_same_global_batch(stage, tmp_path, vae_folder):
-    script, args = ("train_ldm.py", [*LDM, f"vae={vae_folder}"]) if stage != "vae" else ("train_vae.py", VAE)
-    if stage == "ldm-disk-cache":  # the 2 processes write the shards and read their rows; 1 reads them
+def test_two_processes_equal_one_with_the_same_global_batch(stage, tmp_path, vae_folder, one_process):
+    script, args = stage_args("vae" if stage == "vae" else "ldm", vae_folder)
+    if stage == "ldm-disk-cache":  # the 2 processes write the shards and read their rows (1: in memory)
         args += [f"cache_dir={tmp_path / 'cache'}", "cache_shard_items=16"]
-    args = [*args, "train.val_every=2", "train.val_batch_size=3"]  # the validation loss, in fixed chunks
     two, log = launch(tmp_path, script, processes=2, batch=2, args=args)
-    one, _ = launch(tmp_path, script, processes=1, batch=4, args=args)
+    one, one_run = one_process("vae" if stage == "vae" else "ldm")
     assert "global batch 4 (2 per process x 2 processes x 1 accumulation)" in log
     assert log.count("global batch 4") == 1  # logged by rank 0 only
     models = sorted(p.name.split("-", 1)[1] for p in two.glob("rank0-*"))
@@ -145,18 +170,18 @@ def test_two_processes_equal_one_with_the_same_global_batch(stage, tmp_path, vae
         assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), f"ranks differ in {name}"
         assert_close(rank0, load_file(one / f"rank0-{name}"), atol=1e-5)
     # the validation loss of two processes is that of one (the weights agree to 1e-5, see above)
-    val = {n: [r for r in read_metrics(tmp_path / f"{Path(script).stem}-{n}" / "metrics.jsonl") if "val/loss" in r]
-           for n in (1, 2)}  # fmt: skip
+    val = {n: [r for r in read_metrics(run / "metrics.jsonl") if "val/loss" in r]
+           for n, run in ((1, one_run), (2, tmp_path / f"{Path(script).stem}-2"))}  # fmt: skip
     assert [r["step"] for r in val[2]] == [r["step"] for r in val[1]] == [2, 4]
     for a, b in zip(val[1], val[2], strict=True):
         assert abs(a["val/loss"] - b["val/loss"]) < 1e-5 * max(1.0, abs(a["val/loss"]))
 
 
 @pytest.mark.parametrize("stage", ["ldm", "vae"])
-def test_two_machines_on_loopback_equal_one_process(stage, tmp_path, vae_folder):
-    script, args = ("train_ldm.py", [*LDM, f"vae={vae_folder}"]) if stage == "ldm" else ("train_vae.py", VAE)
+def test_two_machines_on_loopback_equal_one_process(stage, tmp_path, vae_folder, one_process):
+    script, args = stage_args(stage, vae_folder)
     machines = launch_two_machines(tmp_path, script, args, port=29_600 + (stage == "vae"))
-    one, _ = launch(tmp_path, script, processes=1, batch=4, args=args)
+    one, _ = one_process(stage)
     names = sorted(p.name.split("-", 1)[1] for p in machines.glob("rank0-*"))
     assert names and names == sorted(p.name.split("-", 1)[1] for p in one.glob("rank0-*"))
     for name in names:
@@ -166,12 +191,12 @@ def test_two_machines_on_loopback_equal_one_process(stage, tmp_path, vae_folder)
 
 
 @NEEDS_COMPILER
-def test_two_compiled_processes_equal_one(tmp_path, vae_folder):
+def test_two_compiled_processes_equal_one(tmp_path, vae_folder, one_process):
     """train.compile=true under DDP: the compiled UNet runs inside the DDP module, whose gradient hooks still
-    average over processes; the weights equal one process's with the same global batch."""
-    args = [*LDM, f"vae={vae_folder}", "train.compile=true"]
-    two, log = launch(tmp_path, "train_ldm.py", processes=2, batch=2, args=args)
-    one, _ = launch(tmp_path, "train_ldm.py", processes=1, batch=4, args=args)
+    average over processes; the weights equal one (eager) process's with the same global batch."""
+    script, args = stage_args("ldm", vae_folder)
+    two, log = launch(tmp_path, script, processes=2, batch=2, args=[*args, "train.compile=true"])
+    one, _ = one_process("ldm")
     assert "first step, compiling included" in log
     models = sorted(p.name.split("-", 1)[1] for p in two.glob("rank0-*"))
     assert models

@@ -88,6 +88,30 @@ def test_the_latent_cache_keeps_each_mask_at_the_latents_size(tmp_path):
     assert torch.all(items["d"]["mask"] == 1)
 
 
+def test_the_bucketed_latent_cache_keeps_each_mask_at_its_latents_size(tmp_path):
+    from conftest import tiny_autoencoder
+
+    from ldm.data.cache import cached_latents
+
+    root = masked_folder(tmp_path / "data")
+    wide = np.full((24, 48), 255, np.uint8)
+    wide[:, :24] = 0  # the left half ignored
+    Image.fromarray(np.zeros((24, 48, 3), np.uint8)).save(root / "e.png")
+    (root / "e.txt").write_text("a picture e")
+    Image.fromarray(wide, "L").save(root / "e-masklabel.png")
+    cfg = DataConfig(dataset="folder", path=str(root), resolution=32, flip=False, val_size=0, masked_loss=True,
+                     buckets=True)  # fmt: skip
+    data = build_dataset(cfg, "train", seed=0, bucket_step=8)
+    latents = cached_latents(tiny_autoencoder(1.0), data, batch_size=3)
+    items = {latents[i]["caption"][-1]: latents[i] for i in range(len(latents))}
+    for item in items.values():
+        assert item["mask"].shape[-2:] == item["mean"].shape[-2:]
+    wide_mask = items["e"]["mask"]  # a wider bucket than the squares'
+    assert wide_mask.shape[-1] > wide_mask.shape[-2] and items["a"]["mask"].shape == (1, 16, 16)
+    half = wide_mask.shape[-1] // 2
+    assert torch.all(wide_mask[..., : half - 1] == 0) and torch.all(wide_mask[..., half + 1 :] == 1)
+
+
 def test_a_mask_of_another_size_is_refused_before_training(tmp_path):
     root = masked_folder(tmp_path / "data", mask_size=(20, 32))
     cfg = DataConfig(dataset="folder", path=str(root), resolution=16, val_size=0, masked_loss=True)

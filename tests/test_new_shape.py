@@ -22,13 +22,13 @@ def crosses(n, resolution):
 
 @pytest.mark.parametrize("resolution", [32, 64])
 def test_the_reader_reads_its_own_crosses_and_no_cross_elsewhere(resolution):
-    specs, images = crosses(400, resolution)
+    specs, images = crosses(200, resolution)
     captions = [f"a {s.color} cross on a {s.background} background" for s in specs]
     assert caption_accuracy(images, captions, new_shapes=("cross",))["accuracy"] >= 0.99
     blurred = torch.nn.functional.avg_pool2d(images.float(), 3, 1, 1, count_include_pad=False).round().byte()
     assert caption_accuracy(blurred, captions, new_shapes=("cross",))["shape"] >= 0.99
     assert all(label[1] == "none" for label in classify_batch(images))  # unknown to the plain reader
-    plain = shape_specs(0, "val", range(200))  # the dataset's shapes never read as a cross
+    plain = shape_specs(0, "val", range(100))  # the dataset's shapes never read as a cross
     labels = classify_batch(render(plain, resolution), new_shapes=("cross",))
     assert (
         np.mean([label == (s.color, s.shape, s.background) for label, s in zip(labels, plain, strict=True)])

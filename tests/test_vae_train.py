@@ -168,7 +168,7 @@ def test_decoder_only_finetuning_keeps_the_encoder_bit_identical(tmp_path):
 
 def test_sigkill_then_resume_latest_finishes_like_an_uninterrupted_run(tmp_path):
     args = [f"{a}" for a in TINY if not a.startswith(("train.max_steps", "train.checkpoint_every"))]
-    args += ["train.max_steps=300", "train.checkpoint_every=20", "train.sample_every=0", "train.log_every=10"]
+    args += ["train.max_steps=100", "train.checkpoint_every=20", "train.sample_every=0", "train.log_every=10"]
     cmd = [sys.executable, str(ROOT / "train_vae.py"), f"output_dir={tmp_path / 'killed'}", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = tmp_path / "killed" / "checkpoints" / "latest"

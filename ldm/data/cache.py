@@ -120,13 +120,18 @@ def encode_items(
         start = len(captions)
         item_mean: list[torch.Tensor | None] = [None] * len(items)
         item_std: list[torch.Tensor | None] = [None] * len(items)
+        item_mask: list[torch.Tensor | None] = [None] * len(items)
         for ks in groups.values():
             x = torch.stack([items[k]["pixel_values"] for k in ks]).to(device, vae.dtype)  # (b, 3, H, W)
             posterior = vae.encode(x).latent_dist
             mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()  # (b, C, h, w)
             if per_item:
+                if "mask" in items[0]:  # masked loss, buckets: each item's weights at its latents' size
+                    masks = latent_mask(torch.stack([items[k]["mask"] for k in ks]), tuple(mean.shape[-2:]))
                 for j, k in enumerate(ks):
                     item_mean[k], item_std[k] = mean[j].clone(), std[j].clone()
+                    if "mask" in items[0]:
+                        item_mask[k] = masks[j].clone()  # (1, h_i, w_i)
                 continue
             if means is None:
                 means, stds = mean.new_empty((n, *mean.shape[1:])), std.new_empty((n, *std.shape[1:]))
@@ -137,9 +142,9 @@ def encode_items(
         captions.extend(it["caption"] for it in items)
         for k, values in zip(MICRO_KEYS, zip(*(item_micro(it) for it in items), strict=True), strict=True):
             sizes[k][start : start + len(items)] = torch.tensor(values)  # (b, 2)
-        if "mask" in items[0]:  # masked loss: each item's weights at the latents' size
-            if per_item:
-                raise ValueError("latent cache: masks with aspect-ratio buckets are not supported")
+        if "mask" in items[0] and per_item:
+            sizes.setdefault("mask", []).extend(item_mask)  # a list: the items' latents differ in size
+        elif "mask" in items[0]:  # masked loss: each item's weights at the latents' size
             masks = latent_mask(torch.stack([it["mask"] for it in items]), tuple(means.shape[-2:]))
             if "mask" not in sizes:
                 sizes["mask"] = masks.new_empty((n, *masks.shape[1:]))  # (N, 1, h, w)
@@ -195,11 +200,13 @@ def encode_sharded(
     )
     everyone = gather_object([(captions, sizes)])  # one (captions, sizes) per process, in rank order
     ordered = [everyone[i % world_size][0][i // world_size] for i in range(n)]
-    micro = {  # MICRO_KEYS, and "mask" with masked loss
-        k: torch.stack([everyone[i % world_size][1][k][i // world_size] for i in range(n)]) if n else sizes[k]
-        for k in dict.fromkeys(
-            k for _, shard in everyone for k in shard
-        )  # (a process without items has no mask)
+    def rows(k: str):  # item i from rank i % P; a bucketed cache's masks are a list of sizes
+        column = [everyone[i % world_size][1][k][i // world_size] for i in range(n)]
+        listed = any(isinstance(shard.get(k), list) for _, shard in everyone)
+        return column if listed else torch.stack(column)
+
+    micro = {  # MICRO_KEYS, and "mask" with masked loss (a process without items has no mask)
+        k: rows(k) if n else sizes[k] for k in dict.fromkeys(k for _, shard in everyone for k in shard)
     }
     if bucket_of is None:
         shapes = [s for s in gather_object([tuple(mean.shape[1:]) if len(mean) else None]) if s is not None]

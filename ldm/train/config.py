@@ -196,11 +196,10 @@ class LDMRunConfig:
                 "cache_latents=true with data.streaming caches the stream on disk: set cache_dir=DIR "
                 "(read once, shard by shard), or cache_latents=false to encode every step"
             )
-        if self.data.masked_loss and self.cache_latents and (self.cache_dir or self.data.buckets):
+        if self.data.masked_loss and self.cache_latents and self.cache_dir:
             raise ConfigError(
-                "data.masked_loss=true keeps the masks in the in-memory latent cache of square images only: "
-                "leave cache_dir unset and data.buckets=false, or set cache_latents=false (masks then follow "
-                "every step's images)"
+                "data.masked_loss=true keeps the masks in the in-memory latent cache, not in the disk cache: "
+                "leave cache_dir unset, or set cache_latents=false (masks then follow every step's images)"
             )
         if self.cache_latents and (self.data.flip or self.data.crop == "random"):
             raise ConfigError(
