@@ -44,18 +44,17 @@ def test_grouped_sampler_keeps_pairs_resumes_and_splits_over_ranks():
             list(itertools.islice(iter(ResumableSampler(12, seed=3, start=start, group=2)), 10))
             == full[start : start + 10]
         )
-    # two ranks: each takes every other pair; together (one batch of 2 each) they walk the global order
+    # two ranks interleave the global order: together (one item a step each) they take whole pairs
     r0 = list(itertools.islice(iter(ResumableSampler(12, seed=3, rank=0, num_replicas=2, group=2)), 8))
     r1 = list(itertools.islice(iter(ResumableSampler(12, seed=3, rank=1, num_replicas=2, group=2)), 8))
-    assert [x for k in range(4) for x in (r0[2 * k : 2 * k + 2] + r1[2 * k : 2 * k + 2])] == full[:16]
-    assert (
-        ResumableSampler(7, seed=1)._permutation(0).tolist()
-        == ResumableSampler(7, seed=1)._permutation(0).tolist()
-    )  # group 1 is the plain order
+    assert [x for pair in zip(r0, r1, strict=True) for x in pair] == full[:16]
     resumed = list(
         itertools.islice(iter(ResumableSampler(12, seed=3, start=6, rank=1, num_replicas=2, group=2)), 4)
     )
     assert resumed == r1[3:7]
+    plain = list(itertools.islice(iter(ResumableSampler(7, seed=1)), 14))  # group 1: the old order
+    order = [int(i) for e in range(2) for i in ResumableSampler(7, seed=1)._permutation(e)]
+    assert [i for i, _ in plain] == order
 
 
 def test_sources_are_counted_paired_and_captioned(tmp_path):
@@ -130,11 +129,48 @@ def test_source_terms_weight_drop_and_caption_each_item():
         (["data.dataset=sources", "data.path=a", "data.sources=[{path: a}]"], "leave data.path unset"),
         (["data.dataset=sources"], "needs data.sources"),
         (["data.dataset=sources", "data.sources=[{path: a, role: prior}]"], "train | regularization"),
+        (
+            [
+                "data.dataset=sources",
+                "data.sources=[{path: a}, {path: a/class, role: regularization, class_prompt: x}]",
+            ],
+            "overlap",
+        ),
+        (
+            ["data.dataset=sources", "data.repeats=2", "data.sources=[{path: a}]"],
+            "give each source its repeats",
+        ),
+        (
+            [
+                "data.dataset=sources",
+                "data.sources=[{path: a}, {path: r, role: regularization, class_prompt: x, "
+                "num_class_images: 4}]",
+            ],
+            "set pretrained=PATH",
+        ),
     ],
 )
 def test_bad_source_configs_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(LDMRunConfig, None, overrides)
+
+
+def test_class_image_names_fill_gaps_and_an_empty_class_folder_is_explained(tmp_path):
+    from ldm.core.errors import DataError
+    from ldm.train.sources import free_names
+
+    folder = image_folder(tmp_path / "class", 0, None)
+    for n in (0, 2):
+        Image.new("RGB", (8, 8)).save(folder / f"class-{n:05d}.png")
+    (folder / "class-00001.txt").write_text("a prompt whose image never came")  # an interrupted draw
+    assert free_names(folder, 3) == [(1, "class-00001"), (3, "class-00003"), (4, "class-00004")]
+    empty = image_folder(tmp_path / "none", 0, None)
+    cfg = DataConfig(dataset="sources", resolution=16, sources=[
+        SourceConfig(path=str(image_folder(tmp_path / "a", 2, "x"))),
+        SourceConfig(path=str(empty), role="regularization", class_prompt="a dog"),
+    ])  # fmt: skip
+    with pytest.raises(DataError, match="holds no class images: set its num_class_images"):
+        build_dataset(cfg, "train", seed=0)
 
 
 def test_dreambooth_draws_class_images_once_and_logs_both_losses(tmp_path, caplog):
@@ -159,7 +195,7 @@ def test_dreambooth_draws_class_images_once_and_logs_both_losses(tmp_path, caplo
     assert (reg / "class-00000.txt").read_text() == "a toy\n" and not list(reg.glob(".*"))
     before = {p: p.read_bytes() for p in drawn}
     assert "drawing 3 for 'a toy'" in caplog.text
-    assert "each batch holds as many class images as instance images" in caplog.text
+    assert "each global batch holds as many class images as instance images" in caplog.text
     caplog.clear()
     with caplog.at_level("INFO", logger="ldm"):
         train_ldm(load_config(LDMRunConfig, None, [*overrides, "train.stop_at=null"]), resume="latest")

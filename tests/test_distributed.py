@@ -148,7 +148,10 @@ def one_process(tmp_path_factory, vae_folder):
         if stage not in runs:
             script, args = stage_args(stage, vae_folder)
             tmp = tmp_path_factory.mktemp(f"one-{stage}")
-            runs[stage] = (launch(tmp, script, processes=1, batch=4, args=args)[0], tmp / f"{Path(script).stem}-1")
+            runs[stage] = (
+                launch(tmp, script, processes=1, batch=4, args=args)[0],
+                tmp / f"{Path(script).stem}-1",
+            )
         return runs[stage]
 
     return reference

@@ -42,6 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         vae, vae_dir, conditioner, unet = setup.models_on_device(
             cfg, accelerator.device, torch.contiguous_format
         )
+        if cfg.data.sources:  # DreamBooth: the class images are drawn first, as train_ldm would
+            from ldm.diffusion.registry import build_objective
+            from ldm.train.sources import ensure_class_images
+
+            objective = build_objective(cfg.noise)
+            ensure_class_images(
+                cfg, accelerator, lambda: setup.training_pipeline(vae, conditioner, unet, objective)
+            )
         images = build_dataset(cfg.data, "train", cfg.seed, bucket_step=8 * downsampling_factor(vae))
         latents = latent_training_set(cfg, accelerator, vae, vae_dir, images)
         if not conditioner.trainable:  # in the dtype training runs them in (cast_frozen)

@@ -123,6 +123,23 @@ class SourceConfig:
                 )
 
 
+def check_source_paths(sources: list[SourceConfig]) -> None:
+    """Refuse a regularization folder that is, holds or lies inside a train source's folder: folders
+    are read recursively, so class images would train as the subject's, or the subject's as class
+    images."""
+    for reg in (s for s in sources if s.role == "regularization"):
+        r = Path(reg.path).resolve()
+        for t in (s for s in sources if s.role == "train"):
+            p = Path(t.path).resolve()
+            p = p.parent if t.dataset == "csv" else p
+            if r == p or p in r.parents or r in p.parents:
+                raise ConfigError(
+                    f"data.sources: the regularization folder {reg.path} and the train source {t.path} "
+                    "overlap (folders are read with their subfolders); give the class images a folder of "
+                    "their own, beside the subject's"
+                )
+
+
 @dataclass
 class DataConfig:
     """Where images and captions come from, and how they become tensors."""
@@ -204,6 +221,13 @@ class DataConfig:
                     "data.dataset=sources reads each source's own path: leave data.path unset "
                     f"(it is {self.path}) or list it as a source"
                 )
+            if self.repeats > 1:
+                raise ConfigError(
+                    "data.repeats applies to one data.path; with data.sources give each source its repeats"
+                )
+            if self.streaming:
+                raise ConfigError("data.streaming applies to hf datasets; data.sources are folders and CSVs")
+            check_source_paths(self.sources)
             if not any(s.role == "train" for s in self.sources):
                 raise ConfigError(
                     "data.sources has no role=train source: add the images of the concept to learn "

@@ -21,10 +21,17 @@ import numpy as np
 from torch.utils.data import Dataset, IterableDataset
 
 from ldm.core.config import DataConfig, SourceConfig
-from ldm.core.errors import ConfigError, DataError
+from ldm.core.errors import DataError
 from ldm.data.buckets import make_buckets, nearest_bucket
 from ldm.data.concepts import Concatenated, SourceView, paired_positions, source_positions
-from ldm.data.folder import IMAGE_EXTENSIONS, FolderItem, ImageFolderDataset, scan_csv, scan_folder
+from ldm.data.folder import (
+    IMAGE_EXTENSIONS,
+    FolderItem,
+    ImageFolderDataset,
+    image_files,
+    scan_csv,
+    scan_folder,
+)
 from ldm.data.hf import HFImageDataset, HFStreamingDataset, load_hf_dataset
 from ldm.data.masks import check_mask_sizes
 from ldm.data.repeat import RepeatedDataset
@@ -157,13 +164,15 @@ def _hf(cfg: DataConfig, train: bool, seed: int, crop: str, flip: bool) -> Datas
 def _source_items(source: SourceConfig) -> list[FolderItem]:
     """A source's images with their captions; a regularization source's images without one get its
     ``class_prompt`` (or its first ``class_prompts``)."""
+    if source.role == "regularization" and not image_files(source.path):
+        raise DataError(
+            f"the regularization source {source.path} holds no class images: set its num_class_images=N "
+            "to have the base model draw N there, or point its path at a folder of class images"
+        )
     if source.dataset == "csv":
-        items = scan_csv(source.path, source.image_column, source.caption_column)
-    else:
-        items = scan_folder(source.path, source.caption_column)
-    if source.role == "regularization":
-        items = [it if it.caption else it._replace(caption=source.prompts()[0]) for it in items]
-    return items
+        return scan_csv(source.path, source.image_column, source.caption_column)
+    empty = source.prompts()[0] if source.role == "regularization" else None
+    return scan_folder(source.path, source.caption_column, empty)
 
 
 def _with_words(items: list[FolderItem], source: SourceConfig) -> list[FolderItem]:
@@ -175,15 +184,21 @@ def _with_words(items: list[FolderItem], source: SourceConfig) -> list[FolderIte
 def _concepts(cfg: DataConfig, train: bool, seed: int, crop: str, flip: bool) -> Dataset:
     """``data.sources`` as one dataset: train split, a ``SourceView`` (``ldm.data.concepts``); validation,
     the held-out items of the train sources (regularization sources are never held out)."""
-    if cfg.repeats > 1:
-        raise ConfigError(
-            "data.repeats applies to one data.path; with data.sources give each source its repeats"
-        )
     parts, sizes, held = [], [], []
     for source in cfg.sources:
+        if not train and source.role != "train":
+            continue  # (regularization sources are never held out)
         items = _source_items(source)
         if source.role == "train":
-            train_idx, val_idx = split_indices(len(items), cfg.val_size, seed)
+            try:
+                train_idx, val_idx = split_indices(len(items), cfg.val_size, seed)
+            except DataError as err:
+                raise DataError(f"data source {source.path}: {err}") from None
+            if val_idx and train:
+                logger.info(
+                    "data source %s: %d of its %d images held out for validation (data.val_size=0 trains on all)",
+                    source.path, len(val_idx), len(items),
+                )  # fmt: skip
         else:
             train_idx, val_idx = list(range(len(items))), []
         if not train:

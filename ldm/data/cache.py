@@ -200,6 +200,7 @@ def encode_sharded(
     )
     everyone = gather_object([(captions, sizes)])  # one (captions, sizes) per process, in rank order
     ordered = [everyone[i % world_size][0][i // world_size] for i in range(n)]
+
     def rows(k: str):  # item i from rank i % P; a bucketed cache's masks are a list of sizes
         column = [everyone[i % world_size][1][k][i // world_size] for i in range(n)]
         listed = any(isinstance(shard.get(k), list) for _, shard in everyone)

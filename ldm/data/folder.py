@@ -118,13 +118,15 @@ def _readable(path: Path) -> str | tuple[int, int]:
     return w, h
 
 
-def scan_folder(root: str | Path, caption_column: str = "text") -> list[FolderItem]:
+def scan_folder(
+    root: str | Path, caption_column: str = "text", empty_caption: str | None = None
+) -> list[FolderItem]:
     """Every readable image under ``root`` with its caption, sorted by path.
 
     Unreadable or unusable files (corrupt, zero bytes, not an image, a side under 8 px, a
     decompression bomb) are skipped with one warning giving their count; images without a
     caption, or with an empty one, get "" (trained as unconditional) with one warning giving
-    their count. Raises ``DataError`` for a missing or empty
+    their count, or ``empty_caption`` where given. Raises ``DataError`` for a missing or empty
     folder or a broken metadata.jsonl.
     """
     root = Path(root)
@@ -186,7 +188,12 @@ def scan_folder(root: str | Path, caption_column: str = "text") -> list[FolderIt
             "%d caption file(s) under %s are not UTF-8; their undecodable bytes became U+FFFD, e.g. %s",
             len(not_utf8), root, ", ".join(str(p) for p in not_utf8[:3]),
         )  # fmt: skip
-    if missing:
+    if missing and empty_caption is not None:  # (a regularization source: its class prompt)
+        items = [it if it.caption else it._replace(caption=empty_caption) for it in items]
+        logger.info(
+            "%d of %d images under %s have no caption: captioned %r", missing, len(items), root, empty_caption
+        )
+    elif missing:
         logger.warning(
             "%d of %d images under %s have no caption or an empty one (no %s entry with %r, no .txt "
             "file); they are trained with the empty caption",

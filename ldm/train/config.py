@@ -196,6 +196,13 @@ class LDMRunConfig:
                 "cache_latents=true with data.streaming caches the stream on disk: set cache_dir=DIR "
                 "(read once, shard by shard), or cache_latents=false to encode every step"
             )
+        drawn = [s.path for s in self.data.sources if s.role == "regularization" and s.num_class_images]
+        if drawn and not self.pretrained:
+            raise ConfigError(
+                f"data.sources: {drawn[0]} asks for class images (num_class_images), which the base model "
+                "draws: set pretrained=PATH (a model that already draws the class), or bring class images "
+                "and set num_class_images=0"
+            )
         if self.data.masked_loss and self.cache_latents and self.cache_dir:
             raise ConfigError(
                 "data.masked_loss=true keeps the masks in the in-memory latent cache, not in the disk cache: "

@@ -32,6 +32,7 @@ logger = logging.getLogger("ldm")
 CACHE_BATCH = 256  # images per encoder call while caching
 # data keys that do not change what the cache holds (masks are never in the disk cache)
 NOT_IN_CACHE = ("num_workers", "repeats", "masked_loss", "prior_loss_weight")
+SOURCE_NOT_IN_CACHE = ("repeats", "caption_dropout", "prefix", "suffix")  # per source, likewise
 
 
 def latent_training_set(
@@ -99,6 +100,7 @@ def disk_cache_folder(
     seed, and the shards' size (a rerun continues a partial cache only with the same shards); a
     stream's also by the process count (each process caches its part of the stream)."""
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in NOT_IN_CACHE}
+    data["sources"] = [{k: v for k, v in s.items() if k not in SOURCE_NOT_IN_CACHE} for s in data["sources"]]
     extra = {"stream_processes": stream_processes} if stream_processes else {}
     key = fingerprint(vae_dir, {**data, "disk_format": DISK_FORMAT, **extra}, cfg.seed)
     return Path(cfg.cache_dir) / f"latents-{key}-{shards_of(cfg, vae)}"

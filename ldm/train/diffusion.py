@@ -70,7 +70,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
                 cfg, accelerator, lambda: setup.training_pipeline(vae, conditioner, unet, objective)
             )
     train_set = build_dataset(cfg.data, "train", cfg.seed, bucket_step=8 * downsampling_factor(vae))
-    log_sources(cfg, train_set)
+    log_sources(cfg, train_set, accelerator.num_processes)
     val_set = build_dataset(cfg.data, "val", cfg.seed)
     if accelerator.is_main_process:  # can the base model carry this data at all? (seconds)
         preflight(cfg, train_set, vae, vae_dir, conditioner, tokens.prior)
@@ -177,8 +177,9 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
             loss = losses.mean()
         norm = update(loss, optimizer, trainable)
         terms = {"loss": torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0)}
-        if per_source is not None and per_source.has_prior:
-            terms.update(per_source.role_terms(losses.detach(), sources.to(device)))
+        if per_source is not None and per_source.has_prior:  # (a skipped non-finite step logs 0, as loss)
+            finite = torch.nan_to_num(losses.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+            terms.update(per_source.role_terms(finite, sources.to(device)))
         return terms if norm is None else {**terms, "grad_norm": norm}
 
     def grid(path: Path) -> None:  # every process (FSDP gathers); the main process draws

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from ldm.core.errors import ConfigError
 from ldm.core.images import save_grid
@@ -42,7 +42,7 @@ def grid_prompts(
         return list(cfg.sample.prompts)
     prompts: list[str] = []
     for dataset, caption_of in ((val_set, None), (train_set, shown)):
-        if dataset is None or prompts:
+        if dataset is None or prompts or isinstance(dataset, IterableDataset):  # (a stream: not looked at)
             continue
         for i in range(min(len(dataset), TRAIN_PROMPT_ITEMS if caption_of else len(dataset))):
             item = dataset[i]

@@ -46,10 +46,13 @@ class Findings:
 
 
 def sample_items(dataset: Dataset | IterableDataset, n: int) -> list[dict]:
-    """The first ``n`` items (unaugmented), from a map-style or a streamed dataset."""
+    """``n`` items (unaugmented): the first of a stream; of a map-style dataset, spread evenly over
+    its distinct items (under ``data.repeats`` or a concept dataset's positions, every source's)."""
     if isinstance(dataset, IterableDataset):
         return list(itertools.islice(iter(dataset), n))
-    return [dataset[i] for i in range(min(n, len(dataset)))]
+    dataset = getattr(dataset, "base", dataset)  # (RepeatedDataset, SourceView: the distinct items)
+    count = min(n, len(dataset))
+    return [dataset[i * len(dataset) // count] for i in range(count)]
 
 
 @torch.no_grad()

@@ -17,11 +17,14 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 
+from ldm.core.errors import DataError
 from ldm.data.captions import CaptionConfig, source_caption_configs, transform_caption
 from ldm.data.concepts import SOURCE_KEY, SourceView
 from ldm.data.folder import image_files
 from ldm.train.config import LDMRunConfig
+from ldm.train.data import main_process_value
 
 logger = logging.getLogger("ldm")
 CLASS_BATCH = 8  # class images per pipeline call
@@ -83,52 +86,76 @@ def missing_class_images(cfg: LDMRunConfig) -> list[tuple[int, int]]:
 def ensure_class_images(cfg: LDMRunConfig, accelerator, pipeline_of) -> None:
     """Draw the class images that regularization sources lack with the base model (``pipeline_of()``,
     before anything trains), each written whole (a temporary file, then a rename) as
-    ``class-NNNNN.png`` with its prompt in ``class-NNNNN.txt``; the main process draws, the others
-    wait. Images already there are kept: a rerun or a resume draws nothing more."""
-    missing = missing_class_images(cfg)
-    if missing and accelerator.is_main_process:
-        pipe = pipeline_of()
-        for index, count in missing:
+    ``class-NNNNN.png`` with its prompt in ``class-NNNNN.txt``: image n from seed n and prompt n mod
+    len(prompts), the free numbers from 0 up. The main process names the missing images; every
+    process draws its share (image k on process k mod P). Images already there are kept: a rerun or
+    a resume draws nothing more. Every process raises if any one failed, or if the folder still
+    lacks images afterwards (it must be on a file system every process sees)."""
+    if not any(s.role == "regularization" and s.num_class_images for s in cfg.data.sources):
+        return
+    plan = main_process_value(
+        accelerator,
+        [(i, free_names(Path(cfg.data.sources[i].path), count)) for i, count in missing_class_images(cfg)],
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    failure = None
+    try:
+        pipe = pipeline_of() if any(names[rank::world] for _, names in plan) else None
+        for index, names in plan:
             source = cfg.data.sources[index]
-            folder = Path(source.path)
-            folder.mkdir(parents=True, exist_ok=True)
-            have = len(image_files(folder))
             prompts = source.prompts()
-            logger.info(
-                "prior preservation: %s holds %d of %d class images; drawing %d for %s with the base model",
-                folder, have, source.num_class_images, count,
-                repr(prompts[0]) if len(prompts) == 1 else f"{len(prompts)} prompts in turn",
-            )  # fmt: skip
-            t0, names = time.perf_counter(), free_names(folder, have, count)
-            for start in range(0, count, CLASS_BATCH):
-                chunk = names[start : start + CLASS_BATCH]
-                seeds = [cfg.seed * 1_000_003 + n for n, _ in chunk]  # image n: the same on every rerun
+            if accelerator.is_main_process:
+                logger.info(
+                    "prior preservation: %s holds %d of %d class images; drawing %d for %s with the base model",
+                    source.path, source.num_class_images - len(names), source.num_class_images, len(names),
+                    repr(prompts[0]) if len(prompts) == 1 else f"{len(prompts)} prompts in turn",
+                )  # fmt: skip
+            t0, mine = time.perf_counter(), names[rank::world]
+            Path(source.path).mkdir(parents=True, exist_ok=True)
+            for start in range(0, len(mine), CLASS_BATCH):
+                chunk = mine[start : start + CLASS_BATCH]
                 chunk_prompts = [prompts[n % len(prompts)] for n, _ in chunk]
-                images = pipe(
-                    chunk_prompts,
-                    num_inference_steps=cfg.sample.steps,
-                    guidance_scale=cfg.sample.guidance_scale,
-                    sampler=cfg.sample.sampler,
-                    seed=seeds,
-                    height=cfg.data.resolution,
-                    width=cfg.data.resolution,
-                    progress=False,
-                ).images
+                with accelerator.autocast():  # mixed precision: drawn in the half dtype, as grids are
+                    images = pipe(
+                        chunk_prompts,
+                        num_inference_steps=cfg.sample.steps,
+                        guidance_scale=cfg.sample.guidance_scale,
+                        sampler=cfg.sample.sampler,
+                        seed=[cfg.seed * 1_000_003 + n for n, _ in chunk],  # image n: the same on every rerun
+                        height=cfg.data.resolution,
+                        width=cfg.data.resolution,
+                        progress=False,
+                    ).images
                 for (_, stem), image, prompt in zip(chunk, images, chunk_prompts, strict=True):
-                    write_class_image(folder / stem, image, prompt)
-            logger.info("prior preservation: drew %d class images in %.1f s", count, time.perf_counter() - t0)
+                    write_class_image(Path(source.path) / stem, image, prompt)
+            if accelerator.is_main_process:
+                logger.info(
+                    "prior preservation: drew %d class images in %.1f s", len(mine), time.perf_counter() - t0
+                )
+    except Exception as err:  # re-raised on every process below, not left to a collective's timeout
+        failure = f"process {rank}: {type(err).__name__}: {err}"
+    failures = [f for f in gather_object([failure]) if f]
+    if failures:
+        raise RuntimeError(f"drawing the class images failed ({'; '.join(failures)})")
     accelerator.wait_for_everyone()
-    for index, count in missing_class_images(cfg):
-        raise RuntimeError(f"{cfg.data.sources[index].path} still lacks {count} class images after drawing")
+    lacking = [(rank, cfg.data.sources[i].path, n) for i, n in missing_class_images(cfg)]
+    lacking = [x for per_process in gather_object([lacking]) for x in per_process]
+    if lacking:
+        raise DataError(
+            "class image folders still lack images after drawing: "
+            + ", ".join(f"{path} lacks {n} (process {r})" for r, path, n in lacking)
+            + "; every process must see the same folder (a shared file system)"
+        )
 
 
-def free_names(folder: Path, start: int, count: int) -> list[tuple[int, str]]:
-    """``count`` (number, stem) pairs ``class-NNNNN`` from ``start`` on whose files do not exist yet."""
-    names, n = [], start
+def free_names(folder: Path, count: int) -> list[tuple[int, str]]:
+    """``count`` (number, stem) pairs ``class-NNNNN``, the lowest numbers from 0 whose stem no image
+    file has yet (a prompt file left without its image is overwritten)."""
+    taken = {p.stem for p in image_files(folder)}
+    names, n = [], 0
     while len(names) < count:
-        stem = f"class-{n:05d}"
-        if not any((folder / f"{stem}{ext}").exists() for ext in (".png", ".txt")):
-            names.append((n, stem))
+        if f"class-{n:05d}" not in taken:
+            names.append((n, f"class-{n:05d}"))
         n += 1
     return names
 
@@ -145,7 +172,7 @@ def write_class_image(stem: Path, image, prompt: str) -> None:
         os.replace(tmp, stem.with_suffix(suffix))
 
 
-def log_sources(cfg: LDMRunConfig, train_set) -> None:
+def log_sources(cfg: LDMRunConfig, train_set, num_processes: int = 1) -> None:
     """One log line per source: its images, repeats and positions an epoch (and how pairs are made)."""
     if not isinstance(train_set, SourceView):
         return
@@ -155,15 +182,18 @@ def log_sources(cfg: LDMRunConfig, train_set) -> None:
         logger.info(
             "data source %s (%s): %d images x %d repeats; %d items an epoch%s",
             s.path, s.role, n, s.repeats, positions,
-            f", loss weight {cfg.data.prior_loss_weight:g}"
-            if s.role == "regularization" else "",
+            f", loss weight {cfg.data.prior_loss_weight:g}" if s.role == "regularization" else "",
         )  # fmt: skip
     if train_set.group == 2:
-        how = (
-            "each batch holds as many class images as instance images"
-            if train_set.bucket_of is None and cfg.train.batch_size % 2 == 0
-            else "class and instance images in turn (odd batch size)"
-            if train_set.bucket_of is None
-            else "mixed at random (aspect-ratio buckets cannot keep pairs)"
-        )
+        batch = cfg.train.batch_size * num_processes  # the items of one micro-step, all processes
+        if train_set.bucket_of is not None:
+            how = (
+                "with aspect-ratio buckets a batch holds one bucket, so class and instance images share a "
+                "batch only where they share a bucket (class images are drawn square)"
+            )
+            logger.warning("prior preservation: %s", how)
+        elif batch % 2:
+            how = "class and instance images in turn (an odd global batch)"
+        else:
+            how = "each global batch holds as many class images as instance images"
         logger.info("prior preservation: %d instance/class pairs an epoch; %s", len(train_set) // 2, how)

@@ -20,9 +20,9 @@ class ResumableSampler(Sampler[tuple[int, int]]):
 
     With ``num_replicas > 1`` each rank takes every ``num_replicas``-th position, so the
     ranks together walk the same global order as one process would. With ``group`` g > 1 the
-    items are permuted in groups of g consecutive indices (``num_items`` a multiple of g), each
-    group's items yielded one after another, and each rank takes every ``num_replicas``-th group
-    (DreamBooth's instance/class pairs stay in one batch).
+    permutation moves groups of g consecutive indices (``num_items`` a multiple of g), each
+    group's items at g consecutive positions: a global batch of a multiple of g items starting
+    at a multiple of g holds whole groups (DreamBooth's instance/class pairs).
     """
 
     def __init__(
@@ -44,21 +44,18 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         return torch.randperm(self.num_items // self.group, generator=generator)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        g, groups = self.group, self.num_items // self.group
-        local = self.start // self.num_replicas  # items this rank has consumed
-        unit = self.rank + (local // g) * self.num_replicas  # the global group (g = 1: the position)
-        member = local % g
-        epoch = unit // groups
+        g = self.group
+        position = self.start + self.rank
+        epoch = position // self.num_items
         order = self._permutation(epoch)
         while True:
-            if unit // groups != epoch:
-                epoch = unit // groups
+            if position // self.num_items != epoch:
+                epoch = position // self.num_items
                 order = self._permutation(epoch)
-            index = int(order[unit % groups]) * g + member
-            yield index, (self.seed * 1_000_003 + unit * g + member) % (2**63 - 1)
-            member += 1
-            if member == g:
-                member, unit = 0, unit + self.num_replicas
+            p = position % self.num_items
+            index = int(order[p // g]) * g + p % g  # (g = 1: order[p])
+            yield index, (self.seed * 1_000_003 + position) % (2**63 - 1)
+            position += self.num_replicas
 
     def __len__(self) -> int:  # an endless stream; DataLoader only needs a number
         return 2**62
