@@ -20,6 +20,7 @@ prints one JSON line:
 - ``drawn``: the share of images read as a cross (``ldm.eval.shapes_reader`` with
   ``new_shapes=("cross",)``) among 18 prompts "a {color} <word> on a {background} background"
   (every color and background) x ``--seeds``; ``drawn_caption``: color, cross and background all right;
+  ``read_as``: what the reader saw in those images (shape -> count);
 - ``captions``: caption accuracy on the 54 original captions x 2 seeds (circles, squares, triangles):
   how the model holds up on what it knew.
 """
@@ -37,7 +38,7 @@ import torch
 
 from ldm.data.export_folder import export_folder
 from ldm.data.shapes import BACKGROUNDS, COLORS, SHAPES, caption
-from ldm.eval.shapes_reader import caption_accuracy
+from ldm.eval.shapes_reader import caption_accuracy, classify_batch
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,13 +115,16 @@ def score(args) -> dict:
     prompts = [p for p in prompts for _ in range(args.seeds)]
     truth = [t for t in truth for _ in range(args.seeds)]
     seeds = [k for _ in range(len(prompts) // args.seeds) for k in range(args.seeds)]
-    concept = caption_accuracy(draw(pipe, prompts, seeds, args), truth, new_shapes=("cross",))
+    drawn = draw(pipe, prompts, seeds, args)
+    concept = caption_accuracy(drawn, truth, new_shapes=("cross",))
+    shapes = [label[1] for label in classify_batch(drawn, new_shapes=("cross",))]
     original = [c for c in ORIGINAL for _ in range(PROMPT_SEEDS)]
     seeds = [k for _ in ORIGINAL for k in range(PROMPT_SEEDS)]
     held = caption_accuracy(draw(pipe, original, seeds, args), original)
     return {
         "run": args.run or "base", "word": word, "drawn": concept["shape"], "drawn_caption": concept["accuracy"],
-        "drawn_n": concept["n"], "captions": held["accuracy"], "captions_n": held["n"],
+        "drawn_n": concept["n"], "read_as": {k: shapes.count(k) for k in sorted(set(shapes))},
+        "captions": held["accuracy"], "captions_n": held["n"],
         "score_seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
 
@@ -132,8 +136,7 @@ def main(argv: list[str]) -> int:
     t = sub.add_parser("train")
     t.add_argument("method", choices=sorted(METHODS))
     t.add_argument("data", type=Path)
-    t.add_argument("--steps", type=int, default=600)
-    t.add_argument("overrides", nargs="*")
+    t.add_argument("--steps", type=int, default=600)  # (key=value arguments go to train_ldm.py)
     s = sub.add_parser("score")
     s.add_argument("--base", default=str(ROOT / "runs" / "ldm-shapes" / "model"))
     s.add_argument("--run", default=None, help="a run folder: its embeddings/ and lora/ are loaded")
@@ -141,11 +144,13 @@ def main(argv: list[str]) -> int:
     s.add_argument("--seeds", type=int, default=4)
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--guidance", type=float, default=4.0)
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)
+    if overrides and (args.command != "train" or not all("=" in o for o in overrides)):
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     if args.command == "make":
         make(args.root)
     elif args.command == "train":
-        train(args.method, args.data, args.steps, args.overrides)
+        train(args.method, args.data, args.steps, overrides)
     else:
         sys.stdout.write(json.dumps(score(args)) + "\n")
     return 0

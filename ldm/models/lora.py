@@ -108,15 +108,16 @@ def save_lora(
     sdxl: bool = False,
 ) -> Path:
     """Write ``folder/pytorch_lora_weights.safetensors`` (diffusers' format, with each adapter's rank
-    and alpha as metadata; SDXL's with the second text encoder's as well), atomically."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    and alpha as metadata; SDXL's with the second text encoder's as well), atomically. The layers keep
+    peft's names (``lora_A`` / ``lora_B``), which diffusers' loader reads as they are:
+    ``convert_state_dict_to_diffusers`` renames attention projections only, and a file mixing its
+    names with conv layers' peft names loses the attention adapters in diffusers' loader."""
     from peft.utils import get_peft_model_state_dict
 
     def layers_and_metadata(model):
         if model is None or not getattr(model, "peft_config", None):
             return None, None
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
-        return state, model.peft_config["default"].to_dict()
+        return get_peft_model_state_dict(model), model.peft_config["default"].to_dict()
 
     unet_layers, unet_meta = layers_and_metadata(unet)
     text_layers, text_meta = layers_and_metadata(text_model)

@@ -113,7 +113,8 @@ def evaluate_run(
         return {}
     if len(val_set) == 0:
         logger.info(
-            "evaluation skipped: no held-out items (data.val_size=0); ldm-eval measures a model later"
+            "evaluation skipped: no held-out items (data.val_size=0); measure the model with ldm-eval "
+            "on data it did not train on"
         )
         return {}
     t0 = time.perf_counter()
