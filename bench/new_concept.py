@@ -2,7 +2,7 @@
 with textual inversion, pivotal tuning and DreamBooth-LoRA with prior preservation; score each.
 
     python bench/new_concept.py make data/cross                 # 8 crosses: data/cross/{token,sks}
-    python bench/new_concept.py train ti|pivotal|dreambooth data/cross [--steps 600] [key=value ...]
+    python bench/new_concept.py train ti|pivotal|dreambooth data/cross [--steps N] [key=value ...]
     python bench/new_concept.py score [--base runs/ldm-shapes/model] [--run runs/nc-ti] [--seeds 4]
 
 ``make`` draws 8 items of the shapes validation split as crosses with the export tool
@@ -66,10 +66,10 @@ def make(root: Path) -> None:
     sys.stdout.write(f"wrote {IMAGES} crosses to {root / 'token'} ({TOKEN}) and {root / 'sks'} (sks)\n")
 
 
-def train(method: str, data: Path, steps: int, extra: list[str]) -> None:
+def train(method: str, data: Path, steps: int | None, extra: list[str]) -> None:
     preset, folder, overrides = METHODS[method]
     out = ROOT / "runs" / f"nc-{method}"
-    common = [f"output_dir={out}", f"train.max_steps={steps}", "data.val_size=0", "train.val_every=0",
+    common = [f"output_dir={out}", *([f"train.max_steps={steps}"] if steps else []), "data.val_size=0", "train.val_every=0",
               f"sample.prompts=['{caption('red', WORDS[folder], 'white')}']", "caption.prefix=''"]  # fmt: skip
     if method == "dreambooth":
         prompts = "[" + ", ".join(f"'{c}'" for c in ORIGINAL) + "]"
@@ -136,7 +136,7 @@ def main(argv: list[str]) -> int:
     t = sub.add_parser("train")
     t.add_argument("method", choices=sorted(METHODS))
     t.add_argument("data", type=Path)
-    t.add_argument("--steps", type=int, default=600)  # (key=value arguments go to train_ldm.py)
+    t.add_argument("--steps", type=int, default=None, help="train.max_steps (default: the preset's)")
     s = sub.add_parser("score")
     s.add_argument("--base", default=str(ROOT / "runs" / "ldm-shapes" / "model"))
     s.add_argument("--run", default=None, help="a run folder: its embeddings/ and lora/ are loaded")
