@@ -112,6 +112,27 @@ def test_the_bucketed_latent_cache_keeps_each_mask_at_its_latents_size(tmp_path)
     assert torch.all(wide_mask[..., : half - 1] == 0) and torch.all(wide_mask[..., half + 1 :] == 1)
 
 
+@pytest.mark.parametrize("buckets", [False, True])
+def test_the_disk_cache_keeps_the_masks_the_memory_cache_keeps(tmp_path, buckets):
+    from conftest import tiny_autoencoder
+
+    from ldm.data.cache import cached_latents
+    from ldm.data.disk_cache import DiskLatentDataset, build_disk_cache
+
+    root = masked_folder(tmp_path / "data")
+    cfg = DataConfig(dataset="folder", path=str(root), resolution=32, flip=False, val_size=0, masked_loss=True,
+                     buckets=buckets)  # fmt: skip
+    data = build_dataset(cfg, "train", seed=0, bucket_step=8)
+    vae = tiny_autoencoder(1.0)
+    memory = cached_latents(vae, data, batch_size=3)
+    folder = build_disk_cache(vae, data, 3, tmp_path / "cache", "key", per_shard=3)
+    disk = DiskLatentDataset(folder, getattr(data, "bucket_of", None))
+    for i in range(len(data)):
+        assert torch.equal(disk[i]["mask"], memory[i]["mask"]) and disk[i]["mask"].shape == (1, 16, 16)
+    items = {disk[i]["caption"][-1]: disk[i] for i in range(len(disk))}
+    assert torch.all(items["a"]["mask"][..., :7] == 0) and torch.all(items["c"]["mask"] == 1)
+
+
 def test_a_mask_of_another_size_is_refused_before_training(tmp_path):
     root = masked_folder(tmp_path / "data", mask_size=(20, 32))
     cfg = DataConfig(dataset="folder", path=str(root), resolution=16, val_size=0, masked_loss=True)
@@ -119,7 +140,7 @@ def test_a_mask_of_another_size_is_refused_before_training(tmp_path):
         build_dataset(cfg, "train", seed=0)
 
 
-@pytest.mark.parametrize("cache", ["true", "false"])
+@pytest.mark.parametrize("cache", ["true", "false", "disk"])
 def test_masked_fine_tune_reaches_the_loss_with_and_without_the_latent_cache(cache, tmp_path):
     """Black masks everywhere: the training loss is exactly 0 at every step (the masks reach it)."""
     from ldm.training.metrics import read_metrics
@@ -129,8 +150,9 @@ def test_masked_fine_tune_reaches_the_loss_with_and_without_the_latent_cache(cac
     def run(name, black):
         root = masked_folder(tmp_path / f"data-{name}", black=black)
         cfg = finetune_config(tmp_path / name, sd, root, "data.masked_loss=true", "data.buckets=false",
-                              "data.resolution=32", f"cache_latents={cache}", "data.val_size=1",
-                              "preflight.samples=0")  # fmt: skip
+                              "data.resolution=32", f"cache_latents={cache != 'false'}".lower(), "data.val_size=1",
+                              "preflight.samples=0",
+                              *([f"cache_dir={tmp_path / 'cache'}"] if cache == "disk" else []))  # fmt: skip
         out = train_ldm(cfg)
         assert (out / "model" / "model_index.json").exists()
         return [r["train/loss"] for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]

@@ -10,8 +10,9 @@ the main process, marks the cache complete.
 
 Each shard is a safetensors file of flat columns: ``latents`` (float32: each item's posterior mean
 then std, flattened), ``offsets`` (N + 1, into ``latents``), ``shapes`` (N, 3), the micro-conditioning
-(N, 2) each, ``caption_bytes`` (UTF-8) and ``caption_offsets`` (N + 1). Items of any shape (aspect-ratio
-buckets) fit. Reading an item parses nothing: the header is read once per shard, and each column's
+(N, 2) each, ``caption_bytes`` (UTF-8) and ``caption_offsets`` (N + 1), and with masked loss ``mask``
+(float32, each item's weights at its latents' size) and ``mask_offsets`` (N + 1). Items of any shape
+(aspect-ratio buckets) fit. Reading an item parses nothing: the header is read once per shard, and each column's
 rows are read with ``os.pread`` at their byte offsets. Nothing is memory-mapped, so the pages stay in
 the kernel's page cache, not in the process's resident memory, which does not grow with the dataset.
 """
@@ -74,6 +75,10 @@ def shard_columns(mean, std, captions: list[str], micro: dict[str, torch.Tensor]
         "caption_bytes": torch.frombuffer(bytearray(b"".join(text) or b"\0"), dtype=torch.uint8),
         "caption_offsets": torch.from_numpy(bounds.astype(np.int64)),
     }
+    if "mask" in micro:  # masked loss: each item's weights at its latents' size, flat (float32)
+        masks = [m.reshape(-1).float() for m in micro["mask"]]
+        columns["mask"] = torch.cat(masks) if masks else torch.zeros(0)
+        columns["mask_offsets"] = torch.tensor(np.cumsum([0, *(m.numel() for m in masks)]), dtype=torch.long)
     return columns | {k: micro[k].long().contiguous() for k in MICRO_KEYS}
 
 
@@ -202,6 +207,9 @@ class DiskLatentDataset(Dataset):
         item = {"mean": mean, "std": std, "caption": self.caption(index)}
         if self.text is not None:  # the frozen text encoders' outputs (``ldm.data.text_disk_cache``)
             item |= self.text(index)
+        if "mask" in reader.columns:  # masked loss: (1, h, w)
+            m_lo, m_hi = (int(v) for v in reader.rows("mask_offsets", i, i + 2))
+            item["mask"] = torch.from_numpy(reader.rows("mask", m_lo, m_hi).copy()).view(1, *shape[1:])
         return item | {k: torch.from_numpy(reader.rows(k, i, i + 1)[0].copy()) for k in MICRO_KEYS}
 
     def nbytes(self) -> int:

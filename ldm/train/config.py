@@ -203,11 +203,6 @@ class LDMRunConfig:
                 "draws: set pretrained=PATH (a model that already draws the class), or bring class images "
                 "and set num_class_images=0"
             )
-        if self.data.masked_loss and self.cache_latents and self.cache_dir:
-            raise ConfigError(
-                "data.masked_loss=true keeps the masks in the in-memory latent cache, not in the disk cache: "
-                "leave cache_dir unset, or set cache_latents=false (masks then follow every step's images)"
-            )
         if self.cache_latents and (self.data.flip or self.data.crop == "random"):
             raise ConfigError(
                 "cache_latents=true encodes each image once, unaugmented: set data.flip=false and "

@@ -30,7 +30,7 @@ from ldm.training.memory import MIB, peak_resident_bytes, resident_bytes
 
 logger = logging.getLogger("ldm")
 CACHE_BATCH = 256  # images per encoder call while caching
-# data keys that do not change what the cache holds (masks are never in the disk cache)
+# data keys that do not change what the cache holds (masked_loss does: keyed when on, below)
 NOT_IN_CACHE = ("num_workers", "repeats", "masked_loss", "prior_loss_weight")
 SOURCE_NOT_IN_CACHE = ("repeats", "caption_dropout", "prefix", "suffix")  # per source, likewise
 
@@ -101,6 +101,10 @@ def disk_cache_folder(
     stream's also by the process count (each process caches its part of the stream)."""
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in NOT_IN_CACHE}
     data["sources"] = [{k: v for k, v in s.items() if k not in SOURCE_NOT_IN_CACHE} for s in data["sources"]]
+    if not data["sources"]:
+        del data["sources"]  # (a cache of one data.path keeps the key it had before data.sources)
+    if cfg.data.masked_loss:  # a cache with masks (the key of every cache without them unchanged)
+        data["masked_loss"] = True
     extra = {"stream_processes": stream_processes} if stream_processes else {}
     key = fingerprint(vae_dir, {**data, "disk_format": DISK_FORMAT, **extra}, cfg.seed)
     return Path(cfg.cache_dir) / f"latents-{key}-{shards_of(cfg, vae)}"
