@@ -12,7 +12,7 @@ from test_ldm_train import tiny
 from transformers import CLIPModel
 
 from ldm.cli.eval import main as ldm_eval
-from ldm.eval.bound import gaussian_kl, model_variance, posterior, variational_bound
+from ldm.eval.bound import discretized_gaussian_nll, gaussian_kl, model_variance, posterior, variational_bound
 from ldm.eval.clip_score import clip_score as score_images
 from ldm.eval.clip_score import load_clip_scorer
 from ldm.eval.pipeline_eval import sweep_prompts
@@ -55,6 +55,28 @@ def test_gaussian_kl_matches_torch_distributions():
         torch.distributions.Normal(m1, v1.sqrt()), torch.distributions.Normal(m2, v2.sqrt())
     )
     torch.testing.assert_close(gaussian_kl(m1, v1, m2, v2), expected)
+
+
+def test_the_discretized_decoder_of_a_perfect_prediction_is_the_bin_mass():
+    """DDPM's L_0 (eq. 13) with mean = x: the mass of N(0, sigma^2) on the pixel's bin, [-h, h] inside,
+    [-h, inf) at the edges (h = 1/255); its levels' probabilities sum to 1."""
+    import math
+
+    def cdf(z):
+        return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+    sigma, h = 0.01, 1 / 255
+    x = torch.tensor([-1.0, -1 + 2 * h, 0.0 + h, 1 - 2 * h, 1.0], dtype=torch.float64)  # edge, inside, edge
+    nll = discretized_gaussian_nll(x, x, torch.full_like(x, sigma**2))
+    inside = cdf(h / sigma) - cdf(-h / sigma)
+    edge = cdf(h / sigma)
+    expected = -torch.log(torch.tensor([edge, inside, inside, inside, edge], dtype=torch.float64))
+    torch.testing.assert_close(nll, expected, rtol=1e-9, atol=1e-12)
+    levels = torch.linspace(-1, 1, 256, dtype=torch.float64)  # every level of one pixel, one mean
+    mass = torch.exp(
+        -discretized_gaussian_nll(levels, torch.full_like(levels, 0.3), torch.full_like(levels, 0.04))
+    )
+    assert abs(mass.sum().item() - 1.0) < 1e-9
 
 
 def test_posterior_equals_diffusers_ddpm_step():
