@@ -43,13 +43,20 @@ def main(argv: list[str] | None = None) -> int:
             cfg, accelerator.device, torch.contiguous_format
         )
         if cfg.data.sources:  # DreamBooth: the class images are drawn first, as train_ldm would
-            from ldm.diffusion.registry import build_objective
-            from ldm.train.sources import ensure_class_images
+            import dataclasses
 
-            objective = build_objective(cfg.noise)
-            ensure_class_images(
-                cfg, accelerator, lambda: setup.training_pipeline(vae, conditioner, unet, objective)
-            )
+            from ldm.diffusion.registry import build_objective
+            from ldm.train.models import pretrained_noise
+            from ldm.train.sources import ensure_class_images
+            from ldm.training.validation import eval_mode
+
+            noise = pretrained_noise(cfg.pretrained, cfg.noise) if cfg.pretrained else cfg.noise
+            objective = build_objective(noise)  # the base model's own schedule, as train_ldm draws with
+            with eval_mode(unet, *[e.model for e in conditioner.encoders]):
+                ensure_class_images(
+                    dataclasses.replace(cfg, noise=noise), accelerator,
+                    lambda: setup.training_pipeline(vae, conditioner, unet, objective),
+                )  # fmt: skip
         images = build_dataset(cfg.data, "train", cfg.seed, bucket_step=8 * downsampling_factor(vae))
         latents = latent_training_set(cfg, accelerator, vae, vae_dir, images)
         if not conditioner.trainable:  # in the dtype training runs them in (cast_frozen)
