@@ -208,3 +208,28 @@ def test_dreambooth_draws_class_images_once_and_logs_both_losses(tmp_path, caplo
         expected = (m["train/loss_instance"] + 0.5 * m["train/loss_prior"]) / 2
         assert m["train/loss"] == pytest.approx(expected, rel=1e-5)
     assert (tmp_path / "run" / "lora").is_dir()
+
+
+def test_ldm_cache_draws_the_class_images_and_training_reads_its_disk_cache(tmp_path, caplog):
+    from ldm.cli.cache import main as cache_main
+
+    model = save_tiny_sd_pipeline(tmp_path / "sd")
+    concept = image_folder(tmp_path / "concept", 3, "sks toy")
+    reg = tmp_path / "class"
+    common = [
+        f"pretrained={model}", "data.dataset=sources", "data.resolution=32", "data.val_size=0",
+        f"data.sources=[{{path: {concept}}}, {{path: {reg}, role: regularization, class_prompt: 'a toy', "
+        "num_class_images: 2}]", f"cache_dir={tmp_path / 'cache'}", "sample.steps=2",
+    ]  # fmt: skip
+    assert cache_main(common) == 0
+    assert sorted(p.name for p in reg.glob("*.png")) == ["class-00000.png", "class-00001.png"]
+    run = [f"output_dir={tmp_path / 'run'}", "lora.rank=4", "train.batch_size=2", "train.max_steps=2",
+           "train.log_every=1", "train.sample_every=0", "train.checkpoint_every=0", "train.val_every=0",
+           "train.compile=false", "train.ema_decay=0", "sample.grid_prompts=1", "sample.grid_seeds=1"]  # fmt: skip
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ldm"):
+        train_ldm(load_config(LDMRunConfig, None, [*common, *run]))
+    assert "drawing" not in caplog.text and "disk cache: wrote" not in caplog.text  # both reused
+    assert "5 items, 0.0 MiB on disk" in caplog.text  # 3 subject + 2 class images, cached once
+    steps = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in m]
+    assert len(steps) == 2 and all("train/loss_prior" in m and "train/loss_instance" in m for m in steps)
