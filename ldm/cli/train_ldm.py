@@ -37,6 +37,7 @@ def dry_run_models(cfg: LDMRunConfig):
     from diffusers import AutoencoderKL
 
     from conditioning.new_tokens import add_new_tokens
+    from ldm.pipelines.folder import is_pixel_folder
     from ldm.pipelines.single_file import SINGLE_FILE_SUFFIXES, config_folder
     from ldm.train import memory_estimate as mem
     from ldm.train.models import DEFAULT_VAE, make_conditioner
@@ -54,9 +55,12 @@ def dry_run_models(cfg: LDMRunConfig):
     vae_dir = (
         Path(cfg.vae) if cfg.vae else (Path(cfg.pretrained) / "vae" if cfg.pretrained else Path(DEFAULT_VAE))
     )
+    pixel = cfg.autoencoder.kind == "identity" or bool(cfg.pretrained and is_pixel_folder(cfg.pretrained))
     with init_empty_weights():
         models = {}
-        if (vae_dir / "config.json").exists():
+        if pixel:  # the identity autoencoder: the UNet diffuses the 3 image channels
+            channels, factor = 3, 1
+        elif (vae_dir / "config.json").exists():
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(vae_dir))
             channels, factor = vae.config.latent_channels, downsampling_factor(vae)
             models["autoencoder"] = vae

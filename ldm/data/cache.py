@@ -99,7 +99,7 @@ def encode_items(
     tensors, each with storage of its own. Never views into a batch, which would keep (or, pickled
     for another process, copy) the whole batch.
     """
-    device = next(vae.parameters()).device
+    device = vae.device
     n = len(dataset)
     means: torch.Tensor | list[torch.Tensor] | None = [] if per_item else None
     stds: torch.Tensor | list[torch.Tensor] | None = [] if per_item else None

@@ -6,7 +6,9 @@
 - FID and KID of the samples at the configured guidance against the held-out images, when
   Inception weights are given.
 - On held-out latents (the autoencoder's posterior mean, scaled): the denoising loss per
-  timestep and the variational bound in bits per dimension (``ldm.eval.bound``).
+  timestep and the variational bound in bits per dimension (``ldm.eval.bound``). A pixel-space
+  model's bound uses DDPM's discretized decoder (a true NLL of the 8-bit images), and its
+  rate-distortion curve (DDPM's progressive lossy compression) is reported too.
 Each metric whose weights are missing says so in one line and is left out.
 """
 
@@ -21,7 +23,7 @@ from torch.utils.data import Dataset
 
 from ldm.data.batches import item_batches
 from ldm.diffusion.ddpm import DDPM
-from ldm.eval.bound import variational_bound
+from ldm.eval.bound import rate_distortion, variational_bound
 from ldm.eval.quality import pairwise_diversity
 from ldm.eval.shapes_reader import caption_accuracy
 from ldm.eval.timestep_loss import loss_per_timestep
@@ -125,9 +127,10 @@ def latent_figures(
     ddpm = isinstance(objective, DDPM)
     dtype = pipe.dtype
     parts: dict[str, list[torch.Tensor]] = {
-        k: [] for k in ("prior", "diffusion", "decoder", "bpd", "per_timestep", "loss")
+        k: [] for k in ("prior", "diffusion", "decoder", "bpd", "per_timestep", "per_timestep_mse", "loss")
     }
-    timesteps = loss_steps = None
+    timesteps = weights = loss_steps = None
+    decoder = "discretized" if pipe.is_pixel_space else "gaussian"
     for start in range(0, len(images), s.batch_size):
         generator = torch.Generator().manual_seed(0)  # every chunk: the same timesteps, so they average
         z0 = pipe.encode_images(images[start : start + s.batch_size])  # (b, C, h, w)
@@ -141,10 +144,10 @@ def latent_figures(
         if ddpm:
             terms = variational_bound(
                 model, z0.float(), objective.alphas_cumprod, objective.prediction_type,
-                pipe.scheduler_config.get("variance_type", "fixed_small"), s.bound_strata, generator,
+                pipe.scheduler_config.get("variance_type", "fixed_small"), s.bound_strata, generator, decoder,
             )  # fmt: skip
-            timesteps = terms["timesteps"]
-            for k in ("prior", "diffusion", "decoder", "bpd", "per_timestep"):
+            timesteps, weights = terms["timesteps"], terms["weights"]
+            for k in ("prior", "diffusion", "decoder", "bpd", "per_timestep", "per_timestep_mse"):
                 parts[k].append(terms[k].cpu())
         loss_steps, loss = loss_per_timestep(model, z0.float(), objective, s.timestep_points, generator)
         parts["loss"].append(loss.cpu())
@@ -158,8 +161,21 @@ def latent_figures(
     cat = {k: torch.cat(v, dim=-1) for k, v in parts.items()}
     dims = z0[0].numel() * math.log(2)
     bpd = cat["bpd"]
+    pixel = {}
+    if pipe.is_pixel_space:  # DDPM's progressive lossy code: rate against distortion over t
+        rate, rmse = rate_distortion(
+            cat["prior"], cat["per_timestep"], weights, cat["per_timestep_mse"], z0[0].numel()
+        )
+        pixel = {
+            "rate_distortion": {
+                "timesteps": timesteps.tolist(),
+                "rate_bpd": rate.tolist(),
+                "rmse": rmse.tolist(),
+            }
+        }
     return {
         "num_latents": len(bpd),
+        "bound_decoder": decoder,
         "bpd": float(bpd.mean()),
         "bpd_stderr": float(bpd.std() / len(bpd) ** 0.5) if len(bpd) > 1 else 0.0,
         "prior_bpd": float(cat["prior"].mean() / dims),
@@ -167,6 +183,7 @@ def latent_figures(
         "decoder_bpd": float(cat["decoder"].mean() / dims),
         "bound_timesteps": timesteps.tolist(),
         "bound_per_timestep_bpd": (cat["per_timestep"].mean(1) / dims).tolist(),
+        **pixel,
         **losses,
     }
 

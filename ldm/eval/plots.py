@@ -1,4 +1,5 @@
-"""Plots to PNG: loss curves from ``metrics.jsonl``, the loss and bound per timestep, the guidance sweep."""
+"""Plots to PNG: loss curves from ``metrics.jsonl``, the loss and bound per timestep, the rate-distortion
+curve of a pixel model, the guidance sweep."""
 
 from __future__ import annotations
 
@@ -64,6 +65,24 @@ def plot_timestep_curves(
         axes[1].set_xlabel("timestep t")
         axes[1].set_ylabel("L_{t-1} (bits/dim)")
         axes[1].set_yscale("log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    _save(fig, png_path)
+
+
+def plot_rate_distortion(timesteps: list[int], rate: list[float], rmse: list[float], png_path: Path) -> None:
+    """DDPM's progressive lossy compression (Ho et al. 2020, Fig. 5): distortion against rate (left),
+    and each against the timestep the code stops at (middle, right)."""
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    axes[0].plot(rate, rmse, marker="o", ms=2, lw=1)
+    axes[0].set_xlabel("rate (bits/dim)")
+    axes[0].set_ylabel("distortion (RMSE, [0, 255])")
+    axes[1].plot(timesteps, rate, marker="o", ms=2, lw=1, color="tab:green")
+    axes[1].set_ylabel("rate (bits/dim)")
+    axes[2].plot(timesteps, rmse, marker="o", ms=2, lw=1, color="tab:red")
+    axes[2].set_ylabel("distortion (RMSE, [0, 255])")
+    for ax in axes[1:]:
+        ax.set_xlabel("timestep t")
     for ax in axes:
         ax.grid(alpha=0.3)
     _save(fig, png_path)

@@ -32,13 +32,21 @@ def is_sdxl_folder(root: str | Path) -> bool:
     return bool(present)
 
 
+def is_pixel_folder(root: str | Path) -> bool:
+    """Whether ``root`` holds a pixel-space model: its ``model_index.json`` names no autoencoder
+    (``"vae": [null, null]``, as diffusers saves a pipeline built with ``vae=None``)."""
+    vae = pipeline_index(root).get("vae", ["", ""])
+    return isinstance(vae, list) and all(v is None for v in vae)
+
+
 def check_pipeline_folder(path: str | Path, parts: tuple[str, ...] = PIPELINE_PARTS) -> Path:
     """``path`` if it holds a diffusers pipeline's ``parts``, else a ``MissingFileError`` (a
     ``FileNotFoundError``) saying what to do."""
     root = Path(path)
     if not root.is_dir():
         raise MissingFileError(f"no model at {root}: the folder does not exist")
-    missing = [p for p in parts if not (root / p).is_dir()]
+    pixel = is_pixel_folder(root)  # a pixel-space model has no vae/
+    missing = [p for p in parts if not (root / p).is_dir() and not (pixel and p == "vae")]
     if missing:
         raise MissingFileError(
             f"{root} is not a diffusers pipeline folder: missing {', '.join(m + '/' for m in missing)}; "

@@ -40,10 +40,10 @@ from ldm.core.images import to_uint8
 from ldm.core.safe_load import PICKLE_SUFFIXES, check_model_folder, from_pretrained_kwargs, pickle_refused
 from ldm.diffusion.objective import Objective
 from ldm.diffusion.registry import objective_for
-from ldm.models.autoencoder import downsampling_factor
+from ldm.models.autoencoder import IdentityAutoencoder, downsampling_factor, is_identity
 from ldm.models.lora import is_peft_folder, load_peft_adapters
 from ldm.pipelines.denoise import Blend, denoise, initial_sigma, noise_to
-from ldm.pipelines.folder import check_pipeline_folder, is_sdxl_folder, pipeline_index
+from ldm.pipelines.folder import check_pipeline_folder, is_pixel_folder, is_sdxl_folder, pipeline_index
 from ldm.pipelines.inputs import (
     OUTPUT_TYPES,
     ImageInput,
@@ -72,7 +72,7 @@ class LatentDiffusionPipeline:
 
     def __init__(
         self,
-        vae: AutoencoderKL,
+        vae: AutoencoderKL | IdentityAutoencoder,
         text_encoder: CLIPTextModel,
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel,
@@ -97,6 +97,11 @@ class LatentDiffusionPipeline:
     @property
     def is_sdxl(self) -> bool:
         return self.text_encoder_2 is not None
+
+    @property
+    def is_pixel_space(self) -> bool:
+        """Whether the model diffuses pixels (``autoencoder.kind=identity``): no autoencoder, f = 1."""
+        return is_identity(self.vae)
 
     @property
     def text_encoders(self) -> list[nn.Module]:
@@ -142,7 +147,8 @@ class LatentDiffusionPipeline:
         ``channels_last``: UNet and VAE convolutions in NHWC, which oneDNN and cuDNN run faster
         (5% per UNet call on the shapes model on the CPU; same images to float rounding).
         ``vae``: another autoencoder (a folder or a model) with the same latent space, e.g. one
-        whose decoder was fine-tuned (``train_vae.py train.decoder_only=true``).
+        whose decoder was fine-tuned (``train_vae.py train.decoder_only=true``). A pixel-space folder
+        (``"vae": [null, null]`` in its model_index.json, no vae/) gets the identity autoencoder.
         ``allow_pickle``: weights are read from safetensors; a part with only pickle weights
         (``.bin``) raises ``PickleRefusedError`` unless this is True, and is then read with
         ``weights_only=True`` (``ldm.core.safe_load``).
@@ -158,7 +164,7 @@ class LatentDiffusionPipeline:
         pipe.set_attention(attention)
         if compile:  # in place: the module and its state dict stay as they are
             pipe.unet.compile()
-        if compile_vae:
+        if compile_vae and not pipe.is_pixel_space:
             pipe.vae.decoder.compile()
         return pipe
 
@@ -190,15 +196,21 @@ class LatentDiffusionPipeline:
 
         root = check_pipeline_folder(path)
         sdxl = is_sdxl_folder(root)
+        if is_pixel_folder(root) and vae is not None:
+            raise ValueError(f"{root} is a pixel-space model (no vae/): it takes no vae=")
         vae_dir = Path(vae) if isinstance(vae, (str, Path)) else root / "vae"
         parts = {"unet": root / "unet", "text_encoder": root / "text_encoder"}
         if sdxl:
             parts["text_encoder_2"] = root / "text_encoder_2"
-        checks = parts if isinstance(vae, AutoencoderKL) else {"vae": vae_dir, **parts}
+        given = isinstance(vae, AutoencoderKL) or is_pixel_folder(root)
+        checks = parts if given else {"vae": vae_dir, **parts}
         for what, folder in checks.items():
             check_model_folder(folder, allow_pickle, what)
         kw = from_pretrained_kwargs(allow_pickle)
-        if not isinstance(vae, AutoencoderKL):
+        unet = UNet2DConditionModel.from_pretrained(parts["unet"], **kw)
+        if is_pixel_folder(root):
+            vae = IdentityAutoencoder(unet.config.in_channels, unet.config.sample_size)
+        elif not isinstance(vae, AutoencoderKL):
             vae = AutoencoderKL.from_pretrained(vae_dir, **kw)
         second = {}
         if sdxl:
@@ -213,14 +225,14 @@ class LatentDiffusionPipeline:
             vae=vae,
             text_encoder=CLIPTextModel.from_pretrained(parts["text_encoder"], **kw),
             tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
-            unet=UNet2DConditionModel.from_pretrained(parts["unet"], **kw),
+            unet=unet,
             scheduler_config=DDPMScheduler.load_config(root / "scheduler"),
             **second,
         )
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Save as a diffusers ``StableDiffusionPipeline`` (SDXL: ``StableDiffusionXLPipeline``) folder
-        (safetensors), atomically."""
+        (safetensors), atomically; a pixel-space model without vae/ (``"vae": [null, null]``)."""
         import shutil
 
         from ldm.core.io import replace_dir, umask_permissions
@@ -237,17 +249,23 @@ class LatentDiffusionPipeline:
     def save_single_file(self, path: str | Path, dtype: str = "fp32") -> Path:
         """Save as one ``.safetensors`` in the original Stable Diffusion layout (what ComfyUI,
         AUTOMATIC1111 and ``from_single_file`` read), weights in ``dtype`` (fp32 | fp16 | bf16)."""
+        if self.is_pixel_space:
+            raise ValueError(
+                "a pixel-space model has no VAE, which the single-file layout holds: use save_pretrained"
+            )
         return save_single_file(self, path, dtype)
 
     def as_diffusers(self):
         """A diffusers ``StableDiffusionPipeline`` (SDXL: ``StableDiffusionXLPipeline``) sharing these
         modules (no copies): diffusers' own code for what it already does well (LoRA loading and
-        fusing, saving)."""
+        fusing, saving). A pixel-space model's has ``vae=None``: diffusers then returns its images
+        with ``output_type="latent"`` (in [-1, 1]; give ``height`` and ``width``, its default factor is 8)."""
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+        vae = None if self.is_pixel_space else self.vae
         if self.is_sdxl:
             return StableDiffusionXLPipeline(
-                vae=self.vae,
+                vae=vae,
                 text_encoder=self.text_encoder,
                 text_encoder_2=self.text_encoder_2,
                 tokenizer=self.tokenizer,
@@ -258,7 +276,7 @@ class LatentDiffusionPipeline:
                 add_watermarker=False,
             )
         return StableDiffusionPipeline(
-            vae=self.vae,
+            vae=vae,
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,
             unet=getattr(self.unet, "_orig_mod", self.unet),  # unwrap torch.compile
@@ -472,7 +490,7 @@ class LatentDiffusionPipeline:
         """z_0 (B, C, h, w) -> images (B, 3, h*f, w*f) in [-1, 1]."""
         with self._vae_precision():
             z = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)
-            tiling = self._tiling
+            tiling = None if self.is_pixel_space else self._tiling  # (pixels: nothing to decode)
             if tiling is None or max(z.shape[-2:]) <= tiling["tile"]:
                 return self.vae.decode(z).sample.clamp(-1, 1)
             from ldm.pipelines.tiled_decode import decode_tiled

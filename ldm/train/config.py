@@ -12,6 +12,7 @@ from ldm.data.build import DATA_SOURCES
 from ldm.data.captions import CaptionConfig
 from ldm.diffusion.config import NoiseConfig
 from ldm.diffusion.registry import OBJECTIVES
+from ldm.models.autoencoder import AUTOENCODER_KINDS
 from ldm.models.config import LoRAConfig, UNetConfig
 from ldm.pipelines.prompts import read_prompt_file
 from ldm.pipelines.samplers import SAMPLERS, check_sampler
@@ -105,6 +106,18 @@ class PreflightConfig:
 
 
 @dataclass
+class AutoencoderChoice:
+    """Which first stage makes the latents."""
+
+    # kl: a stage-1 AutoencoderKL (``vae``, or ``pretrained``'s vae/); identity: none, f = 1, stage 2
+    # diffuses pixels (DDPM, Ho et al. 2020; ``ldm.models.autoencoder.IdentityAutoencoder``)
+    kind: str = "kl"
+
+    def __post_init__(self) -> None:
+        check_choice("autoencoder.kind", self.kind, AUTOENCODER_KINDS)
+
+
+@dataclass
 class LDMRunConfig:
     output_dir: str = "runs/ldm-shapes"
     seed: int = 0
@@ -117,6 +130,7 @@ class LDMRunConfig:
     pretrained: str | None = None
     pretrained_config: str | None = None  # a single file's diffusers configs (a folder), unless ldm wrote it
     allow_pickle: bool = False  # let pretrained weights be pickle files (read with weights_only=True)
+    autoencoder: AutoencoderChoice = field(default_factory=AutoencoderChoice)
     data: DataConfig = field(default_factory=lambda: DataConfig(train_size=20_000, val_size=324, flip=False))
     unet: UNetConfig = field(default_factory=UNetConfig)
     text: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(max_length=16))
@@ -173,6 +187,16 @@ class LDMRunConfig:
             if self.text.max_length != self.text_2.max_length:
                 raise ConfigError("conditioner=sdxl: text.max_length and text_2.max_length must be equal")
         check_sampler(self.sample.sampler, self.noise.objective, "sample.sampler")
+        if self.autoencoder.kind == "identity" and self.vae:
+            raise ConfigError(
+                f"autoencoder.kind=identity trains on pixels, with no autoencoder, but vae={self.vae} is set: "
+                "leave vae unset, or set autoencoder.kind=kl"
+            )
+        if self.autoencoder.kind == "identity" and self.export.single_file:
+            raise ConfigError(
+                "export.single_file=true writes the original Stable Diffusion layout, which holds a VAE; "
+                "a pixel-space model (autoencoder.kind=identity) has none: set export.single_file=false"
+            )
         if self.lora.rank and self.text.train:
             raise ConfigError(
                 "lora.rank > 0 with text.train=true: LoRA freezes the base weights; "

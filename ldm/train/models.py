@@ -23,13 +23,20 @@ from ldm.core.errors import ConfigError, MissingFileError, ModelError
 from ldm.core.safe_load import check_model_folder, from_pretrained_kwargs
 from ldm.diffusion.config import BETA_SCHEDULES, PREDICTION_TYPES, NoiseConfig
 from ldm.diffusion.registry import FLOW_SCHEDULERS
-from ldm.models.autoencoder import downsampling_factor
+from ldm.models.autoencoder import IdentityAutoencoder, downsampling_factor
 from ldm.models.unet import build_unet
-from ldm.pipelines.folder import PIPELINE_PARTS, check_pipeline_folder, is_sdxl_folder, pipeline_index
+from ldm.pipelines.folder import (
+    PIPELINE_PARTS,
+    check_pipeline_folder,
+    is_pixel_folder,
+    is_sdxl_folder,
+    pipeline_index,
+)
 from ldm.train.config import LDMRunConfig
 
 MODEL_PARTS = tuple(p for p in PIPELINE_PARTS if p != "scheduler")  # scheduler/: read when present
 DEFAULT_VAE = "runs/vae-shapes/model"  # where python train_vae.py exports by default
+IDENTITY_DIR = Path("<identity autoencoder>")  # what stands for a pixel model's autoencoder folder
 logger = logging.getLogger("ldm")
 
 
@@ -82,13 +89,28 @@ def pretrained_noise(pretrained: str | Path, noise: NoiseConfig) -> NoiseConfig:
     return adopted
 
 
-def load_autoencoder(cfg: LDMRunConfig) -> tuple[AutoencoderKL, Path]:
-    """The frozen autoencoder: ``vae`` when set, else ``pretrained``/vae, else stage 1's default export.
+def load_autoencoder(cfg: LDMRunConfig) -> tuple[AutoencoderKL | IdentityAutoencoder, Path]:
+    """The frozen autoencoder: ``vae`` when set, else ``pretrained``/vae, else stage 1's default export;
+    the identity (``IDENTITY_DIR`` stands for its folder) for ``autoencoder.kind=identity`` or a
+    pretrained pixel-space folder (one without vae/).
 
     ``vae`` next to ``pretrained`` replaces the pipeline's autoencoder, e.g. with its decoder fine-tuned
     on the new data; it must make the same latents (channels and downsampling factor, checked), and the
     exported pipeline carries it.
     """
+    pixel_folder = bool(cfg.pretrained) and is_pixel_folder(cfg.pretrained)
+    if cfg.autoencoder.kind == "identity" or pixel_folder:
+        if cfg.pretrained and not pixel_folder:
+            raise ConfigError(
+                f"autoencoder.kind=identity trains on pixels, but pretrained={cfg.pretrained} is a latent model "
+                "(it has vae/): leave autoencoder.kind=kl to fine-tune it, or start a pixel model from scratch"
+            )
+        if pixel_folder and cfg.vae:
+            raise ConfigError(
+                f"pretrained={cfg.pretrained} is a pixel-space model (no vae/), so vae={cfg.vae} has no latents "
+                "to replace: leave vae unset"
+            )
+        return IdentityAutoencoder(3, cfg.data.resolution), IDENTITY_DIR
     if cfg.vae:
         folder, what = Path(cfg.vae), "autoencoder (vae=)"
     elif cfg.pretrained:

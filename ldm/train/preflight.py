@@ -58,7 +58,7 @@ def sample_items(dataset: Dataset | IterableDataset, n: int) -> list[dict]:
 @torch.no_grad()
 def reconstruction_psnr(vae: AutoencoderKL, items: list[dict]) -> float:
     """Mean PSNR (dB) of x against D(mean of q(z | x)) over ``items``, grouped by image shape."""
-    device = next(vae.parameters()).device
+    device = vae.device
     groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
     for it in items:
         groups.setdefault(tuple(it["pixel_values"].shape), []).append(it["pixel_values"])

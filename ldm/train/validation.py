@@ -64,7 +64,7 @@ class LatentValidation:
         self.objective = objective
         self.batch = batch
         self.seed = VALIDATION_SEED + seed
-        device = next(vae.parameters()).device
+        device = vae.device
         self.items, self.latents = [], []  # per item: caption, micro-conditioning, pixel size; latent
         with torch.no_grad():  # the posterior means, once: (C, h, w) each, float32
             for i in range(min(items, len(val_set))):
