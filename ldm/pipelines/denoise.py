@@ -2,6 +2,7 @@
 
 for t in timesteps:  pred = UNet([z; z], t, [uncond; cond])  (one call on the doubled batch)
                      pred = pred_u + s (pred_c - pred_u)     (classifier-free guidance)
+                     pred = guided by a classifier            (optional: ldm.pipelines.classifier_guidance)
                      z = scheduler.step(pred, t, z)          (any sampler, either objective)
                      z = keep * known_t + (1 - keep) * z     (inpainting only: latent blending)
 """
@@ -18,6 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from conditioning.conditioner import Conditioner, Conditioning
+from ldm.pipelines.classifier_guidance import ClassifierGuide
 from ldm.pipelines.guidance import guided_prediction, rescale_guidance
 
 
@@ -61,9 +63,10 @@ def denoise(
     blend: Blend | None = None,
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
     progress: bool = False,
+    guide: ClassifierGuide | None = None,
 ) -> Tensor:
     """z_T (n, C, h, w) -> z_0 along ``timesteps``; ``cond`` holds [uncond; cond] (2n rows) when
-    ``guidance_scale`` > 1, else n rows."""
+    ``guidance_scale`` > 1, else n rows. ``guide``: classifier guidance on top."""
     guided = guidance_scale > 1.0
     kwargs = Conditioner.unet_kwargs(cond)
     step_kwargs = step_kwargs or {}
@@ -78,7 +81,12 @@ def denoise(
             pred = guided_prediction(pred_uncond, pred_cond, guidance_scale)
             if guidance_rescale > 0:
                 pred = rescale_guidance(pred, pred_cond, guidance_rescale)
+        shift = None
+        if guide is not None:  # at z_t as the UNet saw it
+            pred, shift = guide.guided(scheduler, model_in[: len(latents)], t, pred)
         latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
+        if shift is not None:  # (ancestral DDPM: Algorithm 1's mean shift)
+            latents = latents + shift
         if blend is not None:
             latents = blend(scheduler, latents, timesteps[i + 1 : i + 2] if i + 1 < len(timesteps) else None)
         if callback is not None:

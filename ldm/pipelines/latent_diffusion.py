@@ -41,7 +41,9 @@ from ldm.core.safe_load import PICKLE_SUFFIXES, check_model_folder, from_pretrai
 from ldm.diffusion.objective import Objective
 from ldm.diffusion.registry import objective_for
 from ldm.models.autoencoder import IdentityAutoencoder, downsampling_factor, is_identity
+from ldm.models.classifier import NoiseConditionalClassifier
 from ldm.models.lora import is_peft_folder, load_peft_adapters
+from ldm.pipelines.classifier_guidance import Labels, make_guide
 from ldm.pipelines.denoise import Blend, denoise, initial_sigma, noise_to
 from ldm.pipelines.folder import check_pipeline_folder, is_pixel_folder, is_sdxl_folder, pipeline_index
 from ldm.pipelines.inputs import (
@@ -535,6 +537,9 @@ class LatentDiffusionPipeline:
         negative_original_size: tuple[int, int] | None = None,
         negative_crops_coords_top_left: tuple[int, int] = (0, 0),
         negative_target_size: tuple[int, int] | None = None,
+        classifier: NoiseConditionalClassifier | str | Path | None = None,
+        class_labels: Labels = None,
+        classifier_scale: float = 1.0,
     ) -> PipelineOutput:
         """Generate images for ``prompt``; see the module docstring for the flow.
 
@@ -549,6 +554,13 @@ class LatentDiffusionPipeline:
         in pixels: ``original_size`` and ``target_size`` (default: the output size),
         ``crops_coords_top_left`` (default (0, 0)), and their ``negative_`` counterparts for the
         unconditional input (used when both negative sizes are given). Other models ignore them.
+
+        Classifier guidance (Dhariwal & Nichol 2021; DDPM models): ``classifier`` (a
+        ``NoiseConditionalClassifier`` or its folder, from ``train_classifier.py``) adds
+        ``classifier_scale`` x grad log p(y | z_t) to the score, toward ``class_labels`` ({head: class}
+        for every image, or one dict per image; None: the class words of each prompt). With
+        ``guidance_scale`` > 1 it guides the classifier-free-guided prediction; with the empty prompt
+        and ``guidance_scale=1`` it guides the model's unconditional prediction alone.
         """
         micro = {
             "original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
@@ -595,9 +607,14 @@ class LatentDiffusionPipeline:
         else:  # inpainting
             blend = self._inpaint_blend(init, mask, noise, latent_shape)
             latents = noise * initial_sigma(scheduler)
+        guide = None
+        if classifier is not None:
+            guide = make_guide(
+                classifier, class_labels, prompts, classifier_scale, self.objective, self.device
+            )
         latents = denoise(
             self.unet, scheduler, latents, timesteps, cond, guidance_scale, guidance_rescale,
-            self._step_kwargs(scheduler, eta, generator, seeds), blend, callback, progress,
+            self._step_kwargs(scheduler, eta, generator, seeds), blend, callback, progress, guide,
         )  # fmt: skip
         return self._output(latents, output_type)
 
