@@ -30,6 +30,7 @@ import torch
 from ldm.data.shapes import BACKGROUNDS, COLORS, SHAPES, caption
 from ldm.eval.quality import pairwise_diversity
 from ldm.eval.shapes_reader import caption_accuracy, parse_caption
+from ldm.models.classifier import NoiseConditionalClassifier
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "classifier-guidance.json")
     args = parser.parse_args()
     pipe = LatentDiffusionPipeline.from_pretrained(args.model)
+    classifier = NoiseConditionalClassifier.from_pretrained(args.classifier)  # (loaded once)
     captions = [c for c in CAPTIONS for _ in range(args.seeds)]
     seeds = [k for _ in CAPTIONS for k in range(args.seeds)]
     labels = [dict(zip(("color", "shape", "background"), parse_caption(c), strict=True)) for c in captions]
@@ -81,7 +83,7 @@ def main() -> None:
     rows = []
     for s in args.scales:  # the unconditional model, guided by the classifier
         rows.append(sweep_row(pipe, [""] * len(captions), captions, seeds, f"unconditional + classifier s={s:g}",
-                              guidance_scale=1.0, classifier=args.classifier, class_labels=labels,
+                              guidance_scale=1.0, classifier=classifier, class_labels=labels,
                               classifier_scale=s, **common))  # fmt: skip
     cfg_rows = [
         sweep_row(pipe, captions, captions, seeds, f"CFG w={w:g}", guidance_scale=w, **common)
@@ -92,7 +94,7 @@ def main() -> None:
     w = float(best["method"].split("=")[1])
     for s in (1, 2):  # both at once
         rows.append(sweep_row(pipe, captions, captions, seeds, f"CFG w={w:g} + classifier s={s}", guidance_scale=w,
-                              classifier=args.classifier, class_labels=labels, classifier_scale=s, **common))  # fmt: skip
+                              classifier=classifier, class_labels=labels, classifier_scale=s, **common))  # fmt: skip
     clf_json = Path(args.classifier).parent / "classifier.json"
     bands = json.loads(clf_json.read_text())["per_t_band"] if clf_json.exists() else None
     result = {"model": args.model, "classifier": args.classifier, "seeds": args.seeds, "steps": args.steps,

@@ -122,3 +122,20 @@ def test_train_classifier_learns_pixels_and_reports_accuracy_per_t_band(tmp_path
     assert torch.allclose(
         loaded.alphas_cumprod, DDPM.from_config(cfg.noise).alphas_cumprod
     )  # the schedule it learned
+
+
+@pytest.mark.parametrize("kind", ["v_prediction", "sample"])
+def test_scale_0_is_exact_for_v_and_x0_models_and_a_folder_loads_under_sampling(tiny_pipe, kind, tmp_path):
+    pipe = LatentDiffusionPipeline(
+        tiny_pipe.vae, tiny_pipe.text_encoder, tiny_pipe.tokenizer, tiny_pipe.unet,
+        {**tiny_pipe.scheduler_config, "prediction_type": kind},
+    )  # fmt: skip
+    folder = tmp_path / "classifier"
+    tiny_classifier(**schedule_of(pipe)).save_pretrained(folder)  # loaded inside the sampling call
+    kw = {"num_inference_steps": 3, "guidance_scale": 2.0, "sampler": "dpm++2m-karras", "seed": 0, "height": 16,
+          "width": 16, "output_type": "latent", "progress": False}  # fmt: skip
+    plain = pipe("a red circle", **kw).images
+    assert torch.equal(plain, pipe("a red circle", classifier=folder, classifier_scale=0.0, **kw).images)
+    assert not torch.equal(plain, pipe("a red circle", classifier=folder, classifier_scale=50.0, **kw).images)
+    with pytest.raises(ValueError, match="3-channel latents"):
+        pipe("a red circle", classifier=tiny_classifier(in_channels=3, **schedule_of(pipe)), **kw)

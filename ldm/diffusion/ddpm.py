@@ -68,19 +68,6 @@ def ddpm_to_eps(kind: str, pred: Tensor, z_t: Tensor, abar: Tensor) -> Tensor:
     raise _unknown(kind)
 
 
-def ddpm_from_eps(kind: str, eps: Tensor, z_t: Tensor, abar: Tensor) -> Tensor:
-    """The prediction of kind ``kind`` that has noise ``eps`` at z_t (the inverse of ``ddpm_to_eps``):
-    eps itself; z_0 = (z_t - sqrt(1 - abar) eps) / sqrt(abar); v = sqrt(abar) eps - sqrt(1 - abar) z_0."""
-    if kind == "epsilon":
-        return eps
-    z0 = (z_t - (1 - abar).sqrt() * eps) / abar.sqrt()
-    if kind == "v_prediction":
-        return abar.sqrt() * eps - (1 - abar).sqrt() * z0
-    if kind == "sample":
-        return z0
-    raise _unknown(kind)
-
-
 def min_snr_weight(kind: str, snr_t: Tensor, gamma: float) -> Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023, eq. 9), per prediction type, (B,).
 

@@ -62,16 +62,26 @@ def discretized_gaussian_nll(x: Tensor, mean: Tensor, var: Tensor, bins: int = 2
     computed in float64; ``variational_bound``'s L_0 for pixels."""
     h = 1.0 / (bins - 1)
     x = torch.round((x.double() + 1) / (2 * h)) * (2 * h) - 1  # (on the grid of levels)
-    sigma = var.double().sqrt()
-    upper = (x + h - mean.double()) / sigma
-    lower = (x - h - mean.double()) / sigma
-    interior = torch.log((torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=1e-300))
+    sigma, mean = var.double().sqrt(), mean.double()
+    upper = (x + h - mean) / sigma
+    lower = (x - h - mean) / sigma
+    interior = log_mass(lower, upper, upper_tail=mean <= x)
     log_p = torch.where(
         x <= -1 + h / 2,
         torch.special.log_ndtr(upper),
         torch.where(x >= 1 - h / 2, torch.special.log_ndtr(-lower), interior),
     )
     return -log_p  # (float64)
+
+
+def log_mass(lower: Tensor, upper: Tensor, upper_tail: Tensor) -> Tensor:
+    """log(Phi(upper) - Phi(lower)) in log space, accurate far in either tail (where the difference of
+    the two CDFs underflows to 0): with a = log Phi of the nearer tail,
+    log(Phi(u) - Phi(l)) = a(u) + log1p(-exp(a(l) - a(u))), mirrored for the upper tail."""
+    ln = torch.special.log_ndtr
+    lo_tail = ln(upper) + torch.log1p(-torch.exp(ln(lower) - ln(upper)).clamp(max=1 - 1e-16))
+    hi_tail = ln(-lower) + torch.log1p(-torch.exp(ln(-upper) - ln(-lower)).clamp(max=1 - 1e-16))
+    return torch.where(upper_tail, hi_tail, lo_tail)
 
 
 def posterior(z0: Tensor, zt: Tensor, i: Tensor, alphas_cumprod: Tensor) -> tuple[Tensor, Tensor]:
@@ -113,9 +123,14 @@ def prior_kl(z0: Tensor, alphas_cumprod: Tensor) -> Tensor:
     return gaussian_kl(mean, var, torch.zeros_like(z0), torch.ones_like(z0)).flatten(1).sum(1)
 
 
+def strata_edges(num_timesteps: int, count: int) -> Tensor:
+    """The edges of ``count`` near-equal strata of 1..T-1: stratum k is [edges[k], edges[k + 1])."""
+    return torch.linspace(1, num_timesteps, min(count, num_timesteps - 1) + 1).round().long()
+
+
 def strata(num_timesteps: int, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """One random index in each of ``count`` near-equal strata of 1..T-1, and each stratum's size."""
-    edges = torch.linspace(1, num_timesteps, min(count, num_timesteps - 1) + 1).round().long()
+    edges = strata_edges(num_timesteps, count)
     lo, hi = edges[:-1], edges[1:]
     offsets = (torch.rand(len(lo), generator=generator) * (hi - lo)).long()
     return lo + offsets, (hi - lo).double()
@@ -147,6 +162,8 @@ def variational_bound(
         raise ValueError(f"decoder={decoder!r}: gaussian (latents) | discretized (pixels)")
     generator = generator or torch.Generator().manual_seed(0)
     z0 = z0.double()
+    if decoder == "discretized":  # every term on the 8-bit image itself (resizing may leave it off the grid)
+        z0 = torch.round((z0.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
     variance = model_variance(variance_type, alphas_cumprod).to(z0.device)
 
     def step_terms(i: int) -> tuple[Tensor, ...]:
@@ -182,25 +199,36 @@ def variational_bound(
         "bpd": (prior + diffusion + decoder_nats) / (dims * math.log(2)),
         "timesteps": indices,
         "weights": weights,
+        "strata_end": strata_edges(len(alphas_cumprod), num_strata)[1:],
         "per_timestep": per_timestep_t,
         "per_timestep_mse": torch.stack(per_timestep_mse),
     }
 
 
 def rate_distortion(
-    prior: Tensor, per_timestep: Tensor, weights: Tensor, mse: Tensor, dims: int, value_range: float = 2.0
+    prior: Tensor,
+    per_timestep: Tensor,
+    weights: Tensor,
+    mse: Tensor,
+    dims: int,
+    timesteps: Tensor,
+    strata_end: Tensor,
+    value_range: float = 2.0,
 ) -> tuple[Tensor, Tensor]:
     """DDPM's progressive lossy compression curve (Ho et al. 2020, section 4.3) at the sampled
-    timesteps t_k (ascending): (rate in bits/dim, distortion as RMSE on the [0, 255] scale).
+    indices i_k (ascending): (rate in bits/dim, distortion as RMSE on the [0, 255] scale).
 
-        rate(t_k)       = (L_T + sum_{j >= k} w_j L_{t_j - 1}) / (D ln 2)   (the stratified sum of L_{s-1}, s >= t_k)
-        distortion(t_k) = sqrt(mean_B MSE(x^_0(x_{t_k}), x_0)) * 255 / value_range
+        rate(i_k)       = (L_T + sum_{j > k} w_j L(i_j) + (end_k - i_k - 1) L(i_k)) / (D ln 2)
+        distortion(i_k) = sqrt(mean_B MSE(x^_0(x_{i_k}), x_0)) * 255 / value_range
 
-    ``prior`` (B,) nats, ``per_timestep`` and ``mse`` (S, B), ``weights`` (S,): ``variational_bound``'s
-    terms; ``value_range``: the width of the data's interval (2 for [-1, 1])."""
-    sent = prior.double().mean() + (weights.double()[:, None] * per_timestep.double()).mean(1).flip(0).cumsum(
-        0
-    ).flip(0)
-    rate = sent / (dims * math.log(2))
+    the stratified estimate of L_T and the terms above i_k (what was sent to reach x at i_k; a stratum
+    [lo_k, end_k) counts only its part above i_k). ``prior`` (B,) nats; ``per_timestep`` and ``mse``
+    (S, B); ``weights``, ``timesteps`` and ``strata_end`` (S,): ``variational_bound``'s;
+    ``value_range``: the width of the data's interval (2 for [-1, 1])."""
+    term = per_timestep.double().mean(1)  # (S,) nats
+    weighted = weights.double() * term
+    above = weighted.flip(0).cumsum(0).flip(0) - weighted  # strata j > k
+    own = (strata_end.double() - timesteps.double() - 1) * term
+    rate = (prior.double().mean() + above + own) / (dims * math.log(2))
     distortion = mse.double().mean(1).sqrt() * 255.0 / value_range
     return rate, distortion

@@ -129,7 +129,7 @@ def latent_figures(
     parts: dict[str, list[torch.Tensor]] = {
         k: [] for k in ("prior", "diffusion", "decoder", "bpd", "per_timestep", "per_timestep_mse", "loss")
     }
-    timesteps = weights = loss_steps = None
+    timesteps = weights = strata_end = loss_steps = None
     decoder = "discretized" if pipe.is_pixel_space else "gaussian"
     for start in range(0, len(images), s.batch_size):
         generator = torch.Generator().manual_seed(0)  # every chunk: the same timesteps, so they average
@@ -146,7 +146,7 @@ def latent_figures(
                 model, z0.float(), objective.alphas_cumprod, objective.prediction_type,
                 pipe.scheduler_config.get("variance_type", "fixed_small"), s.bound_strata, generator, decoder,
             )  # fmt: skip
-            timesteps, weights = terms["timesteps"], terms["weights"]
+            timesteps, weights, strata_end = terms["timesteps"], terms["weights"], terms["strata_end"]
             for k in ("prior", "diffusion", "decoder", "bpd", "per_timestep", "per_timestep_mse"):
                 parts[k].append(terms[k].cpu())
         loss_steps, loss = loss_per_timestep(model, z0.float(), objective, s.timestep_points, generator)
@@ -164,7 +164,13 @@ def latent_figures(
     pixel = {}
     if pipe.is_pixel_space:  # DDPM's progressive lossy code: rate against distortion over t
         rate, rmse = rate_distortion(
-            cat["prior"], cat["per_timestep"], weights, cat["per_timestep_mse"], z0[0].numel()
+            cat["prior"],
+            cat["per_timestep"],
+            weights,
+            cat["per_timestep_mse"],
+            z0[0].numel(),
+            timesteps,
+            strata_end,
         )
         pixel = {
             "rate_distortion": {

@@ -5,8 +5,9 @@
 - Ancestral DDPM (their Algorithm 1): the step's mean moves by s Sigma_t g,
   z_{t-1} = mu + s Sigma_t g + sigma_t n, so the shift is added after the scheduler's step.
 - Every other sampler (DDIM and the ODE solvers; their eq. 14): the score gains s g, i.e.
-  eps^ = eps - s sqrt(1 - abar_t) g, and the sampler runs on eps^ (a v or x_0 prediction is
-  converted through eps and back).
+  eps^ = eps - s sqrt(1 - abar_t) g, and the sampler runs on eps^ (for a v or x_0 prediction, the
+  same change in closed form: v^ = v - s sqrt(1 - abar) / sqrt(abar) g, x^_0 = x_0 + s (1 - abar) /
+  sqrt(abar) g), with abar the sampler's own at the step (``sampler_abar``).
 
 It composes with classifier-free guidance: the CFG prediction is the one that is guided. The
 gradient is taken at z_t as the UNet sees it (after a sampler's input scaling), in float32.
@@ -22,7 +23,8 @@ from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
-from ldm.diffusion.ddpm import DDPM, ddpm_from_eps, ddpm_to_eps
+from ldm.core.safe_load import check_model_folder, from_pretrained_kwargs
+from ldm.diffusion.ddpm import DDPM
 from ldm.models.classifier import NO_LABEL, NoiseConditionalClassifier, caption_labels, log_likelihood
 
 
@@ -85,15 +87,30 @@ class ClassifierGuide:
         self, scheduler: SchedulerMixin, z_t: Tensor, t: Tensor, pred: Tensor
     ) -> tuple[Tensor, Tensor | None]:
         """(the prediction to step with, a shift to add after the step or None)."""
-        grad = classifier_gradient(self.classifier, z_t, t.reshape(1).expand(len(z_t)), self.targets)
+        grad = classifier_gradient(self.classifier, z_t, t.reshape(1).expand(len(z_t)), self.targets).float()
         if isinstance(scheduler, DDPMScheduler):  # Algorithm 1: mu + s Sigma g
-            return pred, self.scale * ancestral_variance(scheduler, int(t)) * grad
-        abar = interpolated_abar(self.objective.alphas_cumprod, t.reshape(1).cpu()).to(z_t.device)
-        abar, z, kind = abar.to(torch.float32).view(1, 1, 1, 1), z_t.float(), self.objective.prediction_type
-        eps = (
-            ddpm_to_eps(kind, pred.float(), z, abar) - self.scale * (1 - abar).sqrt() * grad.float()
-        )  # eq. 14
-        return ddpm_from_eps(kind, eps, z, abar).to(pred.dtype), None
+            return pred, (self.scale * ancestral_variance(scheduler, int(t)) * grad).to(pred.dtype)
+        a = sampler_abar(scheduler, t, self.objective.alphas_cumprod).to(z_t.device).float()
+        # eq. 14, eps^ = eps - s sqrt(1 - abar) g, written for the model's own prediction (eps, v or x_0)
+        shift = -self.scale * (1 - a).sqrt() * grad  # (the change in eps)
+        kind = self.objective.prediction_type
+        if kind == "v_prediction":  # dv/d(eps) = 1 / sqrt(abar) at fixed z_t
+            shift = shift / a.sqrt()
+        elif kind == "sample":  # d(x_0)/d(eps) = -sqrt(1 - abar) / sqrt(abar)
+            shift = -shift * (1 - a).sqrt() / a.sqrt()
+        return (pred.float() + shift).to(pred.dtype), None
+
+
+def sampler_abar(scheduler: SchedulerMixin, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """abar at this step as the sampler has it: from its sigma (Euler, Heun, LMS, DPM-Solver, UniPC:
+    sigma = sqrt((1 - abar) / abar), so abar = 1 / (1 + sigma^2); Karras or fractional timesteps
+    included), else ``alphas_cumprod`` at the integer timestep (DDIM, PNDM)."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None:
+        index = scheduler.step_index if scheduler.step_index is not None else (scheduler.begin_index or 0)
+        sigma = sigmas[index].double()
+        return 1 / (1 + sigma**2)
+    return interpolated_abar(alphas_cumprod, t.reshape(1).cpu())[0]
 
 
 Labels = dict[str, str] | list[dict[str, str]] | None
@@ -135,16 +152,26 @@ def make_guide(
     scale: float,
     objective,
     device: torch.device,
+    channels: int,
 ) -> ClassifierGuide:
-    """The guide for one call: the classifier (a model or its folder) on ``device``, checked against the
-    model's noise schedule, and each image's targets."""
+    """The guide for one call: the classifier (a model or its folder, safetensors only) on ``device``,
+    checked against the model's noise schedule and latent channels, and each image's targets."""
     if not isinstance(objective, DDPM):
         raise ValueError(
             f"classifier guidance needs a DDPM model; this one is {objective.name} (its score is not eps-based)"
         )
-    if not isinstance(classifier, NoiseConditionalClassifier):
-        classifier = NoiseConditionalClassifier.from_pretrained(classifier)
-    classifier = classifier.to(device).eval().requires_grad_(False)
+    with torch.inference_mode(False):  # (called while sampling: weights made here must take gradients)
+        if not isinstance(classifier, NoiseConditionalClassifier):
+            check_model_folder(classifier, False, "classifier")
+            classifier = NoiseConditionalClassifier.from_pretrained(
+                classifier, **from_pretrained_kwargs(False)
+            )
+        classifier = classifier.to(device).eval().requires_grad_(False)
+    if classifier.config.in_channels != channels:
+        raise ValueError(
+            f"the classifier reads {classifier.config.in_channels}-channel latents, this model's have {channels}: "
+            "train it on this model's latents (train_classifier.py pretrained=MODEL)"
+        )
     targets = {
         k: v.to(device) for k, v in label_targets(classifier.config.heads, class_labels, prompts).items()
     }

@@ -389,6 +389,10 @@ class LatentDiffusionPipeline:
         on the CPU. Encoding (img2img) is not tiled."""
         from ldm.pipelines.tiled_decode import default_tile
 
+        if self.is_pixel_space:  # nothing to decode: the samples are the images
+            logger.info("a pixel-space model decodes nothing: VAE tiling is not needed")
+            return
+
         if tile_size is not None and (tile_size <= 0 or tile_size % self.vae_scale_factor):
             raise ValueError(
                 f"tile_size={tile_size}: give a positive multiple of the VAE factor {self.vae_scale_factor}"
@@ -610,8 +614,9 @@ class LatentDiffusionPipeline:
         guide = None
         if classifier is not None:
             guide = make_guide(
-                classifier, class_labels, prompts, classifier_scale, self.objective, self.device
-            )
+                classifier, class_labels, prompts, classifier_scale, self.objective, self.device,
+                self.unet.config.in_channels,
+            )  # fmt: skip
         latents = denoise(
             self.unet, scheduler, latents, timesteps, cond, guidance_scale, guidance_rescale,
             self._step_kwargs(scheduler, eta, generator, seeds), blend, callback, progress, guide,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -88,6 +89,11 @@ class ClassifierRunConfig:
         for name, classes in self.heads.items():
             if len(classes) < 2:
                 raise ConfigError(f"heads.{name}: give at least 2 classes (it has {classes})")
+            several = [c for c in classes if not re.fullmatch(r"[\w-]+", str(c))]
+            if several:
+                raise ConfigError(
+                    f"heads.{name}: {several[0]!r} is not one word; classes are read from captions word by word"
+                )
 
     @property
     def head_classes(self) -> dict[str, list[str]]:
@@ -140,13 +146,15 @@ def band_accuracy(
             for start in range(0, len(z0), 256):
                 logits = classifier(z_t[start : start + 256].to(device), t[start : start + 256].to(device))
                 for name, y in labels.items():
-                    hit = (logits[name].argmax(-1).cpu() == y[start : start + 256]) | (
-                        y[start : start + 256] == NO_LABEL
+                    correct.setdefault(name, []).append(
+                        logits[name].argmax(-1).cpu() == y[start : start + 256]
                     )
-                    correct.setdefault(name, []).append(hit)
         hits = {k: torch.cat(v) for k, v in correct.items()}
-        every = torch.stack(list(hits.values())).all(0)
-        rows.append({"t_lo": lo, "t_hi": hi, **{k: float(v.float().mean()) for k, v in hits.items()},
+        known = {k: labels[k] != NO_LABEL for k in hits}  # (a caption without a label counts for no head)
+        every = torch.stack([hits[k] | ~known[k] for k in hits]).all(0)[
+            torch.stack(list(known.values())).all(0)
+        ]
+        rows.append({"t_lo": lo, "t_hi": hi, **{k: float(v[known[k]].float().mean()) for k, v in hits.items()},
                      "all": float(every.float().mean())})  # fmt: skip
     return rows
 
@@ -192,7 +200,9 @@ def train_classifier(cfg: ClassifierRunConfig) -> Path:
     logger.info("classifier: %.3fM parameters, heads %s, on %s latents %s (autoencoder %s)",
                 sum(p.numel() for p in classifier.parameters()) / 1e6, {k: len(v) for k, v in cfg.head_classes.items()},
                 len(means), tuple(means.shape[1:]), vae_dir)  # fmt: skip
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(
+        cfg.seed + accelerator.process_index
+    )  # (each process its own batches)
     device, start, running = accelerator.device, time.perf_counter(), []
     classifier.train()
     for step in range(tc.max_steps):

@@ -21,7 +21,7 @@ from ldm.data.captions import MAX_TAGS, transform_captions, trigger_words
 from ldm.data.concepts import SOURCE_KEY
 from ldm.data.masks import latent_mask
 from ldm.diffusion.registry import build_objective
-from ldm.models.autoencoder import downsampling_factor
+from ldm.models.autoencoder import downsampling_factor, is_identity
 from ldm.pipelines.single_file import check_single_file_layout
 from ldm.train import setup
 from ldm.train.config import LDMRunConfig
@@ -97,6 +97,13 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None) -> Path:
     tokens.training = train_text and (not cfg.ti.tokens or cfg.lora.text_encoder)
     text_on_disk = text_training_set(cfg, accelerator, conditioner, train_set)  # frozen text + cache_dir
     null_text = conditioner.encode([NULL_CAPTION]) if text_on_disk else None  # what dropout gives
+    if cfg.export.single_file and is_identity(
+        vae
+    ):  # (a pretrained pixel folder: kind=identity is checked sooner)
+        raise ConfigError(
+            "export.single_file=true writes the original Stable Diffusion layout, which holds a VAE; this "
+            f"pixel-space model (pretrained={cfg.pretrained}) has none: set export.single_file=false"
+        )
     if cfg.export.single_file and not cfg.lora.rank:  # fail now, not after training (LoRA: fused at the end)
         check_single_file_layout(setup.training_pipeline(vae, conditioner, unet, objective))
     if takes_one_model(accelerator) and tc.optimizer in ("prodigy", "schedulefree"):
