@@ -139,3 +139,13 @@ def test_scale_0_is_exact_for_v_and_x0_models_and_a_folder_loads_under_sampling(
     assert not torch.equal(plain, pipe("a red circle", classifier=folder, classifier_scale=50.0, **kw).images)
     with pytest.raises(ValueError, match="3-channel latents"):
         pipe("a red circle", classifier=tiny_classifier(in_channels=3, **schedule_of(pipe)), **kw)
+
+
+def test_train_classifier_command_line(capsys):
+    from ldm.cli.train_classifier import main
+
+    assert main(["--dry-run", "train.max_steps=7"]) == 0
+    assert "max_steps: 7" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        main(["heads={color: [dark blue, red]}"])
+    assert stop.value.code == 2 and "not one word" in capsys.readouterr().err
