@@ -41,16 +41,6 @@ def classifier_gradient(
     return grad.to(z_t.dtype)
 
 
-def interpolated_abar(alphas_cumprod: Tensor, t: Tensor) -> Tensor:
-    """abar at a (possibly fractional, as Euler samplers give) timestep, linearly between indices."""
-    ac = alphas_cumprod.to(torch.float64)
-    t = t.to(torch.float64).clamp(0, len(ac) - 1)
-    lo = t.floor().long()
-    hi = (lo + 1).clamp(max=len(ac) - 1)
-    w = t - lo
-    return (1 - w) * ac[lo] + w * ac[hi]
-
-
 def ancestral_variance(scheduler: DDPMScheduler, t: int) -> float:
     """Sigma_t of DDPM's ancestral step from t to the scheduler's previous timestep: beta~ (fixed_small,
     the posterior's) or beta (fixed_large), beta = 1 - abar_t / abar_prev; 0 at the last step (no noise)."""
@@ -110,7 +100,7 @@ def sampler_abar(scheduler: SchedulerMixin, t: Tensor, alphas_cumprod: Tensor) -
         index = scheduler.step_index if scheduler.step_index is not None else (scheduler.begin_index or 0)
         sigma = sigmas[index].double()
         return 1 / (1 + sigma**2)
-    return interpolated_abar(alphas_cumprod, t.reshape(1).cpu())[0]
+    return alphas_cumprod.double()[int(t)]  # (integer timesteps)
 
 
 Labels = dict[str, str] | list[dict[str, str]] | None

@@ -220,12 +220,12 @@ def train_classifier(cfg: ClassifierRunConfig) -> Path:
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
-        running.append(float(loss.detach()))
+        running.append(loss.detach())  # (read at the log line: no host sync each step)
         if (step + 1) % tc.log_every == 0:
             logger.info(
                 "step %d: loss %.4f (%.1f s)",
                 step + 1,
-                sum(running) / len(running),
+                float(torch.stack(running).mean()),
                 time.perf_counter() - start,
             )
             running = []
