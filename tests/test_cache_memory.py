@@ -99,17 +99,12 @@ class _Items(torch.utils.data.Dataset):
         return {"pixel_values": self.images[i], "caption": f"item {i}", "mask": mask}
 
 
-@pytest.mark.parametrize("buckets", [False, True])
-def test_sharded_cache_equals_one_process(buckets):
-    """Three simulated processes (threads with a barrier for the gathers) give the one-process cache."""
+def encode_on_threads(vae, data, world: int) -> list:
+    """``encode_sharded`` on ``world`` simulated processes (threads with a barrier for the gathers)."""
     import threading
 
-    from conftest import tiny_autoencoder
+    from ldm.data.cache import encode_sharded
 
-    from ldm.data.cache import encode_dataset, encode_sharded
-
-    world, vae = 3, tiny_autoencoder(1.0).eval()
-    data = _Items(10, buckets)
     slots, barrier = [None] * world, threading.Barrier(world)
 
     def gathers(rank):
@@ -133,6 +128,19 @@ def test_sharded_cache_equals_one_process(buckets):
         t.start()
     for t in threads:
         t.join()
+    return results
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+def test_sharded_cache_equals_one_process(buckets):
+    """Three simulated processes give the one-process cache."""
+    from conftest import tiny_autoencoder
+
+    from ldm.data.cache import encode_dataset
+
+    world, vae = 3, tiny_autoencoder(1.0).eval()
+    data = _Items(10, buckets)
+    results = encode_on_threads(vae, data, world)
     whole = encode_dataset(vae, data, 4)
     for latents in results:
         assert latents.captions == whole.captions
@@ -141,3 +149,26 @@ def test_sharded_cache_equals_one_process(buckets):
             torch.testing.assert_close(latents[i]["std"], whole[i]["std"], rtol=0, atol=1e-6)
             assert torch.equal(latents[i]["mask"], whole[i]["mask"])  # the masks, gathered in item order
             assert latents[i]["mask"].shape[-2:] == whole[i]["mean"].shape[-2:]
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+def test_a_pixel_cache_holds_the_images_once(buckets):
+    """The identity autoencoder's posterior has std 0: the cache keeps it as one broadcast element,
+    so a pixel cache is the images' bytes (not twice them), on one process and gathered from three
+    (one of them without items); z = mean + std * eps is then the image itself."""
+    from ldm.core.randomness import StepRandom
+    from ldm.data.cache import encode_dataset, nbytes, sample_latents
+    from ldm.models.autoencoder import IdentityAutoencoder
+
+    vae, data = IdentityAutoencoder(3, 16), _Items(10, buckets)
+    images = sum(x.numel() * 4 for x in data.images)
+    whole = encode_dataset(vae, data, 4)
+    assert nbytes(whole) <= images + 4 * len(data)  # the means, and one float per std tensor at most
+    for latents in [whole, *encode_on_threads(vae, _Items(2, buckets), 3)]:
+        for i in range(len(latents)):
+            assert torch.equal(latents[i]["mean"], data.images[i])
+            assert torch.equal(latents[i]["std"], torch.zeros_like(data.images[i]))
+    batch = {"mean": torch.stack([whole[i]["mean"] for i in (1, 2, 4)]),
+             "std": torch.stack([whole[i]["std"] for i in (1, 2, 4)])}  # fmt: skip
+    z = sample_latents(batch, vae, torch.device("cpu"), StepRandom(0, 0))
+    assert torch.equal(z, batch["mean"])

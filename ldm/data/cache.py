@@ -1,7 +1,9 @@
 """Caches that take the frozen parts out of the training step.
 
 - Latent cache: the frozen autoencoder encodes the finite dataset once; each item keeps
-  its posterior mean and std, so that z = mean + std * eps is still sampled every step.
+  its posterior mean and std, so that z = mean + std * eps is still sampled every step. A
+  deterministic posterior (pixels: the identity autoencoder) keeps its std of zeros as one element
+  broadcast to every item (``zero_std``), not a second copy of the data.
   In memory here; on disk, in shards keyed by ``fingerprint``, in ``ldm.data.disk_cache``.
 - Caption caches: each distinct caption is tokenized once, and, when the text encoder is
   frozen, encoded once.
@@ -76,6 +78,16 @@ Posteriors = tuple[
 ]
 
 
+def zero_std(shape: tuple[int, ...]) -> torch.Tensor:
+    """Zeros of ``shape`` held in one float32 element (stride 0): the std of a deterministic posterior."""
+    return torch.zeros(()).expand(shape)
+
+
+def is_zero_std(std: torch.Tensor) -> bool:
+    """Whether ``std`` is a ``zero_std`` view (nothing stored per item)."""
+    return std.dim() > 0 and std.numel() > 1 and all(s == 0 for s in std.stride())
+
+
 def item_micro(item: dict) -> list[list[int]]:
     """An item's ``MICRO_KEYS`` values as ints; (h, w) of its pixels and (0, 0) where the dataset gives none."""
     height, width = item["pixel_values"].shape[-2:]
@@ -97,7 +109,7 @@ def encode_items(
     Compact: ``means`` and ``stds`` are (N, C, h, w) tensors, allocated once and filled batch by
     batch; with ``per_item`` (aspect-ratio buckets: items of several shapes) lists of (C, h_i, w_i)
     tensors, each with storage of its own. Never views into a batch, which would keep (or, pickled
-    for another process, copy) the whole batch.
+    for another process, copy) the whole batch. A deterministic posterior's stds are ``zero_std``.
     """
     device = vae.device
     n = len(dataset)
@@ -124,18 +136,23 @@ def encode_items(
         for ks in groups.values():
             x = torch.stack([items[k]["pixel_values"] for k in ks]).to(device, vae.dtype)  # (b, 3, H, W)
             posterior = vae.encode(x).latent_dist
+            deterministic = bool(getattr(posterior, "deterministic", False))  # std = 0 (pixels)
             mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()  # (b, C, h, w)
             if per_item:
                 if "mask" in items[0]:  # masked loss, buckets: each item's weights at its latents' size
                     masks = latent_mask(torch.stack([items[k]["mask"] for k in ks]), tuple(mean.shape[-2:]))
                 for j, k in enumerate(ks):
-                    item_mean[k], item_std[k] = mean[j].clone(), std[j].clone()
+                    item_mean[k] = mean[j].clone()
+                    item_std[k] = zero_std(tuple(std.shape[1:])) if deterministic else std[j].clone()
                     if "mask" in items[0]:
                         item_mask[k] = masks[j].clone()  # (1, h_i, w_i)
                 continue
             if means is None:
-                means, stds = mean.new_empty((n, *mean.shape[1:])), std.new_empty((n, *std.shape[1:]))
-            means[start : start + len(ks)], stds[start : start + len(ks)] = mean, std
+                means = mean.new_empty((n, *mean.shape[1:]))
+                stds = zero_std((n, *std.shape[1:])) if deterministic else std.new_empty((n, *std.shape[1:]))
+            means[start : start + len(ks)] = mean
+            if not is_zero_std(stds):
+                stds[start : start + len(ks)] = std
         if per_item:
             means += item_mean
             stds += item_std
@@ -155,11 +172,11 @@ def encode_items(
 
 
 def nbytes(latents: LatentDataset) -> int:
-    """Bytes held by the cached posteriors (mean and std)."""
+    """Bytes held by the cached posteriors (mean and std): their storage, so a ``zero_std`` counts 4 bytes."""
     tensors = [latents.mean, latents.std]
     if not isinstance(latents.mean, torch.Tensor):
         tensors = [*latents.mean, *latents.std]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.untyped_storage().nbytes() for t in tensors)
 
 
 def encode_dataset(
@@ -210,10 +227,18 @@ def encode_sharded(
         k: rows(k) if n else sizes[k] for k in dict.fromkeys(k for _, shard in everyone for k in shard)
     }
     if bucket_of is None:
-        shapes = [s for s in gather_object([tuple(mean.shape[1:]) if len(mean) else None]) if s is not None]
-        means = _gather_rows(mean, n, world_size, shapes[0], gather_tensor, device)
+        # (shape, deterministic) from every process with items: all of them gather the same tensors
+        shapes = [
+            s for s in gather_object([(tuple(mean.shape[1:]), is_zero_std(std)) if len(mean) else None]) if s
+        ]
+        (shape, deterministic) = shapes[0]
+        means = _gather_rows(mean, n, world_size, shape, gather_tensor, device)
         del mean
-        stds = _gather_rows(std, n, world_size, shapes[0], gather_tensor, device)
+        stds = (
+            zero_std((n, *shape))
+            if deterministic
+            else _gather_rows(std, n, world_size, shape, gather_tensor, device)
+        )
         return LatentDataset(means, stds, ordered, bucket_of, micro)
     mean_list: list[torch.Tensor | None] = [None] * n
     std_list: list[torch.Tensor | None] = [None] * n
@@ -238,7 +263,8 @@ def _gather_rows(
         k = min(rows, per_rank - start)
         piece = torch.zeros((k, *shape), dtype=torch.float32)
         mine = local[start : start + k]
-        piece[: len(mine)] = mine
+        if len(mine):  # (a process without items has an empty (0,) tensor)
+            piece[: len(mine)] = mine
         got = gather_tensor(piece.to(device) if device is not None else piece).cpu()  # (N * k, ...)
         got = got.view(world_size, k, *shape)
         j = torch.arange(start, start + k)
