@@ -46,7 +46,7 @@ def say(line: str) -> None:
 SETTINGS = {
     # vae steps, GAN start, stage-2 seconds, evaluation images (x 2 seeds), sampling batch
     "quick": {"vae_steps": 500, "disc_start": 10**9, "ldm_seconds": 75, "eval_images": 108, "seeds": 2},
-    "full": {"vae_steps": 2000, "disc_start": 1400, "ldm_seconds": 300, "eval_images": 324, "seeds": 6},
+    "full": {"vae_steps": 2000, "disc_start": 1400, "ldm_seconds": 300, "eval_images": 216, "seeds": 4},
 }
 CALIBRATION_STEPS = 12
 BATCH = 64  # configs/ldm/shapes.yaml's
