@@ -16,12 +16,13 @@ on this machine:
    decoding included, after one warm-up batch.
 
 Writes ``<out>/compression.json`` and ``<out>/compression.png`` and prints a Markdown table.
-The full run (2,000 autoencoder steps with the GAN from step 1,400, 5 minutes of stage 2 each, 216
-evaluation images: 54 captions x 4 seeds) took 2,347 s on 2 CPU cores on 2026-12-03; f = 4 learned
-the captions (90.6%), f = 1 and 2 were too slow to, and f = 8's autoencoder lost the colors (README,
-"The compression trade-off"). ``--quick`` (400 autoencoder steps without the GAN, 60 s of stage 2
-each, 54 images: 27 captions x 2 seeds) is a smoke run of the same code paths (735 s on 2026-12-03): too short for any f to
-learn the captions, its figures are the throughputs.
+The full run (2,000 autoencoder steps with the GAN from step 1,400, 5 minutes of stage 2 each,
+216 evaluation images asked: 53 distinct captions x 4 seeds) took 2,347 s on 2 CPU cores on
+2026-12-03; f = 4 learned the captions (90.6%), f = 1 and 2 were too slow to, and f = 8's
+autoencoder lost the colors (README, "The compression trade-off"). ``--quick`` (400 autoencoder
+steps without the GAN, 60 s of stage 2 each, 54 images: 27 captions x 2 seeds) is a smoke run of
+the same code paths (735 s on 2026-12-03): too short for any f to learn the captions, its figures
+are the throughputs.
 """
 
 from __future__ import annotations
