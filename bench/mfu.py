@@ -22,8 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldm.core.config import CONFIG_DIR, load_config
-from ldm.diffusion.ddpm import training_scheduler
-from ldm.diffusion.objective import denoising_loss
+from ldm.diffusion.registry import build_objective
 from ldm.train.config import LDMRunConfig
 from ldm.train.models import build_models
 from ldm.training.optim import adamw
@@ -63,7 +62,7 @@ def training_step(
     text.to(device)
     params = [p for p in [*unet.parameters(), *text.parameters()] if p.requires_grad]
     optimizer = adamw(params, 1e-4, (0.9, 0.999), 0.0)
-    alphas = training_scheduler(cfg.noise).alphas_cumprod.to(device)
+    objective = build_objective(cfg.noise)
     channels, side = unet.config.in_channels, unet.config.sample_size
     z0 = torch.randn(batch, channels, side, side, device=device)
     ids = text.tokenize(["a caption of the usual length for this model"] * batch).to(device)
@@ -71,7 +70,8 @@ def training_step(
 
     def forward_backward() -> None:
         with autocast:
-            loss = denoising_loss(unet, z0, text(ids), alphas, cfg.noise)
+            context = text(ids)
+            loss = objective.loss(lambda z_t, t: unet(z_t, t, encoder_hidden_states=context).sample, z0)
         loss.backward()
 
     def step() -> None:
