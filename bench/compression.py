@@ -140,6 +140,8 @@ def measure(f: int, out: Path, s: dict) -> dict:
         "ldm_train_seconds": round(steps * train_step, 1),
         "train_images_per_s": BATCH / train_step,
         "accuracy": row["accuracy"],
+        "attributes": {k: row[k] for k in ("color", "shape", "background")},
+        "images": row["n"],
         "diversity": row["diversity"],
         "samples_per_s": sampling_speed(folder / "model", prompts),
     }
@@ -170,21 +172,18 @@ def plot(rows: list[dict], png: Path) -> None:
     plt.close(fig)
 
 
-def psnr_text(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f} dB"
-
-
-def number(value: float | None, digits: int) -> str:
-    """``value`` to ``digits`` decimals, or "-" where the evaluation gave none (diversity of one seed)."""
-    return "-" if value is None else f"{value:.{digits}f}"
+def number(value: float | None, digits: int, unit: str = "") -> str:
+    """``value`` to ``digits`` decimals, or "-" where there is none (f = 1's PSNR, one seed's diversity)."""
+    return "-" if value is None else f"{value:.{digits}f}{unit}"
 
 
 def table(rows: list[dict]) -> str:
     head = ("| f | latent | autoencoder PSNR | stage-2 steps (s) | training images/s | caption accuracy | "
-            "diversity | samples/s |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
+            "color / shape / background | diversity | samples/s |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     lines = [
-        f"| {r['f']} | {r['latent']} | {psnr_text(r['vae_psnr'])} | "
+        f"| {r['f']} | {r['latent']} | {number(r['vae_psnr'], 1, ' dB')} | "
         f"{r['ldm_steps']} ({r['ldm_train_seconds']:.0f}) | {r['train_images_per_s']:.0f} | {100 * r['accuracy']:.1f}% | "
+        f"{' / '.join(f'{100 * v:.1f}' for v in r['attributes'].values())}% | "
         f"{number(r['diversity'], 3)} | {r['samples_per_s']:.1f} |"
         for r in rows
     ]

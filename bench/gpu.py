@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import EMAModel, compute_snr
+from mfu import matmul_peak, sync  # bench/, on the path of a script run from it
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -66,8 +67,7 @@ from ldm.training.optim import adamw, make_optimizer
 
 SECTIONS = ("train", "attention", "sampling", "sdxl_lora", "tiled_decode")
 # bf16 dense tensor-core peaks (FLOP/s) from the vendors' data sheets, by a substring of the device name
-PEAK_BF16 = {"H200": 989.4e12, "H100 80GB HBM3": 989.4e12, "H100 PCIe": 756.5e12, "H100": 989.4e12,
-             "A100": 312e12, "L40S": 362.05e12, "L4": 121e12, "A10G": 70e12}  # fmt: skip
+PEAK_BF16 = {"H200": 989.4e12, "H100 PCIe": 756.5e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362.05e12}
 SIZES = {
     "gpu": {"resolutions": [256, 512], "batches": [64, 48, 32, 24, 16, 8, 4], "steps": 10, "warmup": 3,
             "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
@@ -94,11 +94,6 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def fresh(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -121,18 +116,9 @@ def bf16_peak(device: torch.device) -> tuple[float, str]:
         for key, flops in PEAK_BF16.items():
             if key in name:
                 return flops, f"data sheet ({key})"
-    best = 0.0
-    n = 4096 if device.type == "cuda" else 512
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    a @ a
-    sync(device)
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(10):
-            a @ a
-        sync(device)
-        best = max(best, 10 * 2 * n**3 / (time.perf_counter() - t0))
-    return best, f"measured ({n}^2 bf16 matmuls)"
+    return matmul_peak(
+        device, torch.bfloat16, 2.0 if device.type == "cuda" else 0.5
+    ), "measured (bf16 matmuls)"
 
 
 def time_it(fn: Callable[[], object], device: torch.device, steps: int, warmup: int) -> float:
@@ -466,16 +452,19 @@ def bench_tiled_decode(models: Models, device: torch.device, size: dict) -> dict
     return out
 
 
+def gib_text(peak: int | None) -> str:
+    """ ", 12.3 GiB" of a CUDA peak; "" where none was measured (the CPU)."""
+    return f", {peak / 2**30:.1f} GiB" if peak else ""
+
+
 def table(results: dict) -> str:
     """The README's Markdown table of ``results``."""
-    gib = 2**30
     lines = ["| measurement | ours | reference | ratio |", "| --- | --- | --- | --- |"]
     for r in results.get("train", []):
         ref = r["reference"]
         for name in ("ours_eager", "ours_compiled"):
             o = r[name]
-            mem = f", {o['peak_memory_bytes'] / gib:.1f} GiB" if o["peak_memory_bytes"] else ""
-            ref_mem = f", {ref['peak_memory_bytes'] / gib:.1f} GiB" if ref["peak_memory_bytes"] else ""
+            mem, ref_mem = gib_text(o["peak_memory_bytes"]), gib_text(ref["peak_memory_bytes"])
             lines.append(f"| train {r['resolution']} px, batch {r['batch']}, {name.removeprefix('ours_')} | "
                          f"{o['images_per_s']:.1f} images/s{mem}, MFU {o['mfu']:.1%} | "
                          f"{ref['images_per_s']:.1f} images/s{ref_mem} | {o['images_per_s'] / ref['images_per_s']:.2f}x |")  # fmt: skip
@@ -494,7 +483,7 @@ def table(results: dict) -> str:
                      f"{r['ratio']:.2f}x |")  # fmt: skip
     sdxl = results.get("sdxl_lora")
     if sdxl:
-        mem = f", {sdxl['peak_memory_bytes'] / gib:.1f} GiB" if sdxl["peak_memory_bytes"] else ""
+        mem = gib_text(sdxl["peak_memory_bytes"])
         lines.append(
             f"| SDXL LoRA {sdxl['resolution']} px, batch {sdxl['batch']} | {sdxl['step_s']:.3f} s/step{mem} | - | - |"
         )

@@ -88,6 +88,11 @@ def is_zero_std(std: torch.Tensor) -> bool:
     return std.dim() > 0 and std.numel() > 1 and all(s == 0 for s in std.stride())
 
 
+def scale_std(std: torch.Tensor, scale: float) -> torch.Tensor:
+    """``std * scale``; a ``zero_std`` stays the view it is (the product would store every zero)."""
+    return std if is_zero_std(std) else std * scale
+
+
 def item_micro(item: dict) -> list[list[int]]:
     """An item's ``MICRO_KEYS`` values as ints; (h, w) of its pixels and (0, 0) where the dataset gives none."""
     height, width = item["pixel_values"].shape[-2:]

@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 from ldm.core.config import ConfigError, DataConfig, check_bounds, to_yaml
 from ldm.core.io import replace_dir, write_json
 from ldm.data import build_dataset
-from ldm.data.cache import encode_dataset, is_zero_std, zero_std
+from ldm.data.cache import encode_dataset, scale_std
 from ldm.data.shapes import BACKGROUNDS, COLORS, SHAPES
 from ldm.diffusion.config import NoiseConfig
 from ldm.diffusion.ddpm import DDPM
@@ -119,9 +119,7 @@ def labelled_latents(cfg: ClassifierRunConfig, vae, split: str) -> tuple[torch.T
         if missing:
             logger.warning("%s: %d of %d captions name no single %s class; no %s loss on them", split, missing,
                            len(y), name, name)  # fmt: skip
-    # a deterministic posterior's std stays one broadcast zero (pixel models: no second copy of the images)
-    std = zero_std(latents.std.shape) if is_zero_std(latents.std) else latents.std * scale
-    return latents.mean * scale, std, labels
+    return latents.mean * scale, scale_std(latents.std, scale), labels
 
 
 def band_accuracy(
